@@ -1,0 +1,36 @@
+# Shared by the scripts in this folder: installs what is missing, configures and builds.
+# Sourced, not run.
+set -euo pipefail
+
+GUESTMEM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Debian packages the build, tests and benchmarks need.
+GUESTMEM_PACKAGES=(
+  g++ cmake ninja-build pkg-config
+  googletest libgtest-dev libgmock-dev libbenchmark-dev
+  nlohmann-json3-dev libcli11-dev libfmt-dev
+)
+
+gm_install_missing_packages() {
+  local missing=()
+  for pkg in "${GUESTMEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+      missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "guestmem: installing missing packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# gm_build <preset>: configures (once) and builds build/<preset>.
+gm_build() {
+  local preset="$1"
+  cd "$GUESTMEM_ROOT"
+  if [ ! -f "build/$preset/build.ninja" ]; then
+    cmake --preset "$preset" >/dev/null
+  fi
+  cmake --build --preset "$preset" -j "$(nproc)"
+}

@@ -1,0 +1,12 @@
+// gmem: the guestmem command line. Each subcommand lives in its own cmd_*.cc and is a thin layer
+// over the library.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+int main(int argc, char** argv) {
+  CLI::App app{"gmem: guest memory and lazy snapshot restore over userfaultfd"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "gmem 0.1.0");
+  CLI11_PARSE(app, argc, argv);
+  return 0;
+}
