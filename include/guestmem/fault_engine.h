@@ -1,0 +1,64 @@
+// FaultEngine: serves the faults of many VMs at once.
+//
+// The engine runs a few worker threads, each with an epoll set. A VM's FaultHandler (a "space")
+// is given to one worker, which alone serves it, so the events of one VM are handled in the order
+// the kernel reports them and without locks on the fault path; different VMs are served in
+// parallel. Handlers for forked children join the parent's worker.
+//
+// A space ends when its owner removes it (RemoveSpace, e.g. on the VMM's socket hang-up) or by
+// itself when the VM's process has exited or can no longer be served; then `on_closed` (if given)
+// is called once, from the worker thread, with the reason and the final statistics, and
+// everything the space held (uffd, buffers, source reference) is freed.
+//
+// Thread safety: all public methods may be called from any thread. on_closed must not call
+// RemoveSpace on its own space (it is already closed) and must not block for long.
+#ifndef GUESTMEM_FAULT_ENGINE_H_
+#define GUESTMEM_FAULT_ENGINE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+
+#include "guestmem/fault_handler.h"
+#include "guestmem/fault_stats.h"
+#include "guestmem/result.h"
+
+namespace guestmem {
+
+using SpaceId = uint64_t;
+
+struct FaultEngineOptions {
+  unsigned workers = 0;  // 0: one per CPU, at most 4
+};
+
+class FaultEngine {
+ public:
+  using ClosedCallback = std::function<void(SpaceId id, const Status& why, const FaultStats&)>;
+
+  static Result<std::unique_ptr<FaultEngine>> Start(const FaultEngineOptions& options = {});
+  // Stops the workers and closes every space (their on_closed callbacks run).
+  ~FaultEngine();
+  FaultEngine(const FaultEngine&) = delete;
+  FaultEngine& operator=(const FaultEngine&) = delete;
+
+  // Starts serving `handler`. `on_closed` is told when the space ends by itself or is removed.
+  Result<SpaceId> AddSpace(std::unique_ptr<FaultHandler> handler, ClosedCallback on_closed = {});
+  // Stops serving the space, frees it and returns its final statistics. kNotFound if it is not
+  // (or no longer) served.
+  Result<FaultStats> RemoveSpace(SpaceId id);
+  // Statistics of a space being served, or std::nullopt.
+  std::optional<FaultStats> Stats(SpaceId id) const;
+  size_t space_count() const;
+  unsigned worker_count() const;
+
+ private:
+  class Worker;
+  struct Shared;
+  explicit FaultEngine(std::unique_ptr<Shared> shared);
+  std::unique_ptr<Shared> shared_;
+};
+
+}  // namespace guestmem
+
+#endif  // GUESTMEM_FAULT_ENGINE_H_

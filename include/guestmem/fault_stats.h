@@ -1,0 +1,46 @@
+// FaultStats: what a fault handler did for one VM — faults by kind, pages by how they were
+// installed, bytes read from the page source, and fault service latency.
+//
+// A plain value: a snapshot taken with FaultHandler::stats() (safe from any thread while the
+// handler serves).
+#ifndef GUESTMEM_FAULT_STATS_H_
+#define GUESTMEM_FAULT_STATS_H_
+
+#include <cstdint>
+#include <string>
+
+namespace guestmem {
+
+struct FaultStats {
+  // Fault events read, by kind.
+  uint64_t faults_missing = 0;
+  uint64_t faults_minor = 0;
+  uint64_t faults_write_protect = 0;
+  // Non-fault events read.
+  uint64_t events_remove = 0;
+  uint64_t events_unmap = 0;
+  uint64_t events_remap = 0;
+  uint64_t events_fork = 0;
+  // Pages (of 4 KiB) installed, by how.
+  uint64_t pages_copied = 0;     // UFFDIO_COPY
+  uint64_t pages_continued = 0;  // UFFDIO_CONTINUE (after writing the content into the file)
+  uint64_t pages_zeroed = 0;     // UFFDIO_ZEROPAGE, or a copy of the shared zero page on hugetlb
+  uint64_t pages_poisoned = 0;   // UFFDIO_POISON after the source failed
+  uint64_t bytes_read = 0;       // from the page source
+  uint64_t eagain_retries = 0;   // installs retried after draining events
+  // Service latency of fault events: from reading the event to the faulting page installed.
+  uint64_t latency_p50_ns = 0;
+  uint64_t latency_p99_ns = 0;
+  uint64_t latency_max_ns = 0;
+  // Time spent installing everything when serving in fault-all mode (0 otherwise).
+  uint64_t fault_all_us = 0;
+
+  uint64_t faults() const { return faults_missing + faults_minor + faults_write_protect; }
+  uint64_t pages_installed() const { return pages_copied + pages_continued + pages_zeroed; }
+  // One line for logs: "faults=12 (missing 12) pages: copied=192 ... latency p50=31us ..."
+  std::string ToString() const;
+};
+
+}  // namespace guestmem
+
+#endif  // GUESTMEM_FAULT_STATS_H_
