@@ -1,0 +1,21 @@
+// The gmem subcommands. Each Register*Command adds one subcommand (its options and the function
+// it runs) to the application; main.cc only calls these.
+#ifndef GUESTMEM_TOOLS_GMEM_COMMANDS_H_
+#define GUESTMEM_TOOLS_GMEM_COMMANDS_H_
+
+namespace CLI {
+class App;
+}
+
+namespace guestmem::cli {
+
+void RegisterCapabilitiesCommand(CLI::App& app);
+void RegisterServeCommand(CLI::App& app);
+void RegisterVmmSimCommand(CLI::App& app);
+void RegisterSnapshotCommand(CLI::App& app);
+void RegisterDemoCommand(CLI::App& app);
+void RegisterBenchCommand(CLI::App& app);
+
+}  // namespace guestmem::cli
+
+#endif  // GUESTMEM_TOOLS_GMEM_COMMANDS_H_
