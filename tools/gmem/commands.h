@@ -9,6 +9,9 @@ class App;
 
 namespace guestmem::cli {
 
+// A subcommand's callback stores its exit status here; main() returns it.
+int& CommandExitCode();
+
 void RegisterCapabilitiesCommand(CLI::App& app);
 void RegisterServeCommand(CLI::App& app);
 void RegisterVmmSimCommand(CLI::App& app);
