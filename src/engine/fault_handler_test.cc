@@ -1,0 +1,499 @@
+// Integrity tests of the fault handler and engine with real userfaultfds: every byte a VM reads
+// must equal the snapshot (or zero for holes and removed ranges), whatever the threads do.
+#include "guestmem/fault_handler.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "base/fault_injection_os.h"
+#include "engine/engine_test_util.h"
+#include "guestmem/fault_engine.h"
+#include "guestmem/handshake.h"
+#include "guestmem/memory_file.h"
+#include "guestmem/page_source.h"
+#include "guestmem/userfaultfd.h"
+
+namespace guestmem {
+namespace {
+
+using testing::AllZero;
+using testing::SnapshotFile;
+
+// A VM's guest memory in this process: regions mapped as Firecracker maps them and registered
+// with a uffd, with the layout describing them.
+struct TestVm {
+  std::vector<Mapping> regions;
+  std::vector<uint64_t> region_file_offsets;
+  GuestLayout layout;
+  Userfaultfd uffd;
+
+  uint8_t* PageAt(uint64_t file_page) const {
+    const uint64_t offset = file_page * kPageSize4K;
+    for (size_t i = 0; i < regions.size(); ++i) {
+      if (offset >= region_file_offsets[i] &&
+          offset < region_file_offsets[i] + regions[i].size()) {
+        return reinterpret_cast<uint8_t*>(regions[i].bytes() + (offset - region_file_offsets[i]));
+      }
+    }
+    return nullptr;
+  }
+};
+
+constexpr uint64_t kRemoveAndPoison = UFFD_FEATURE_EVENT_REMOVE;
+
+// Anonymous private regions of the given sizes (bytes), back to back in the snapshot.
+TestVm MapAnonymousVm(const std::vector<uint64_t>& sizes, uint64_t page_size = kPageSize4K,
+                      uint64_t optional_features = 0) {
+  UffdOptions uffd_options;
+  uffd_options.required_features = kRemoveAndPoison;
+  uffd_options.optional_features = optional_features;
+  auto uffd = Userfaultfd::Create(uffd_options);
+  EXPECT_TRUE(uffd.has_value()) << uffd.error().ToString();
+  std::vector<Mapping> maps;
+  std::vector<GuestRegion> regions;
+  std::vector<uint64_t> offsets;
+  uint64_t file_offset = 0;
+  uint64_t guest = 0;
+  for (uint64_t size : sizes) {
+    int flags = MAP_NORESERVE | (page_size == kHugePageSize2M ? MAP_HUGETLB : 0);
+    auto map = Mapping::Anonymous(size, flags);
+    EXPECT_TRUE(map.has_value()) << map.error().ToString();
+    auto registered = uffd->Register(HostVirtAddr(map->address()), size, UffdModes::kMissing);
+    EXPECT_TRUE(registered.has_value()) << registered.error().ToString();
+    regions.push_back(GuestRegion{GuestPhysAddr(guest), size, FileOffset(file_offset),
+                                  HostVirtAddr(map->address()), page_size});
+    offsets.push_back(file_offset);
+    maps.push_back(std::move(*map));
+    file_offset += size;
+    guest += size + (1 << 30);  // an MMIO-like gap between regions
+  }
+  auto layout = GuestLayout::Create(regions);
+  EXPECT_TRUE(layout.has_value()) << layout.error().ToString();
+  return TestVm{std::move(maps), std::move(offsets), std::move(*layout), std::move(*uffd)};
+}
+
+std::shared_ptr<const PageSource> OpenSource(const SnapshotFile& snapshot, Os* os = nullptr) {
+  auto source = RawFileSource::Open(snapshot.path(), os);
+  EXPECT_TRUE(source.has_value()) << source.error().ToString();
+  return std::shared_ptr<const PageSource>(std::move(*source));
+}
+
+std::unique_ptr<FaultEngine> StartEngine(unsigned workers = 2) {
+  auto engine = FaultEngine::Start({.workers = workers});
+  EXPECT_TRUE(engine.has_value()) << engine.error().ToString();
+  return std::move(*engine);
+}
+
+SpaceId Serve(FaultEngine& engine, TestVm& vm, std::shared_ptr<const PageSource> source,
+              FaultHandlerOptions options = {}) {
+  auto handler = FaultHandler::Create(std::move(vm.uffd), vm.layout, std::move(source),
+                                      std::move(options));
+  EXPECT_TRUE(handler.has_value()) << handler.error().ToString();
+  auto id = engine.AddSpace(std::move(*handler));
+  EXPECT_TRUE(id.has_value()) << id.error().ToString();
+  return *id;
+}
+
+// Reads every page of the VM and compares it with the snapshot; returns the mismatches.
+int VerifyAll(const TestVm& vm, const SnapshotFile& snapshot) {
+  int bad = 0;
+  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+    std::string err = snapshot.CheckPage(p, vm.PageAt(p));
+    if (!err.empty() && bad++ < 5) ADD_FAILURE() << err;
+  }
+  return bad;
+}
+
+TEST(FaultHandlerTest, CopyServesEveryByteToManyThreads) {
+  SnapshotFile snapshot(2048, [](uint64_t p) { return p % 7 == 3; });
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine();
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      for (int i = 0; i < 600; ++i) {
+        const uint64_t page = rng() % snapshot.pages();
+        // Several threads hit the same pages: reads race with each other and with the writes
+        // below, which only touch the last byte.
+        std::string err = snapshot.CheckPage(page, vm.PageAt(page));
+        if (!err.empty() && !(err.find("byte 4095") != std::string::npos)) {
+          if (mismatches++ < 3) ADD_FAILURE() << err;
+        }
+        if (i % 5 == 0) vm.PageAt(page)[kPageSize4K - 1] = SnapshotByte(page, kPageSize4K - 1);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  // Holes' last bytes were overwritten with snapshot bytes by the writers: restore zeros first.
+  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+    if (snapshot.hole(p)) vm.PageAt(p)[kPageSize4K - 1] = 0;
+  }
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+
+  auto stats = engine->RemoveSpace(id);
+  ASSERT_TRUE(stats.has_value());
+  EXPECT_GT(stats->faults_missing, 0u);
+  EXPECT_EQ(stats->pages_installed(), snapshot.pages());  // each page exactly once
+  EXPECT_GT(stats->pages_zeroed, 0u);
+  EXPECT_EQ(stats->bytes_read, stats->pages_copied * kPageSize4K);
+  EXPECT_GT(stats->latency_max_ns, 0u);
+  EXPECT_FALSE(engine->RemoveSpace(id).has_value());
+}
+
+TEST(FaultHandlerTest, FaultAroundNeverCrossesARegionEdge) {
+  // Region 0: 5 pages (window of 16 clipped); region 1: 20 pages.
+  SnapshotFile snapshot(25);
+  TestVm vm = MapAnonymousVm({5 * kPageSize4K, 20 * kPageSize4K});
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  auto copied = [&] { return engine->Stats(id)->pages_copied; };
+
+  EXPECT_EQ(snapshot.CheckPage(4, vm.PageAt(4)), "");  // last page of region 0
+  EXPECT_EQ(copied(), 5u);
+  EXPECT_EQ(snapshot.CheckPage(5, vm.PageAt(5)), "");  // first page of region 1
+  EXPECT_EQ(copied(), 5u + 16u);
+  EXPECT_EQ(snapshot.CheckPage(24, vm.PageAt(24)), "");  // last page of region 1
+  EXPECT_EQ(copied(), 25u);
+  EXPECT_EQ(engine->Stats(id)->faults_missing, 3u);
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  EXPECT_EQ(engine->Stats(id)->faults_missing, 3u);  // nothing faulted twice
+}
+
+TEST(FaultHandlerTest, OnePagePerFaultWithoutFaultAround) {
+  SnapshotFile snapshot(64);
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);
+  FaultHandlerOptions options;
+  options.fault_around_bytes = kPageSize4K;
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+  for (uint64_t p = 0; p < 64; p += 2) EXPECT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+  auto stats = engine->Stats(id);
+  EXPECT_EQ(stats->faults_missing, 32u);
+  EXPECT_EQ(stats->pages_copied, 32u);
+}
+
+TEST(FaultHandlerTest, HolesAreZeroPagesWithoutReading) {
+  SnapshotFile snapshot(256, [](uint64_t p) { return p < 128; });
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  for (uint64_t p = 0; p < 128; ++p) ASSERT_TRUE(AllZero(vm.PageAt(p), kPageSize4K));
+  auto stats = engine->Stats(id);
+  EXPECT_EQ(stats->pages_zeroed, 128u);
+  EXPECT_EQ(stats->pages_copied, 0u);
+  EXPECT_EQ(stats->bytes_read, 0u);
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  EXPECT_EQ(engine->Stats(id)->pages_copied, 128u);
+}
+
+TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
+  SnapshotFile snapshot(3000, [](uint64_t p) { return p % 10 == 0; });
+  TestVm vm = MapAnonymousVm({1000 * kPageSize4K, 2000 * kPageSize4K});
+  auto engine = StartEngine(1);
+  FaultHandlerOptions options;
+  options.fault_all = true;
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+  EXPECT_EQ(snapshot.CheckPage(1500, vm.PageAt(1500)), "");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (engine->Stats(id)->fault_all_us == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  auto stats = engine->Stats(id);
+  EXPECT_GT(stats->fault_all_us, 0u);
+  EXPECT_EQ(stats->pages_installed(), snapshot.pages());
+  EXPECT_EQ(stats->pages_zeroed, 300u);
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  EXPECT_EQ(engine->Stats(id)->faults_missing, 1u);  // everything was already there
+}
+
+TEST(FaultHandlerTest, MinorTrapWritesTheFileThenContinues) {
+  SnapshotFile snapshot(512, [](uint64_t p) { return p % 9 == 0; });
+  auto file = MemoryFile::Create({.size_bytes = snapshot.size()});
+  ASSERT_TRUE(file.has_value()) << file.error().ToString();
+  // Some content is already in the file: those pages must only be continued, not read again.
+  std::vector<uint8_t> page(kPageSize4K);
+  for (uint64_t p = 100; p < 132; ++p) {
+    testing::FillSnapshotPage(p, page.data());
+    if (snapshot.hole(p)) std::fill(page.begin(), page.end(), 0);
+    ASSERT_TRUE((*file)->Populate(FileOffset(p * kPageSize4K), std::as_bytes(std::span(page))));
+  }
+  auto mapping = (*file)->Map();
+  ASSERT_TRUE(mapping.has_value()) << mapping.error().ToString();
+  auto uffd = Userfaultfd::Create({.required_features = UFFD_FEATURE_MINOR_SHMEM |
+                                                        UFFD_FEATURE_MISSING_SHMEM});
+  if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) GTEST_SKIP() << uffd.error().ToString();
+  ASSERT_TRUE(uffd.has_value()) << uffd.error().ToString();
+  ASSERT_TRUE(uffd->Register(mapping->host_address(), snapshot.size(),
+                             UffdModes::kMissing | UffdModes::kMinor));
+  auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(0), snapshot.size(), FileOffset(0),
+                                                 mapping->host_address(), kPageSize4K}});
+  ASSERT_TRUE(layout.has_value());
+  FaultHandlerOptions options;
+  options.mode = InstallMode::kMinorTrap;
+  options.memory_file = *file;
+  auto handler =
+      FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot), options);
+  ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
+  auto engine = StartEngine(1);
+  auto id = engine->AddSpace(std::move(*handler));
+  ASSERT_TRUE(id.has_value());
+
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t p = static_cast<uint64_t>(t); p < snapshot.pages(); p += 2) {
+        auto* data = reinterpret_cast<const uint8_t*>(mapping->data()) + p * kPageSize4K;
+        if (!snapshot.CheckPage(p, data).empty()) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  // The file's page states are true: every page now holds its content.
+  EXPECT_EQ((*file)->pages().CountPrepared(0, snapshot.pages()), snapshot.pages());
+  auto stats = engine->RemoveSpace(*id);
+  ASSERT_TRUE(stats.has_value());
+  uint64_t data_pages_outside_prepopulated = 0;
+  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+    if (!snapshot.hole(p) && (p < 100 || p >= 132)) ++data_pages_outside_prepopulated;
+  }
+  EXPECT_EQ(stats->bytes_read, data_pages_outside_prepopulated * kPageSize4K);
+  EXPECT_GT(stats->pages_zeroed, 0u);
+  EXPECT_EQ(stats->pages_poisoned, 0u);
+  // Reading through a second mapping of the file sees the same bytes: content is in the file.
+  for (uint64_t p = 0; p < snapshot.pages(); p += 37) {
+    std::vector<uint8_t> buf(kPageSize4K);
+    ASSERT_EQ(pread((*file)->fd(), buf.data(), kPageSize4K, static_cast<off_t>(p * kPageSize4K)),
+              static_cast<ssize_t>(kPageSize4K));
+    EXPECT_EQ(snapshot.CheckPage(p, buf.data()), "");
+  }
+}
+
+TEST(FaultHandlerTest, RemoveRacingWithFaultsReadsZeroAfterwards) {
+  SnapshotFile snapshot(4096);
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(2);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  const uint64_t half = snapshot.pages() / 2;
+
+  std::atomic<bool> done{false};
+  std::atomic<int> bad{0};
+  // Readers fault the second half (never removed) over and over.
+  std::thread reader([&] {
+    std::mt19937_64 rng(7);
+    while (!done.load()) {
+      const uint64_t p = half + rng() % half;
+      if (!snapshot.CheckPage(p, vm.PageAt(p)).empty()) ++bad;
+    }
+  });
+  // The balloon removes 16-page ranges of the first half, some faulted before, some not, and
+  // then reads them: zeros, always.
+  std::mt19937_64 rng(11);
+  for (int round = 0; round < 200; ++round) {
+    const uint64_t first = (rng() % (half / 16)) * 16;
+    if (round % 2 == 0) (void)snapshot.CheckPage(first, vm.PageAt(first));  // fault it in first
+    ASSERT_EQ(madvise(vm.PageAt(first), 16 * kPageSize4K, MADV_DONTNEED), 0);
+    for (uint64_t p = first; p < first + 16; ++p) {
+      ASSERT_TRUE(AllZero(vm.PageAt(p), kPageSize4K)) << "page " << p << " round " << round;
+    }
+  }
+  done.store(true);
+  reader.join();
+  EXPECT_EQ(bad.load(), 0);
+  auto stats = engine->Stats(id);
+  EXPECT_GE(stats->events_remove, 200u);
+  EXPECT_GT(stats->pages_zeroed, 0u);
+}
+
+// --- a VM in another process, as in production ------------------------------------------------
+
+// Forks a child that maps `pages` anonymous pages, registers them with a uffd, sends the
+// handshake over `sock`, then runs `body(memory)` and exits 0.
+template <typename Body>
+pid_t ForkVm(int sock, uint64_t pages, Body body) {
+  pid_t pid = fork();
+  if (pid != 0) return pid;
+  const uint64_t size = pages * kPageSize4K;
+  void* mem = mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  auto uffd = Userfaultfd::Create({.required_features = UFFD_FEATURE_EVENT_REMOVE,
+                                   .optional_features = kUffdFeaturePoison});
+  if (mem == MAP_FAILED || !uffd ||
+      !uffd->Register(HostVirtAddr(reinterpret_cast<uint64_t>(mem)), size, UffdModes::kMissing)) {
+    _exit(90);
+  }
+  HandshakeRegion region{reinterpret_cast<uint64_t>(mem), size, 0, kPageSize4K, kPageSize4K,
+                         std::nullopt, std::nullopt};
+  int fds[] = {uffd->fd()};
+  if (!SendHandshake(sock, std::span(&region, 1), fds)) _exit(91);
+  body(static_cast<volatile uint8_t*>(mem));
+  _exit(0);
+}
+
+std::unique_ptr<FaultHandler> ReceiveVm(int sock, std::shared_ptr<const PageSource> source) {
+  auto received = ReceiveHandshake(sock, std::chrono::seconds(10));
+  EXPECT_TRUE(received.has_value()) << received.error().ToString();
+  const HandshakeRegion& r = received->regions.at(0);
+  auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(0), r.size, FileOffset(r.offset),
+                                                 HostVirtAddr(r.base_host_virt_addr),
+                                                 r.page_size}});
+  auto uffd = Userfaultfd::Adopt(std::move(received->fds.at(0)));
+  EXPECT_TRUE(uffd.has_value());
+  auto handler = FaultHandler::Create(std::move(*uffd), std::move(*layout), std::move(source), {});
+  EXPECT_TRUE(handler.has_value()) << handler.error().ToString();
+  return std::move(*handler);
+}
+
+TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
+  SnapshotFile snapshot(64);
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  pid_t child = ForkVm(sv[1], 64, [](volatile uint8_t* mem) {
+    (void)mem[3 * kPageSize4K];  // the source fails here: SIGBUS, not a hang, not zeros
+    _exit(1);
+  });
+  close(sv[1]);
+  FaultInjectionOs broken;
+  broken.FailAlways(FaultInjectionOs::Call::kPread, EIO);
+  auto handler = ReceiveVm(sv[0], OpenSource(snapshot, &broken));
+  auto engine = StartEngine(1);
+  std::atomic<bool> closed{false};
+  Status why;
+  auto id = engine->AddSpace(std::move(handler),
+                             [&](SpaceId, const Status& s, const FaultStats&) {
+                               why = s;
+                               closed.store(true);
+                             });
+  ASSERT_TRUE(id.has_value());
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  auto probe = Userfaultfd::Probe();
+  if (probe && (probe->features & kUffdFeaturePoison)) {
+    ASSERT_TRUE(WIFSIGNALED(status)) << "child exit status " << status;
+    EXPECT_EQ(WTERMSIG(status), SIGBUS);
+    auto stats = engine->RemoveSpace(*id);
+    if (stats) EXPECT_EQ(stats->pages_poisoned, 1u);
+  } else {
+    // Without UFFDIO_POISON the space is given up with the source's error.
+    while (!closed.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    EXPECT_EQ(why.error().code(), ErrorCode::kIoError);
+    kill(child, SIGKILL);
+  }
+  close(sv[0]);
+}
+
+TEST(FaultHandlerTest, VmKilledMidRestoreIsTornDown) {
+  SnapshotFile snapshot(8192);
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  pid_t child = ForkVm(sv[1], 8192, [](volatile uint8_t* mem) {
+    for (int round = 0;; ++round) {
+      for (uint64_t p = 0; p < 8192; p += 17) (void)mem[p * kPageSize4K];
+      usleep(1000);
+    }
+  });
+  close(sv[1]);
+  auto engine = StartEngine(1);
+  auto id = engine->AddSpace(ReceiveVm(sv[0], OpenSource(snapshot)));
+  ASSERT_TRUE(id.has_value());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (engine->Stats(*id).value_or(FaultStats{}).faults_missing < 20 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(kill(child, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  // Whether the space noticed by itself (ESRCH) or not, removing it frees everything.
+  (void)engine->RemoveSpace(*id);
+  EXPECT_EQ(engine->space_count(), 0u);
+  close(sv[0]);
+}
+
+TEST(FaultHandlerTest, ManyVmsServedAtOnce) {
+  SnapshotFile snapshot(1024, [](uint64_t p) { return p % 5 == 1; });
+  auto source = OpenSource(snapshot);
+  auto engine = StartEngine(2);
+  std::vector<TestVm> vms;
+  std::vector<SpaceId> ids;
+  for (int i = 0; i < 6; ++i) {
+    vms.push_back(MapAnonymousVm({snapshot.size()}));
+    ids.push_back(Serve(*engine, vms.back(), source));
+  }
+  EXPECT_EQ(engine->space_count(), 6u);
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (auto& vm : vms) {
+    threads.emplace_back([&] {
+      for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+        if (!snapshot.CheckPage(p, vm.PageAt(p)).empty()) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  for (SpaceId id : ids) {
+    auto stats = engine->RemoveSpace(id);
+    ASSERT_TRUE(stats.has_value());
+    EXPECT_EQ(stats->pages_installed(), snapshot.pages());
+  }
+  EXPECT_EQ(engine->space_count(), 0u);
+}
+
+// --- huge pages ---------------------------------------------------------------------------
+
+// Reserves huge pages for the test and gives them back afterwards.
+class HugePageReservation {
+ public:
+  explicit HugePageReservation(uint64_t pages) {
+    std::ifstream in("/proc/sys/vm/nr_hugepages");
+    in >> old_;
+    std::ofstream("/proc/sys/vm/nr_hugepages") << old_ + pages;
+    uint64_t now = 0;
+    std::ifstream("/proc/sys/vm/nr_hugepages") >> now;
+    ok_ = now >= old_ + pages;
+  }
+  ~HugePageReservation() { std::ofstream("/proc/sys/vm/nr_hugepages") << old_; }
+  bool ok() const { return ok_; }
+
+ private:
+  uint64_t old_ = 0;
+  bool ok_ = false;
+};
+
+TEST(FaultHandlerTest, HugePagesAreServedWhole) {
+  HugePageReservation reservation(8);
+  if (!reservation.ok()) GTEST_SKIP() << "cannot reserve 2 MiB pages (vm.nr_hugepages)";
+  // 4 huge pages: data, hole (zero), data, data.
+  const uint64_t per_huge = kHugePageSize2M / kPageSize4K;
+  SnapshotFile snapshot(4 * per_huge, [&](uint64_t p) { return p / per_huge == 1; });
+  TestVm vm = MapAnonymousVm({2 * kHugePageSize2M, 2 * kHugePageSize2M}, kHugePageSize2M);
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  std::thread other([&] { (void)snapshot.CheckPage(3 * per_huge + 5, vm.PageAt(3 * per_huge + 5)); });
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  other.join();
+  auto stats = engine->Stats(id);
+  EXPECT_EQ(stats->pages_copied, 3 * per_huge);
+  EXPECT_EQ(stats->pages_zeroed, per_huge);
+  EXPECT_LE(stats->faults_missing, 5u);
+}
+
+}  // namespace
+}  // namespace guestmem

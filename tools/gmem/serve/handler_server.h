@@ -1,0 +1,63 @@
+// HandlerServer: the `gmem serve` daemon — a Firecracker-compatible page-fault handler.
+//
+// It listens on a Unix socket; each VM that restores from the memory file connects once and sends
+// Firecracker's Uffd handshake (the regions as JSON and the uffd as SCM_RIGHTS; or the
+// secret-hiding variant with the guest memory file and a bitmap as well). Each handshake is
+// validated; a bad one is logged with its reason and only that connection is closed. A good one
+// becomes a space of the fault engine, served until the VM hangs up (its socket closes when
+// Firecracker exits) or its process is gone, then freed and logged with its statistics.
+//
+// Handshakes are read in their own threads with a timeout, so a client that connects and says
+// nothing delays nobody.
+//
+// Thread safety: Start() from one thread; Stop() from any thread or a signal handler
+// (async-signal-safe); Run() from one thread.
+#ifndef GUESTMEM_TOOLS_GMEM_SERVE_HANDLER_SERVER_H_
+#define GUESTMEM_TOOLS_GMEM_SERVE_HANDLER_SERVER_H_
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "guestmem/fault_handler.h"
+#include "guestmem/result.h"
+
+namespace guestmem::cli {
+
+struct ServeOptions {
+  std::string socket_path;
+  std::string mem_file_path;
+  bool fault_all = false;  // install everything on the first fault (Firecracker's fault_all)
+  uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
+  unsigned workers = 0;  // 0: the engine's default
+  mode_t socket_mode = 0600;
+  std::optional<uid_t> socket_owner;
+  std::optional<gid_t> socket_group;
+  std::chrono::milliseconds handshake_timeout{5000};
+  int max_vms = 0;  // exit after this many VMs have come and gone (0: serve forever)
+};
+
+class HandlerServer {
+ public:
+  static Result<std::unique_ptr<HandlerServer>> Start(const ServeOptions& options);
+  ~HandlerServer();
+
+  // Serves until Stop() or, with max_vms, until that many VMs have finished. Then closes every
+  // connection, frees every space and removes the socket file.
+  Status Run();
+  // Asks Run() to return. Async-signal-safe.
+  void Stop();
+
+ private:
+  struct Impl;
+  explicit HandlerServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace guestmem::cli
+
+#endif  // GUESTMEM_TOOLS_GMEM_SERVE_HANDLER_SERVER_H_
