@@ -1,0 +1,265 @@
+// End-to-end: the real `gmem serve` daemon and real `gmem vmm-sim` processes (which map, register
+// and hand over guest memory exactly as Firecracker does), plus hand-made bad clients.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/engine_test_util.h"
+#include "guestmem/handshake.h"
+#include "guestmem/unix_socket.h"
+#include "guestmem/userfaultfd.h"
+#include "subprocess.h"
+
+namespace guestmem {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Subprocess;
+
+class ServeE2eTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char dir[] = "/tmp/guestmem-e2e-XXXXXX";
+    dir_ = mkdtemp(dir);
+    socket_ = dir_ + "/uffd.sock";
+    // 32 MiB snapshot, every 5th page a hole.
+    snapshot_ = std::make_unique<testing::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
+  }
+  void TearDown() override {
+    server_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  void StartServer(std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {GMEM_BINARY, "serve", socket_, snapshot_->path()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    server_ = std::make_unique<Subprocess>(argv, dir_ + "/serve.log");
+    ASSERT_TRUE(server_->WaitForOutput("serving ")) << server_->Output();
+  }
+
+  std::unique_ptr<Subprocess> StartVm(const std::string& name, std::vector<std::string> extra) {
+    std::vector<std::string> argv = {GMEM_BINARY, "vmm-sim", "--socket", socket_, "--mem-file",
+                                     snapshot_->path()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return std::make_unique<Subprocess>(argv, dir_ + "/" + name + ".log");
+  }
+
+  void ExpectVmVerifies(std::vector<std::string> extra, const std::string& name = "vm") {
+    auto vm = StartVm(name, extra);
+    EXPECT_EQ(vm->ExitCode(120s), 0) << "vmm-sim output:\n"
+                                     << vm->Output() << "\nserve log:\n"
+                                     << server_->Output();
+  }
+
+  std::string dir_;
+  std::string socket_;
+  std::unique_ptr<testing::SnapshotFile> snapshot_;
+  std::unique_ptr<Subprocess> server_;
+};
+
+TEST_F(ServeE2eTest, SocketIsOwnerOnlyByDefault) {
+  StartServer();
+  struct stat st {};
+  ASSERT_EQ(stat(socket_.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+TEST_F(ServeE2eTest, OnDemandRestoreVerifiesEveryByte) {
+  StartServer();
+  ExpectVmVerifies({"--workload", "sequential", "--threads", "2", "--verify"});
+  ExpectVmVerifies({"--workload", "random", "--threads", "2", "--access", "mixed", "--verify"},
+                   "random");
+  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  EXPECT_NE(server_->Output().find("pid "), std::string::npos);  // SO_PEERCRED logged
+}
+
+TEST_F(ServeE2eTest, FaultAllRestoreLogsFirecrackersLine) {
+  StartServer({"--mode", "fault-all"});
+  ExpectVmVerifies({"--workload", "sparse", "--verify"});
+  EXPECT_TRUE(server_->WaitForOutput("Finished Faulting All: ")) << server_->Output();
+}
+
+TEST_F(ServeE2eTest, SeveralRegionsWithGaps) {
+  StartServer();
+  ExpectVmVerifies({"--regions", "3", "--workload", "random", "--threads", "2", "--verify"});
+}
+
+TEST_F(ServeE2eTest, BalloonedPagesReadAsZero) {
+  StartServer();
+  ExpectVmVerifies({"--workload", "sequential", "--verify", "--balloon", "0x100000:0x200000"});
+}
+
+TEST_F(ServeE2eTest, SecretHidingVariantUsesTheMinorTrap) {
+  StartServer();
+  ExpectVmVerifies({"--secret-hiding", "--workload", "random", "--threads", "2", "--verify"});
+  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  EXPECT_NE(server_->Output().find("continued"), std::string::npos) << server_->Output();
+}
+
+TEST_F(ServeE2eTest, ManyVmsAtOnce) {
+  StartServer();
+  std::vector<std::unique_ptr<Subprocess>> vms;
+  for (int i = 0; i < 4; ++i) {
+    vms.push_back(StartVm("vm" + std::to_string(i),
+                          {"--workload", i % 2 ? "random" : "sequential", "--seed",
+                           std::to_string(i), "--verify"}));
+  }
+  for (auto& vm : vms) EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output();
+}
+
+TEST_F(ServeE2eTest, KilledVmIsCleanedUpAndOthersGoOn) {
+  StartServer();
+  auto doomed = StartVm("doomed", {"--workload", "random", "--pages", "1000000", "--threads", "2"});
+  ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
+  std::this_thread::sleep_for(200ms);
+  doomed->Signal(SIGKILL);
+  EXPECT_EQ(doomed->ExitCode(10s), -SIGKILL);
+  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  ExpectVmVerifies({"--workload", "sequential", "--verify"}, "survivor");
+  EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
+}
+
+TEST_F(ServeE2eTest, SigtermShutsDownGracefully) {
+  StartServer();
+  auto vm = StartVm("held", {"--workload", "sequential", "--verify", "--hold-ms", "20000"});
+  ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
+  server_->Signal(SIGTERM);
+  EXPECT_EQ(server_->ExitCode(20s), 0) << server_->Output();
+  EXPECT_NE(server_->Output().find("detached at shutdown"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(socket_));
+}
+
+// --- bad clients -------------------------------------------------------------------------------
+
+// A uffd with real registered memory, for handshakes that are wrong in other ways.
+struct BadClientMemory {
+  BadClientMemory() {
+    mem = mmap(nullptr, 4 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    auto u = Userfaultfd::Create({});
+    EXPECT_TRUE(u.has_value());
+    uffd = std::make_unique<Userfaultfd>(std::move(*u));
+    EXPECT_TRUE(uffd->Register(HostVirtAddr(reinterpret_cast<uint64_t>(mem)), 4 << 20,
+                               UffdModes::kMissing));
+  }
+  ~BadClientMemory() { munmap(mem, 4 << 20); }
+  uint64_t base() const { return reinterpret_cast<uint64_t>(mem); }
+  void* mem;
+  std::unique_ptr<Userfaultfd> uffd;
+};
+
+void SendRaw(int sock, const std::string& bytes, int fd = -1) {
+  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  if (fd >= 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+  }
+  ASSERT_EQ(sendmsg(sock, &msg, 0), static_cast<ssize_t>(bytes.size()));
+}
+
+TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
+  StartServer({"--handshake-timeout-ms", "1500"});
+  auto good = StartVm("good", {"--workload", "random", "--threads", "2", "--verify"});
+  BadClientMemory memory;
+  const uint64_t file = snapshot_->size();
+  auto region = [&](uint64_t addr, uint64_t size, uint64_t offset, uint64_t page) {
+    return HandshakeRegion{addr, size, offset, page, page, std::nullopt, std::nullopt};
+  };
+  struct Case {
+    std::string name;
+    std::string expected_reason;  // a fragment of the logged reason
+    std::function<void(int sock)> send;
+  };
+  std::vector<Case> cases = {
+      {"garbage", "JSON", [&](int s) { SendRaw(s, "this is not json", memory.uffd->fd()); }},
+      {"truncated", "truncated",
+       [&](int s) { SendRaw(s, R"([{"base_host_virt_addr":1234,"size":4096)", memory.uffd->fd()); }},
+      {"no descriptor", "descriptor",
+       [&](int s) {
+         SendRaw(s, EncodeHandshake(std::vector{region(memory.base(), 1 << 20, 0, 4096)}));
+       }},
+      {"unaligned", "align",
+       [&](int s) {
+         auto r = std::vector{region(memory.base() + 100, 1 << 20, 0, 4096)};
+         int fds[] = {memory.uffd->fd()};
+         ASSERT_TRUE(SendHandshake(s, r, fds));
+       }},
+      {"overlapping", "overlap",
+       [&](int s) {
+         auto r = std::vector{region(memory.base(), 2 << 20, 0, 4096),
+                              region(memory.base() + (1 << 20), 2 << 20, 2 << 20, 4096)};
+         int fds[] = {memory.uffd->fd()};
+         ASSERT_TRUE(SendHandshake(s, r, fds));
+       }},
+      {"outside the file", "file",
+       [&](int s) {
+         auto r = std::vector{region(memory.base(), 4 << 20, file, 4096)};
+         int fds[] = {memory.uffd->fd()};
+         ASSERT_TRUE(SendHandshake(s, r, fds));
+       }},
+      {"bad page size", "page",
+       [&](int s) {
+         auto r = std::vector{region(memory.base(), 1 << 20, 0, 8192)};
+         int fds[] = {memory.uffd->fd()};
+         ASSERT_TRUE(SendHandshake(s, r, fds));
+       }},
+      {"not a uffd", "userfaultfd",
+       [&](int s) {
+         auto r = std::vector{region(memory.base(), 1 << 20, 0, 4096)};
+         int fds[] = {STDERR_FILENO};
+         ASSERT_TRUE(SendHandshake(s, r, fds));
+       }},
+      {"silent", "", [&](int) { std::this_thread::sleep_for(2500ms); }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const size_t rejected_before = std::count_if(
+        server_->Output().begin(), server_->Output().end(), [](char) { return false; });
+    (void)rejected_before;
+    auto sock = ConnectUnix(socket_);
+    ASSERT_TRUE(sock.has_value()) << sock.error().ToString();
+    c.send(sock->get());
+    if (c.name != "truncated" && c.name != "silent") {
+      // The daemon closes the connection: we see EOF.
+      char byte;
+      EXPECT_EQ(recv(sock->get(), &byte, 1, 0), 0) << "connection not closed";
+    }
+  }
+  EXPECT_EQ(good->ExitCode(120s), 0) << good->Output() << "\nserve log:\n" << server_->Output();
+  const std::string log = server_->Output();
+  int rejected = 0;
+  for (size_t pos = log.find("rejected"); pos != std::string::npos;
+       pos = log.find("rejected", pos + 1)) {
+    ++rejected;
+  }
+  EXPECT_EQ(rejected, static_cast<int>(cases.size())) << log;
+  for (const Case& c : cases) {
+    if (!c.expected_reason.empty()) {
+      EXPECT_NE(log.find(c.expected_reason), std::string::npos)
+          << c.name << ": reason not logged\n" << log;
+    }
+  }
+  EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
+}
+
+}  // namespace
+}  // namespace guestmem
