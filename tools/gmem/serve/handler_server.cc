@@ -66,6 +66,7 @@ struct HandlerServer::Impl {
     SpaceId space = 0;
     std::string name;
     Clock::time_point started;
+    FaultStats final_stats;  // set when the space ended by itself
   };
 
   ServeOptions options;
@@ -80,7 +81,7 @@ struct HandlerServer::Impl {
   std::condition_variable handshakes_done;
   int handshakes_in_flight = 0;                // GUARDED_BY(mu)
   std::deque<Connection> new_connections;      // GUARDED_BY(mu)
-  std::deque<SpaceId> ended_by_themselves;     // GUARDED_BY(mu)
+  std::deque<std::pair<SpaceId, FaultStats>> ended_by_themselves;  // GUARDED_BY(mu)
   std::map<SpaceId, Connection> connections;   // main loop only
   int finished_vms = 0;                        // main loop only
 
@@ -159,12 +160,17 @@ Status HandlerServer::Run() {
         s.connections.emplace(id, std::move(c));
       }
     }
-    std::deque<SpaceId> ended;
+    std::deque<std::pair<SpaceId, FaultStats>> ended;
     {
       std::lock_guard lock(s.mu);
       ended.swap(s.ended_by_themselves);
     }
-    for (SpaceId id : ended) s.Disconnect(id, "ended");
+    for (auto& [id, stats] : ended) {
+      if (auto it = s.connections.find(id); it != s.connections.end()) {
+        it->second.final_stats = stats;
+      }
+      s.Disconnect(id, "ended");
+    }
     if (s.options.max_vms > 0 && s.finished_vms >= s.options.max_vms) break;
 
     fds.clear();
@@ -299,7 +305,7 @@ void HandlerServer::Impl::OnSpaceClosed(SpaceId space, const Status& why,
       "space " + std::to_string(space) + (exited ? " finished: " : " failed: ") +
           why.error().ToString() + "; " + stats.ToString());
   std::lock_guard lock(mu);
-  ended_by_themselves.push_back(space);
+  ended_by_themselves.emplace_back(space, stats);
   Signal(wake_fd.get());
 }
 
@@ -312,6 +318,7 @@ void HandlerServer::Impl::Disconnect(SpaceId space, const char* why) {
   std::string line = c.name + " " + why + " after " + Seconds(Clock::now() - c.started);
   if (stats) line += ": " + stats->ToString();
   Log(LogLevel::kInfo, line);
+  if (options.on_vm_finished) options.on_vm_finished(c.name, stats.value_or(c.final_stats));
   ++finished_vms;
 }
 

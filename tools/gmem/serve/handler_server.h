@@ -19,6 +19,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -39,6 +40,8 @@ struct ServeOptions {
   std::optional<gid_t> socket_group;
   std::chrono::milliseconds handshake_timeout{5000};
   int max_vms = 0;  // exit after this many VMs have come and gone (0: serve forever)
+  // Told when a served VM has gone, with its final statistics (from the serving thread).
+  std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
 
 class HandlerServer {
