@@ -508,18 +508,18 @@ Result<Step> FaultHandler::State::Settle(const Result<UffdProgress>& progress,
       std::min<uint64_t>(AlignDown(static_cast<uint64_t>(std::max<int64_t>(progress->bytes, 0)),
                                    region.page_size),
                          length);
-  switch (progress->status) {
-    case UffdProgress::Status::kDone:
+  switch (progress->outcome) {
+    case UffdProgress::Outcome::kDone:
       SetState(file_offset, length, kInstalled);
       Add(counter, length / kPageSize4K);
       return Step::kDone;
-    case UffdProgress::Status::kTaskGone:
+    case UffdProgress::Outcome::kTaskGone:
       return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
-    case UffdProgress::Status::kAgain:
+    case UffdProgress::Outcome::kAgain:
       SetState(file_offset, done, kInstalled);
       Add(counter, done / kPageSize4K);
       return Step::kRetryAfterDrain;
-    case UffdProgress::Status::kExists:
+    case UffdProgress::Outcome::kExists:
       break;
   }
   // Some page in the piece is already mapped: install the rest one page at a time.
@@ -528,16 +528,16 @@ Result<Step> FaultHandler::State::Settle(const Result<UffdProgress>& progress,
   for (uint64_t at = offset + done; at < offset + length; at += region.page_size) {
     Result<UffdProgress> one = install_one(at);
     if (!one) return one.error();
-    switch (one->status) {
-      case UffdProgress::Status::kDone:
+    switch (one->outcome) {
+      case UffdProgress::Outcome::kDone:
         Add(counter, region.page_size / kPageSize4K);
         [[fallthrough]];
-      case UffdProgress::Status::kExists:
+      case UffdProgress::Outcome::kExists:
         SetState(region.file_offset.value() + at, region.page_size, kInstalled);
         break;
-      case UffdProgress::Status::kAgain:
+      case UffdProgress::Outcome::kAgain:
         return Step::kRetryAfterDrain;
-      case UffdProgress::Status::kTaskGone:
+      case UffdProgress::Outcome::kTaskGone:
         return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
     }
   }
@@ -637,15 +637,15 @@ Result<Step> FaultHandler::State::Poison(const GuestRegion& region, uint64_t pag
                                          const Error& why) {
   const HostVirtAddr host = region.host_addr.UncheckedAdd(page_offset);
   auto poisoned = uffd.Poison(host, region.page_size);
-  if (poisoned && poisoned->status == UffdProgress::Status::kDone) {
+  if (poisoned && poisoned->outcome == UffdProgress::Outcome::kDone) {
     SetState(region.file_offset.value() + page_offset, region.page_size, kInstalled);
     Add(counters.pages_poisoned, region.page_size / kPageSize4K);
     Log(LogLevel::kError, Where(region, page_offset) +
                               " poisoned (the VM gets SIGBUS there): " + why.ToString());
     return Step::kDone;
   }
-  if (poisoned && poisoned->status == UffdProgress::Status::kAgain) return Step::kRetryAfterDrain;
-  if (poisoned && poisoned->status == UffdProgress::Status::kTaskGone) {
+  if (poisoned && poisoned->outcome == UffdProgress::Outcome::kAgain) return Step::kRetryAfterDrain;
+  if (poisoned && poisoned->outcome == UffdProgress::Outcome::kTaskGone) {
     return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
   }
   // No UFFDIO_POISON on this uffd: never install zeros where data was expected. Fail the VM.
