@@ -43,8 +43,8 @@ class PageSource {
   // Fills `out` completely with the content at `offset`, or fails: kOutOfRange past size(),
   // kDataLoss when the content is shorter than promised (truncated), kIoError when reading fails.
   virtual Status ReadAt(FileOffset offset, std::span<std::byte> out) const = 0;
-  // The longest run of one kind that starts at `offset` (clipped to size()).
-  // REQUIRES: offset < size().
+  // The longest run of one kind that starts at `offset` (clipped to size()); holes are kZero.
+  // kOutOfRange when offset >= size().
   virtual Result<Extent> ExtentAt(FileOffset offset) const = 0;
   // For logs: "raw file snapshot.mem (256 MiB, 12% holes)".
   virtual std::string Describe() const = 0;

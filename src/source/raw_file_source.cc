@@ -107,10 +107,16 @@ uint64_t RawFileSource::hole_bytes() const {
 }
 
 std::string RawFileSource::Describe() const {
-  const unsigned holes_percent =
-      size_ == 0 ? 0 : static_cast<unsigned>(hole_bytes() * 100 / size_);
-  return "raw file " + path_ + " (" + std::to_string(size_ >> 20) + " MiB, " +
-         std::to_string(holes_percent) + "% holes)";
+  const unsigned holes_percent = size_ == 0 ? 0 : static_cast<unsigned>(hole_bytes() * 100 / size_);
+  std::string size;
+  if (size_ >= (uint64_t{1} << 20)) {
+    size = std::to_string(size_ >> 20) + " MiB";
+  } else if (size_ >= 1024) {
+    size = std::to_string(size_ >> 10) + " KiB";
+  } else {
+    size = std::to_string(size_) + " bytes";
+  }
+  return "raw file " + path_ + " (" + size + ", " + std::to_string(holes_percent) + "% holes)";
 }
 
 }  // namespace guestmem

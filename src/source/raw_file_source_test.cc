@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -19,9 +21,10 @@ constexpr uint64_t kPage = 4096;
 class RawFileSourceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char dir[] = "/tmp/guestmem-source-XXXXXX";
-    dir_ = mkdtemp(dir);
-    path_ = dir_ + "/mem";
+    std::string pattern = std::filesystem::temp_directory_path() / "guestmem-source-XXXXXX";
+    ASSERT_NE(mkdtemp(pattern.data()), nullptr);
+    dir_ = pattern;
+    path_ = dir_ + "/snapshot.mem";
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
@@ -85,16 +88,27 @@ TEST_F(RawFileSourceTest, ReadPastEndAndTruncationAreErrors) {
   Write(4, {0, 1, 2, 3});
   auto source = RawFileSource::Open(path_);
   ASSERT_TRUE(source.has_value());
-  std::vector<std::byte> buf(2 * kPage);
-  EXPECT_EQ((*source)->ReadAt(FileOffset(3 * kPage), buf).error().code(), ErrorCode::kOutOfRange);
+  std::vector<std::byte> buf(2 * kPage, std::byte{0xee});
+  Status past = (*source)->ReadAt(FileOffset(3 * kPage), buf);
+  ASSERT_FALSE(past.has_value());
+  EXPECT_EQ(past.error().code(), ErrorCode::kOutOfRange);
+  EXPECT_NE(past.error().context().find("read of 0x2000 bytes at 0x3000"), std::string::npos)
+      << past.error().ToString();
+  EXPECT_EQ(buf[0], std::byte{0xee});  // nothing was written
   EXPECT_EQ((*source)->ReadAt(FileOffset(UINT64_MAX - 10), buf).error().code(),
             ErrorCode::kOutOfRange);
+  EXPECT_EQ(buf[0], std::byte{0xee});
+  // Up to the last byte is fine.
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(2 * kPage), buf));
+  EXPECT_EQ(buf[2 * kPage - 1], std::byte{4});
   // The file shrinks under us: the promised bytes are gone.
   ASSERT_EQ(truncate(path_.c_str(), static_cast<off_t>(kPage + 100)), 0);
   Status read = (*source)->ReadAt(FileOffset(kPage), buf);
   ASSERT_FALSE(read.has_value());
   EXPECT_EQ(read.error().code(), ErrorCode::kDataLoss);
-  EXPECT_NE(read.error().context().find("truncated"), std::string::npos);
+  EXPECT_NE(read.error().context().find("snapshot.mem truncated: expected 0x2000 bytes at 0x1000"),
+            std::string::npos)
+      << read.error().ToString();
 }
 
 TEST_F(RawFileSourceTest, IoErrorsAreReported) {
@@ -109,6 +123,83 @@ TEST_F(RawFileSourceTest, IoErrorsAreReported) {
   EXPECT_EQ(read.error().code(), ErrorCode::kIoError);
   EXPECT_EQ(read.error().sys_errno(), EIO);
   EXPECT_TRUE((*source)->ReadAt(FileOffset(0), buf));  // transient
+  EXPECT_EQ(buf[0], std::byte{1});
+}
+
+// Returns at most 100 bytes per pread, as a slow or network file system may.
+class ShortReadOs : public OsWrapper {
+ public:
+  ssize_t Pread(int fd, void* buf, size_t count, off_t offset) override {
+    ++calls;
+    return OsWrapper::Pread(fd, buf, std::min<size_t>(count, 100), offset);
+  }
+  std::atomic<int> calls{0};
+};
+
+TEST_F(RawFileSourceTest, ShortReadsAreRetried) {
+  Write(2, {0, 1});
+  ShortReadOs os;
+  auto source = RawFileSource::Open(path_, &os);
+  ASSERT_TRUE(source.has_value());
+  std::vector<std::byte> buf(2 * kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(0), buf));
+  EXPECT_EQ(os.calls.load(), static_cast<int>((2 * kPage + 99) / 100));
+  EXPECT_EQ(buf[kPage - 1], std::byte{1});
+  EXPECT_EQ(buf[kPage], std::byte{2});
+  EXPECT_EQ(buf[2 * kPage - 1], std::byte{2});
+}
+
+TEST_F(RawFileSourceTest, HolesAreMappedOnceAtOpen) {
+  Write(64, {3, 4, 40});
+  FaultInjectionOs os;
+  auto source = RawFileSource::Open(path_, &os);
+  ASSERT_TRUE(source.has_value());
+  const uint64_t seeks = os.calls(FaultInjectionOs::Call::kLseek);
+  EXPECT_GT(seeks, 0u);
+  std::vector<std::byte> buf(kPage);
+  for (uint64_t p = 0; p < 64; ++p) {
+    ASSERT_TRUE((*source)->ExtentAt(FileOffset(p * kPage)).has_value());
+    ASSERT_TRUE((*source)->ReadAt(FileOffset(p * kPage), buf));
+  }
+  EXPECT_EQ(os.calls(FaultInjectionOs::Call::kLseek), seeks);  // none on the fault path
+}
+
+TEST_F(RawFileSourceTest, WithoutSeekDataEverythingIsData) {
+  Write(8, {2});
+  FaultInjectionOs os;
+  os.FailAlways(FaultInjectionOs::Call::kLseek, EINVAL);
+  auto source = RawFileSource::Open(path_, &os);
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  auto e = (*source)->ExtentAt(FileOffset(0));
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->kind, ExtentKind::kData);
+  EXPECT_EQ(e->length, 8 * kPage);
+  EXPECT_EQ((*source)->hole_bytes(), 0u);
+  // Other lseek failures are real errors.
+  os.FailAlways(FaultInjectionOs::Call::kLseek, EIO);
+  auto failed = RawFileSource::Open(path_, &os);
+  ASSERT_FALSE(failed.has_value());
+  EXPECT_EQ(failed.error().code(), ErrorCode::kIoError);
+  EXPECT_NE(failed.error().context().find("SEEK_DATA"), std::string::npos);
+}
+
+TEST_F(RawFileSourceTest, EmptyAndAllHoleFiles) {
+  Write(0, {});
+  auto empty = RawFileSource::Open(path_);
+  ASSERT_TRUE(empty.has_value());
+  EXPECT_EQ((*empty)->size(), 0u);
+  EXPECT_EQ((*empty)->ExtentAt(FileOffset(0)).error().code(), ErrorCode::kOutOfRange);
+  std::vector<std::byte> none;
+  EXPECT_TRUE((*empty)->ReadAt(FileOffset(0), none));
+  Write(512, {});  // 2 MiB, all hole
+  auto holes = RawFileSource::Open(path_);
+  ASSERT_TRUE(holes.has_value());
+  auto e = (*holes)->ExtentAt(FileOffset(0));
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->kind, ExtentKind::kZero);
+  EXPECT_EQ(e->length, 512 * kPage);
+  EXPECT_NE((*holes)->Describe().find("snapshot.mem (2 MiB, 100% holes)"), std::string::npos)
+      << (*holes)->Describe();
 }
 
 TEST_F(RawFileSourceTest, OpenErrors) {
@@ -130,7 +221,12 @@ TEST_F(RawFileSourceTest, ConcurrentReads) {
       for (uint64_t p = static_cast<uint64_t>(t); p < 256; p += 4) {
         if (!(*source)->ReadAt(FileOffset(p * kPage), buf)) ++bad;
         const auto want = static_cast<std::byte>(p % 2 == 0 ? p + 1 : 0);
-        if (buf[123] != want) ++bad;
+        for (std::byte b : buf) {
+          if (b != want) {
+            ++bad;
+            break;
+          }
+        }
       }
     });
   }
