@@ -6,9 +6,19 @@
 //   kRemoved   -> was prepared, then punched out; reads as zero until populated again
 //
 // Two bits per page packed into 64-bit atomic words (32 pages a word): a 64 GiB guest of 4 KiB
-// pages needs 4 MiB. Every operation is lock-free and safe to call from many threads at once;
-// single-page transitions are atomic (compare-and-swap), and range operations are atomic per
-// page (not across the range). Range queries read a consistent value per page.
+// pages needs 4 MiB. Range operations update whole words at once where the range covers them and
+// count or search with bit-parallel word operations.
+//
+// Thread safety: every operation is lock-free and safe to call from many threads at once.
+// Single-page transitions are atomic (compare-and-swap); range operations are atomic per page
+// (each page goes from one valid state to the next), not across the range. Range queries read a
+// consistent value per page, not a snapshot of the whole range.
+//
+// Memory ordering: every change of state is a release operation and every read (Get, the counts,
+// the searches, and the read half of every update) is an acquire operation. So a thread that
+// observes a page as kPrepared also observes every write another thread made before marking it
+// prepared: write the content first, then MarkPrepared/TryMarkPrepared/Set, and a reader that
+// sees kPrepared may map or read the content without further synchronisation.
 //
 // Pages are numbered from 0; ranges are [first, first + count). Ranges outside the map are a
 // programming error (checked by assert); callers validate user input before calling in.
@@ -30,6 +40,7 @@ enum class PageState : uint8_t {
   kRemoved = 3,
 };
 
+// "absent", "allocated", "prepared" or "removed".
 std::string_view PageStateName(PageState state);
 
 class PageStateMap {
@@ -43,7 +54,11 @@ class PageStateMap {
   // Bytes of state held (for reports and the memory-overhead test).
   size_t memory_bytes() const { return word_count_ * sizeof(uint64_t); }
 
+  // REQUIRES: page < page_count().
   PageState Get(uint64_t page) const;
+
+  // For every operation and query below taking a range:
+  // REQUIRES: first + count <= page_count() (count may be 0).
 
   // Sets every page in the range to `state` unconditionally.
   void Set(uint64_t first, uint64_t count, PageState state);
@@ -55,7 +70,9 @@ class PageStateMap {
   uint64_t MarkPrepared(uint64_t first, uint64_t count);
 
   // Atomically moves one page to kPrepared if it is not kPrepared yet. Returns false if it
-  // already was (somebody else prepared it first).
+  // already was (somebody else prepared it first). Of many threads racing on the same page,
+  // exactly one gets true.
+  // REQUIRES: page < page_count().
   bool TryMarkPrepared(uint64_t page);
 
   // Punch: kPrepared -> kRemoved, kAllocated -> kAbsent; kAbsent/kRemoved unchanged.
@@ -71,6 +88,7 @@ class PageStateMap {
   }
 
   // The first page in [first, end) that is (or is not) kPrepared, or `end` if none.
+  // REQUIRES: first <= end <= page_count().
   uint64_t NextPrepared(uint64_t first, uint64_t end) const;
   uint64_t NextNotPrepared(uint64_t first, uint64_t end) const;
 

@@ -6,36 +6,120 @@
 namespace guestmem {
 namespace {
 
+// Page p lives in word p / 32, in bits 2 * (p % 32) (the slot's low bit) and 2 * (p % 32) + 1
+// (its high bit). The encoding of PageState makes the states bit patterns:
+//   absent 00, allocated 01, prepared 10, removed 11   (high bit, low bit).
 constexpr uint64_t kPagesPerWord = 32;
-constexpr uint64_t kLowBits = 0x5555555555555555ULL;  // bit 0 of every 2-bit slot
+constexpr uint64_t kAllSlots = ~uint64_t{0};
+constexpr uint64_t kLowBits = 0x5555555555555555ULL;  // the low bit of every slot
+constexpr uint64_t kAllPrepared = kLowBits * static_cast<uint64_t>(PageState::kPrepared);
 
 // Every slot of a word set to `state`.
 constexpr uint64_t Splat(PageState state) { return kLowBits * static_cast<uint64_t>(state); }
 
-// The 2-bit slots [first_slot, first_slot + count) of a word, as a mask.
-constexpr uint64_t SlotMask(uint64_t first_slot, uint64_t count) {
-  const uint64_t bits = count * 2;
-  const uint64_t mask = bits == 64 ? ~uint64_t{0} : ((uint64_t{1} << bits) - 1);
-  return mask << (first_slot * 2);
+// The low bit of each slot of `word` that holds `state`, all other bits clear.
+constexpr uint64_t SlotsIn(uint64_t word, PageState state) {
+  const uint64_t lo = word & kLowBits;
+  const uint64_t hi = (word >> 1) & kLowBits;
+  switch (state) {
+    case PageState::kAbsent:
+      return ~(hi | lo) & kLowBits;
+    case PageState::kAllocated:
+      return lo & ~hi;
+    case PageState::kPrepared:
+      return hi & ~lo;
+    case PageState::kRemoved:
+      return hi & lo;
+  }
+  return 0;
 }
 
-// One bit (the slot's low bit) set for each slot of `word` equal to `state`.
-constexpr uint64_t SlotsEqual(uint64_t word, PageState state) {
-  const uint64_t diff = word ^ Splat(state);         // 00 where equal
-  return ~(diff | (diff >> 1)) & kLowBits;
+// The number of set bits of `bits`, which has bits only in slot low-bit positions (so every 2-bit
+// field already holds its own count, 0 or 1, and the first step of the usual bit-parallel
+// popcount can be skipped). Uses the popcnt instruction when the target has it.
+constexpr uint64_t CountSlots(uint64_t bits) {
+#if defined(__POPCNT__)
+  return static_cast<uint64_t>(std::popcount(bits));
+#else
+  bits = (bits & 0x3333333333333333ULL) + ((bits >> 2) & 0x3333333333333333ULL);
+  bits = (bits + (bits >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+  return (bits * 0x0101010101010101ULL) >> 56;
+#endif
 }
 
-// Applies `transform` (old word -> new word, restricted to `mask`) with a CAS loop; returns the
-// old word.
+// Calls fn(word_index, mask) for each word that [first, first + count) touches, where `mask`
+// covers the range's slots in that word. Whole words in the middle get exactly kAllSlots, so `fn`
+// can take a whole-word fast path on `mask == kAllSlots`.
+template <typename Fn>
+void ForEachWord(uint64_t first, uint64_t count, Fn&& fn) {
+  if (count == 0) return;
+  const uint64_t last = first + count - 1;
+  const uint64_t first_word = first / kPagesPerWord;
+  const uint64_t last_word = last / kPagesPerWord;
+  const uint64_t head = kAllSlots << (2 * (first % kPagesPerWord));
+  const uint64_t tail = kAllSlots >> (2 * (kPagesPerWord - 1 - last % kPagesPerWord));
+  if (first_word == last_word) {
+    fn(first_word, head & tail);
+    return;
+  }
+  fn(first_word, head);
+  for (uint64_t w = first_word + 1; w < last_word; ++w) fn(w, kAllSlots);
+  fn(last_word, tail);
+}
+
+// Replaces the slots of `word` selected by `mask` with those of transform(old word), atomically;
+// returns the old word. Does not write when nothing would change.
 template <typename Transform>
 uint64_t Update(std::atomic<uint64_t>& word, uint64_t mask, Transform transform) {
-  uint64_t old = word.load(std::memory_order_relaxed);
+  uint64_t old = word.load(std::memory_order_acquire);
   while (true) {
     const uint64_t updated = (old & ~mask) | (transform(old) & mask);
     if (updated == old) return old;
     if (word.compare_exchange_weak(old, updated, std::memory_order_acq_rel,
-                                   std::memory_order_relaxed)) {
+                                   std::memory_order_acquire)) {
       return old;
+    }
+  }
+}
+
+// The per-slot transitions, as whole-word functions of the old word.
+// MarkAllocated: prepared stays 10, every other state becomes 01.
+constexpr uint64_t ToAllocated(uint64_t word) {
+  const uint64_t prepared = SlotsIn(word, PageState::kPrepared);
+  return (prepared << 1) | (~prepared & kLowBits);
+}
+// MarkPunched: the low bit becomes a copy of the high bit (10 -> 11, 01 -> 00, 00 and 11 stay).
+constexpr uint64_t ToPunched(uint64_t word) {
+  const uint64_t hi = word & ~kLowBits;
+  return hi | (hi >> 1);
+}
+
+// The first page in [first, end) that is (want_prepared) or is not kPrepared, or `end`.
+uint64_t FindPrepared(const std::atomic<uint64_t>* words, uint64_t first, uint64_t end,
+                      bool want_prepared) {
+  if (first >= end) return end;
+  const uint64_t last_word = (end - 1) / kPagesPerWord;
+  uint64_t w = first / kPagesPerWord;
+  uint64_t mask = kAllSlots << (2 * (first % kPagesPerWord));
+  while (true) {
+    const uint64_t word = words[w].load(std::memory_order_acquire);
+    const uint64_t prepared = SlotsIn(word, PageState::kPrepared);
+    const uint64_t hits = (want_prepared ? prepared : ~prepared & kLowBits) & mask;
+    if (hits != 0) {
+      const uint64_t page = w * kPagesPerWord + static_cast<uint64_t>(std::countr_zero(hits)) / 2;
+      return page < end ? page : end;
+    }
+    if (w == last_word) return end;
+    ++w;
+    mask = kAllSlots;
+    // Skip whole words with nothing to find.
+    if (want_prepared) {
+      while (w < last_word &&
+             SlotsIn(words[w].load(std::memory_order_acquire), PageState::kPrepared) == 0) {
+        ++w;
+      }
+    } else {
+      while (w < last_word && words[w].load(std::memory_order_acquire) == kAllPrepared) ++w;
     }
   }
 }
@@ -44,135 +128,110 @@ uint64_t Update(std::atomic<uint64_t>& word, uint64_t mask, Transform transform)
 
 std::string_view PageStateName(PageState state) {
   switch (state) {
-    case PageState::kAbsent: return "absent";
-    case PageState::kAllocated: return "allocated";
-    case PageState::kPrepared: return "prepared";
-    case PageState::kRemoved: return "removed";
+    case PageState::kAbsent:
+      return "absent";
+    case PageState::kAllocated:
+      return "allocated";
+    case PageState::kPrepared:
+      return "prepared";
+    case PageState::kRemoved:
+      return "removed";
   }
-  return "?";
+  return "invalid";
 }
 
 PageStateMap::PageStateMap(uint64_t page_count)
     : page_count_(page_count),
       word_count_((page_count + kPagesPerWord - 1) / kPagesPerWord),
-      words_(new std::atomic<uint64_t>[word_count_ == 0 ? 1 : word_count_]()) {}
+      words_(new std::atomic<uint64_t>[word_count_]()) {}
 
 PageState PageStateMap::Get(uint64_t page) const {
   assert(page < page_count_);
   const uint64_t word = words_[page / kPagesPerWord].load(std::memory_order_acquire);
-  return static_cast<PageState>((word >> ((page % kPagesPerWord) * 2)) & 3);
-}
-
-// Calls fn(word_index, mask) for each word the range touches.
-template <typename Fn>
-static void ForEachWord(uint64_t first, uint64_t count, Fn fn) {
-  uint64_t page = first;
-  const uint64_t end = first + count;
-  while (page < end) {
-    const uint64_t slot = page % kPagesPerWord;
-    const uint64_t n = std::min(kPagesPerWord - slot, end - page);
-    fn(page / kPagesPerWord, SlotMask(slot, n));
-    page += n;
-  }
+  return static_cast<PageState>((word >> (2 * (page % kPagesPerWord))) & 3);
 }
 
 void PageStateMap::Set(uint64_t first, uint64_t count, PageState state) {
-  assert(first + count <= page_count_);
+  assert(first <= page_count_ && count <= page_count_ - first);
   const uint64_t value = Splat(state);
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
-    if (mask == ~uint64_t{0}) {
+    if (mask == kAllSlots) {
       words_[w].store(value, std::memory_order_release);
     } else {
-      Update(words_[w], mask, [&](uint64_t) { return value; });
+      Update(words_[w], mask, [value](uint64_t) { return value; });
     }
   });
 }
 
 uint64_t PageStateMap::MarkAllocated(uint64_t first, uint64_t count) {
-  assert(first + count <= page_count_);
+  assert(first <= page_count_ && count <= page_count_ - first);
   uint64_t changed = 0;
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
-    // absent (00) -> allocated (01); removed (11) -> allocated (01): clear the high bit of
-    // removed slots, set the low bit of absent slots.
-    const uint64_t old = Update(words_[w], mask, [](uint64_t v) {
-      const uint64_t absent = SlotsEqual(v, PageState::kAbsent);
-      const uint64_t removed = SlotsEqual(v, PageState::kRemoved);
-      return (v | absent) & ~(removed << 1);
-    });
-    changed += std::popcount((SlotsEqual(old, PageState::kAbsent) |
-                              SlotsEqual(old, PageState::kRemoved)) & mask);
+    const uint64_t old = Update(words_[w], mask, ToAllocated);
+    changed +=
+        CountSlots((SlotsIn(old, PageState::kAbsent) | SlotsIn(old, PageState::kRemoved)) & mask);
   });
   return changed;
 }
 
 uint64_t PageStateMap::MarkPrepared(uint64_t first, uint64_t count) {
-  assert(first + count <= page_count_);
+  assert(first <= page_count_ && count <= page_count_ - first);
   uint64_t changed = 0;
-  const uint64_t value = Splat(PageState::kPrepared);
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
-    const uint64_t old = Update(words_[w], mask, [&](uint64_t) { return value; });
-    changed += std::popcount(~SlotsEqual(old, PageState::kPrepared) & kLowBits & mask);
+    uint64_t old;
+    if (mask == kAllSlots) {
+      // Whole word: one exchange, skipped when the word is prepared already.
+      old = words_[w].load(std::memory_order_acquire);
+      if (old != kAllPrepared) old = words_[w].exchange(kAllPrepared, std::memory_order_acq_rel);
+    } else {
+      old = Update(words_[w], mask, [](uint64_t) { return kAllPrepared; });
+    }
+    changed += CountSlots(~SlotsIn(old, PageState::kPrepared) & kLowBits & mask);
   });
   return changed;
 }
 
 bool PageStateMap::TryMarkPrepared(uint64_t page) {
   assert(page < page_count_);
-  const uint64_t mask = SlotMask(page % kPagesPerWord, 1);
-  const uint64_t old = Update(words_[page / kPagesPerWord], mask,
-                              [](uint64_t) { return Splat(PageState::kPrepared); });
-  return (SlotsEqual(old, PageState::kPrepared) & mask) == 0;
+  std::atomic<uint64_t>& word = words_[page / kPagesPerWord];
+  const unsigned shift = 2 * (page % kPagesPerWord);
+  const uint64_t slot = uint64_t{3} << shift;
+  const uint64_t prepared = static_cast<uint64_t>(PageState::kPrepared) << shift;
+  uint64_t old = word.load(std::memory_order_acquire);
+  do {
+    if ((old & slot) == prepared) return false;
+  } while (!word.compare_exchange_weak(old, (old & ~slot) | prepared, std::memory_order_acq_rel,
+                                       std::memory_order_acquire));
+  return true;
 }
 
 uint64_t PageStateMap::MarkPunched(uint64_t first, uint64_t count) {
-  assert(first + count <= page_count_);
+  assert(first <= page_count_ && count <= page_count_ - first);
   uint64_t released = 0;
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
-    // prepared (10) -> removed (11): set the low bit; allocated (01) -> absent (00): clear it.
-    const uint64_t old = Update(words_[w], mask, [](uint64_t v) {
-      const uint64_t prepared = SlotsEqual(v, PageState::kPrepared);
-      const uint64_t allocated = SlotsEqual(v, PageState::kAllocated);
-      return (v | prepared) & ~allocated;
-    });
-    released += std::popcount(SlotsEqual(old, PageState::kPrepared) & mask);
+    const uint64_t old = Update(words_[w], mask, ToPunched);
+    released += CountSlots(SlotsIn(old, PageState::kPrepared) & mask);
   });
   return released;
 }
 
 uint64_t PageStateMap::CountInState(uint64_t first, uint64_t count, PageState state) const {
-  assert(first + count <= page_count_);
+  assert(first <= page_count_ && count <= page_count_ - first);
   uint64_t total = 0;
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
-    total += std::popcount(SlotsEqual(words_[w].load(std::memory_order_acquire), state) & mask);
+    total += CountSlots(SlotsIn(words_[w].load(std::memory_order_acquire), state) & mask);
   });
   return total;
 }
 
-// The first page in [first, end) whose slot is (want_prepared) or is not kPrepared.
-static uint64_t FindPrepared(const std::atomic<uint64_t>* words, uint64_t first, uint64_t end,
-                             bool want_prepared) {
-  uint64_t page = first;
-  while (page < end) {
-    const uint64_t slot = page % kPagesPerWord;
-    const uint64_t n = std::min(kPagesPerWord - slot, end - page);
-    const uint64_t mask = SlotMask(slot, n) & kLowBits;
-    const uint64_t prepared =
-        SlotsEqual(words[page / kPagesPerWord].load(std::memory_order_acquire), PageState::kPrepared);
-    const uint64_t hits = (want_prepared ? prepared : ~prepared) & mask;
-    if (hits != 0) return page - slot + static_cast<uint64_t>(std::countr_zero(hits)) / 2;
-    page += n;
-  }
-  return end;
-}
-
 uint64_t PageStateMap::NextPrepared(uint64_t first, uint64_t end) const {
   assert(first <= end && end <= page_count_);
-  return FindPrepared(words_.get(), first, end, true);
+  return FindPrepared(words_.get(), first, end, /*want_prepared=*/true);
 }
 
 uint64_t PageStateMap::NextNotPrepared(uint64_t first, uint64_t end) const {
   assert(first <= end && end <= page_count_);
-  return FindPrepared(words_.get(), first, end, false);
+  return FindPrepared(words_.get(), first, end, /*want_prepared=*/false);
 }
 
 }  // namespace guestmem
