@@ -170,7 +170,7 @@ TEST(AddressRegistryTest, LookupsRaceWithMapAndUnmap) {
     mappers.emplace_back([&, t] {
       std::mt19937_64 rng(t);
       std::deque<MemoryMapping> live;  // a few stay mapped while later ones come and go
-      for (int i = 0; i < 400; ++i) {
+      for (int i = 0; i < 400 || (hits.load() < 100 && i < 200000); ++i) {
         const uint64_t count = 1 + rng() % 4;
         const uint64_t first = rng() % (kFilePages - count + 1);
         auto mapping = file->Map(FileOffset(first * kPageSize4K), count * kPageSize4K);
