@@ -38,10 +38,10 @@
 #endif
 
 #ifndef _UFFDIO_MOVE
-#define _UFFDIO_MOVE (0x05)
+#define _UFFDIO_MOVE (0x05)  // NOLINT(bugprone-reserved-identifier): the kernel's name
 #endif
 #ifndef _UFFDIO_POISON
-#define _UFFDIO_POISON (0x08)
+#define _UFFDIO_POISON (0x08)  // NOLINT(bugprone-reserved-identifier): the kernel's name
 #endif
 
 // UFFDIO_POISON (Linux 6.6): marks a range so that touching it raises SIGBUS.

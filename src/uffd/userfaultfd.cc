@@ -7,7 +7,6 @@
 #include <array>
 #include <cerrno>
 #include <charconv>
-#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -68,9 +67,11 @@ constexpr uint64_t kFdInfoInitializedBit = uint64_t{1} << 31;
 constexpr const char kDevice[] = "/dev/userfaultfd";
 
 std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
+  char buf[2 + 16];
+  buf[0] = '0';
+  buf[1] = 'x';
+  const auto [end, ec] = std::to_chars(buf + 2, buf + sizeof(buf), v, 16);
+  return std::string(buf, end);
 }
 
 std::string Range(HostVirtAddr start, uint64_t length) {
@@ -116,8 +117,10 @@ Result<UniqueFd> OpenUffd(int flags, Os* os, bool* via_device) {
   const int dev = os->Open(kDevice, O_RDWR | O_CLOEXEC, 0);
   if (dev >= 0) {
     UniqueFd device(dev);
+    // The ioctl takes the flags as its argument value, not through a pointer.
     const int fd = os->Ioctl(device.get(), USERFAULTFD_IOC_NEW,
-                             reinterpret_cast<void*>(static_cast<uintptr_t>(flags)));
+                             reinterpret_cast<void*>(  // NOLINT(performance-no-int-to-ptr)
+                                 static_cast<uintptr_t>(flags)));
     if (fd >= 0) {
       if (via_device != nullptr) *via_device = true;
       return UniqueFd(fd);
