@@ -126,6 +126,10 @@ Result<Simulation> Simulate(const VmmSimArgs& args) {
   sim::GuestVmOptions vm_options;
   vm_options.memory_bytes = static_cast<uint64_t>(size);
   vm_options.page_size = args.page_size == "2m" ? kHugePageSize2M : kPageSize4K;
+  if (run.balloon) {  // refused before the handler is bothered
+    GM_RETURN_IF_ERROR(
+        sim::ValidateBalloon(*run.balloon, vm_options.memory_bytes, vm_options.page_size));
+  }
   vm_options.regions = args.regions;
   vm_options.secret_hiding = args.secret_hiding;
   Simulation simulation;

@@ -88,6 +88,11 @@ class TestFaultServer {
   }
 
   const ReceivedHandshake& handshake() const { return handshake_; }
+  // The VM closed its end of the handshake socket (it exited, as far as a handler can tell).
+  bool PeerHungUp() const {
+    pollfd p{socket_.get(), POLLRDHUP, 0};
+    return poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP)) != 0;
+  }
   // Pages this server mapped (faults found already resolved are not counted). Final only after
   // Stop(): the faulting thread may run on before the count is updated.
   uint64_t pages_served() const { return pages_served_.load(); }

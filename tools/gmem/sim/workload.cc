@@ -218,18 +218,6 @@ Status ValidatePlan(const WorkloadPlan& plan, uint64_t memory_bytes) {
   return OkStatus();
 }
 
-Status ValidateBalloon(const BalloonSpec& b, const GuestVm& vm) {
-  const std::string what = "balloon " + Hex(b.offset) + ":" + Hex(b.length) + ": ";
-  if (b.length == 0) return Invalid(what + "empty range");
-  if (!IsAligned(b.offset, vm.page_size()) || !IsAligned(b.length, vm.page_size())) {
-    return Invalid(what + "not aligned to the page size " + Hex(vm.page_size()));
-  }
-  if (b.offset >= vm.memory_bytes() || b.length > vm.memory_bytes() - b.offset) {
-    return Invalid(what + "beyond guest memory of " + Hex(vm.memory_bytes()) + " bytes");
-  }
-  return OkStatus();
-}
-
 Result<BalloonResult> Balloon(const GuestVm& vm, const BalloonSpec& b, Os* os) {
   BalloonResult result{b.offset, b.length};
   const uint64_t end = b.offset + b.length;
@@ -285,6 +273,18 @@ std::string_view AccessModeName(AccessMode mode) {
   return "?";
 }
 
+Status ValidateBalloon(const BalloonSpec& b, uint64_t memory_bytes, uint64_t page_size) {
+  const std::string what = "balloon " + Hex(b.offset) + ":" + Hex(b.length) + ": ";
+  if (b.length == 0) return Invalid(what + "empty range");
+  if (!IsAligned(b.offset, page_size) || !IsAligned(b.length, page_size)) {
+    return Invalid(what + "not aligned to the page size " + Hex(page_size));
+  }
+  if (b.offset >= memory_bytes || b.length > memory_bytes - b.offset) {
+    return Invalid(what + "beyond guest memory of " + Hex(memory_bytes) + " bytes");
+  }
+  return OkStatus();
+}
+
 Result<WorkloadPlan> PlanWorkload(const WorkloadSpec& spec, uint64_t memory_bytes) {
   if (spec.threads == 0) return Invalid("at least one thread is needed");
   if (memory_bytes == 0 || !IsAligned(memory_bytes, kAccessBytes)) {
@@ -324,7 +324,9 @@ Result<WorkloadResult> RunWorkload(const GuestVm& vm, const WorkloadPlan& plan,
                                    const RunOptions& options) {
   Os* os = options.os != nullptr ? options.os : Os::Default();
   GM_RETURN_IF_ERROR(ValidatePlan(plan, vm.memory_bytes()));
-  if (options.balloon) GM_RETURN_IF_ERROR(ValidateBalloon(*options.balloon, vm));
+  if (options.balloon) {
+    GM_RETURN_IF_ERROR(ValidateBalloon(*options.balloon, vm.memory_bytes(), vm.page_size()));
+  }
   if (options.verify) {
     if (options.mem_file_fd < 0) return Invalid("verify needs the memory file");
     const off_t size = os->Lseek(options.mem_file_fd, 0, SEEK_END);

@@ -83,6 +83,10 @@ struct BalloonSpec {
   uint64_t length = 0;
 };
 
+// kInvalidArgument unless the range is non-empty, aligned to `page_size` and inside guest memory
+// of `memory_bytes`.
+Status ValidateBalloon(const BalloonSpec& balloon, uint64_t memory_bytes, uint64_t page_size);
+
 struct RunOptions {
   bool verify = false;
   int mem_file_fd = -1;  // the snapshot memory file; REQUIRED when verify
