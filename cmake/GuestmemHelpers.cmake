@@ -1,7 +1,7 @@
 # Helpers shared by every CMakeLists.txt of the project.
 
 set(GUESTMEM_WARNINGS -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wold-style-cast
-    -Wcast-align -Woverloaded-virtual -Wimplicit-fallthrough)
+    -Wcast-align -Woverloaded-virtual -Wimplicit-fallthrough -Wno-missing-field-initializers)
 
 # gm_add_test(<name> SOURCES <files...> [LABELS <labels...>] [TIMEOUT <seconds>])
 # One GoogleTest program; each TEST becomes its own ctest entry (own process, so a test that
