@@ -153,12 +153,12 @@ class MemoryFile : public std::enable_shared_from_this<MemoryFile> {
   // (memfd_secret cannot free single pages).
   Result<uint64_t> PunchHole(FileOffset offset, uint64_t length);
 
-  // Writes `content` at `offset` (pwrite; hugetlbfs, which has no write(2): through a temporary
-  // shared mapping) and marks the pages kPrepared once it is all written. Fails with
-  // kAlreadyExists, changing nothing, if any page in the range is already prepared (a removed
-  // page may be populated again). kAnonymous and kSecret: kUnsupported (write into a mapping,
-  // then MarkPrepared). On a write error page states are unchanged and the range's content is
-  // unspecified.
+  // Writes `content` at `offset` (pwrite; where the file has no write(2), as on hugetlbfs,
+  // through a temporary shared mapping of the range, which no userfaultfd watches) and marks the
+  // pages kPrepared once it is all written. Fails with kAlreadyExists, changing nothing, if any
+  // page in the range is already prepared (a removed page may be populated again). kAnonymous
+  // and kSecret: kUnsupported (write into a mapping, then MarkPrepared). On a write error page
+  // states are unchanged and the range's content is unspecified.
   Status Populate(FileOffset offset, std::span<const std::byte> content);
 
   // Records that the range's content arrived another way (UFFDIO_COPY / ZEROPAGE / CONTINUE, a

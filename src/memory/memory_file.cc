@@ -68,8 +68,8 @@ MemoryFile::MemoryFile(PassKey, const MemoryFileOptions& options, BackendCapabil
       size_(size),
       mmap_allowed_(options.mmap_allowed),
       write_method_(caps_.populate_by_write ? WriteMethod::kPwrite
-                    : caps_.mmap_allowed && (caps_.backend == MemoryBackend::kHugetlb ||
-                                             caps_.backend == MemoryBackend::kGuestMemfd)
+                    : caps_.mmap_allowed && caps_.backend != MemoryBackend::kAnonymous &&
+                            caps_.backend != MemoryBackend::kSecret
                         ? WriteMethod::kThroughMapping
                         : WriteMethod::kNone),
       os_(options.os == nullptr ? Os::Default() : options.os),
@@ -347,10 +347,14 @@ Status MemoryFile::Populate(FileOffset offset, std::span<const std::byte> conten
                    "populate: anonymous memory has no file to write; content arrives by "
                    "UFFDIO_COPY, then MarkPrepared");
     }
+    if (caps_.backend == MemoryBackend::kSecret) {
+      return Error(ErrorCode::kUnsupported,
+                   "populate: memfd_secret has no write(2) and takes no userfaultfd; write the "
+                   "content through a mapping, then MarkPrepared");
+    }
     return Error(ErrorCode::kUnsupported,
-                 "populate: " + std::string(MemoryBackendName(caps_.backend)) +
-                     " memory has no write(2); write the content through a mapping, then "
-                     "MarkPrepared");
+                 "populate: " + std::string(MemoryBackendName(caps_.backend)) + " file \"" + name_ +
+                     "\" can be neither written nor mapped");
   }
   GM_RETURN_IF_ERROR(CheckRange("populate", offset, content.size()));
   const PageRange range = PagesOf(offset, content.size());

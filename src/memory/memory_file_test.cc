@@ -15,6 +15,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <ostream>
 #include <random>
 #include <string>
 #include <thread>
@@ -27,6 +28,10 @@
 #include "guestmem/os.h"
 
 namespace guestmem {
+
+// Test names and failure messages show a backend by its name.
+void PrintTo(MemoryBackend backend, std::ostream* out) { *out << MemoryBackendName(backend); }
+
 namespace {
 
 using Call = FaultInjectionOs::Call;
@@ -60,6 +65,23 @@ std::vector<PageState> States(const MemoryFile& file) {
   std::vector<PageState> out;
   for (uint64_t p = 0; p < file.page_count(); ++p) out.push_back(file.pages().Get(p));
   return out;
+}
+
+// Whether `result` failed with `code`, a context containing `text` and, unless kAnyErrno, the
+// system call's errno `err`.
+constexpr int kAnyErrno = -1;
+template <typename R>
+::testing::AssertionResult Fails(const R& result, ErrorCode code, std::string_view text,
+                                 int err = kAnyErrno) {
+  if (result.has_value()) return ::testing::AssertionFailure() << "it succeeded";
+  const Error& error = result.error();
+  if (error.code() != code || error.context().find(text) == std::string::npos ||
+      (err != kAnyErrno && error.sys_errno() != err)) {
+    return ::testing::AssertionFailure()
+           << "it failed with \"" << error.ToString() << "\", not with " << ErrorCodeName(code)
+           << " about \"" << text << "\" (errno " << err << ")";
+  }
+  return ::testing::AssertionSuccess();
 }
 
 std::string HexOf(uint64_t v) {
@@ -341,9 +363,7 @@ TEST_P(BackendTest, PopulateWritesOnceOrSaysWhyItCannot) {
   const auto second = Pattern(page_, 1, 2);
   if (!Populates(backend())) {
     auto populated = file->Populate(FileOffset(page_), first);
-    ASSERT_FALSE(populated);
-    EXPECT_EQ(populated.error().code(), ErrorCode::kUnsupported);
-    EXPECT_THAT(populated.error().context(), HasSubstr("MarkPrepared"));
+    ASSERT_TRUE(Fails(populated, ErrorCode::kUnsupported, "MarkPrepared"));
     EXPECT_EQ(States(*file), std::vector<PageState>(kPages, PageState::kAbsent));
     return;
   }
@@ -354,9 +374,7 @@ TEST_P(BackendTest, PopulateWritesOnceOrSaysWhyItCannot) {
     std::memcpy(two.data() + page_, second.data(), page_);
     return two;
   }());
-  ASSERT_FALSE(again);
-  EXPECT_EQ(again.error().code(), ErrorCode::kAlreadyExists);
-  EXPECT_THAT(again.error().context(), HasSubstr("is already prepared"));
+  ASSERT_TRUE(Fails(again, ErrorCode::kAlreadyExists, "is already prepared"));
   EXPECT_EQ(file->StateAt(FileOffset(0)), PageState::kAbsent);
   EXPECT_EQ(file->StateAt(FileOffset(page_)), PageState::kPrepared);
   auto mapping = file->Map();
@@ -384,9 +402,7 @@ TEST_P(BackendTest, AllocateThenPunchMovesStatesAndZeroesContent) {
   const auto before = States(*file);
   auto punched = file->PunchHole(FileOffset(0), 4 * page_);
   if (!Punches(backend())) {
-    ASSERT_FALSE(punched);
-    EXPECT_EQ(punched.error().code(), ErrorCode::kUnsupported);
-    EXPECT_THAT(punched.error().context(), HasSubstr("memfd_secret"));
+    ASSERT_TRUE(Fails(punched, ErrorCode::kUnsupported, "memfd_secret"));
     EXPECT_EQ(States(*file), before);
     EXPECT_TRUE(HoldsPattern(mapping->bytes() + page_, page_, 1));
     return;
@@ -451,9 +467,7 @@ TEST_P(BackendTest, MapNeedsTheOwnerAndEveryBindingToAgree) {
   ASSERT_NE(forbidden, nullptr);
   EXPECT_FALSE(forbidden->mmap_allowed());
   auto refused = forbidden->Map();
-  ASSERT_FALSE(refused);
-  EXPECT_EQ(refused.error().code(), ErrorCode::kPermissionDenied);
-  EXPECT_THAT(refused.error().context(), HasSubstr("does not allow mmap"));
+  ASSERT_TRUE(Fails(refused, ErrorCode::kPermissionDenied, "does not allow mmap"));
 
   auto file = Make();
   ASSERT_NE(file, nullptr);
@@ -463,9 +477,7 @@ TEST_P(BackendTest, MapNeedsTheOwnerAndEveryBindingToAgree) {
   ASSERT_TRUE(id.has_value());
   const size_t registered = AddressRegistry::Global().size();
   auto denied = file->Map();
-  ASSERT_FALSE(denied);
-  EXPECT_EQ(denied.error().code(), ErrorCode::kPermissionDenied);
-  EXPECT_THAT(denied.error().context(), HasSubstr("binding"));
+  ASSERT_TRUE(Fails(denied, ErrorCode::kPermissionDenied, "binding"));
   EXPECT_EQ(AddressRegistry::Global().size(), registered);
   ASSERT_TRUE(file->Detach(*id));
   auto mapped = file->Map();
@@ -508,8 +520,7 @@ TEST_P(BackendTest, MappingsShareTheFileOrAnonymousMemoryHasOneView) {
   ASSERT_TRUE(first.has_value());
   auto second = file->Map();
   if (backend() == MemoryBackend::kAnonymous) {
-    ASSERT_FALSE(second);
-    EXPECT_EQ(second.error().code(), ErrorCode::kFailedPrecondition);
+    ASSERT_TRUE(Fails(second, ErrorCode::kFailedPrecondition, ""));
     first->bytes()[7] = std::byte{42};
     first->reset();
     // The view comes back once the first is gone, over the same memory.
@@ -567,33 +578,20 @@ TEST_P(BackendTest, BadRangesChangeNothing) {
   const size_t registered = AddressRegistry::Global().size();
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
-    auto check = [&](const Error& error, const char* op) {
-      EXPECT_EQ(error.code(), c.code) << error.ToString();
-      EXPECT_THAT(error.context(), HasSubstr(op));
-      EXPECT_THAT(error.context(), HasSubstr(c.message));
-      EXPECT_EQ(error.sys_errno(), 0);
+    auto fails = [&](const auto& result, const std::string& op) {
+      return Fails(result, c.code, op + ": ", /*err=*/0) && Fails(result, c.code, c.message, 0);
     };
-    auto allocated = file->Allocate(FileOffset(c.offset), c.length);
-    ASSERT_FALSE(allocated);
-    check(allocated.error(), "allocate");
-    auto marked = file->MarkPrepared(FileOffset(c.offset), c.length);
-    ASSERT_FALSE(marked);
-    check(marked.error(), "mark_prepared");
-    auto mapped = file->Map(FileOffset(c.offset), c.length);
-    ASSERT_FALSE(mapped);
-    check(mapped.error(), "map");
+    EXPECT_TRUE(fails(file->Allocate(FileOffset(c.offset), c.length), "allocate"));
+    EXPECT_TRUE(fails(file->MarkPrepared(FileOffset(c.offset), c.length), "mark_prepared"));
+    EXPECT_TRUE(fails(file->Map(FileOffset(c.offset), c.length), "map"));
     if (Punches(backend())) {
-      auto punched = file->PunchHole(FileOffset(c.offset), c.length);
-      ASSERT_FALSE(punched);
-      check(punched.error(), "punch_hole");
+      EXPECT_TRUE(fails(file->PunchHole(FileOffset(c.offset), c.length), "punch_hole"));
     }
     // Populate takes its length from the content: a length that cannot be allocated is covered
     // by the offset cases.
     if (Populates(backend()) && c.length <= size + page_) {
       std::vector<std::byte> content(c.length, std::byte{1});
-      auto populated = file->Populate(FileOffset(c.offset), content);
-      ASSERT_FALSE(populated);
-      check(populated.error(), "populate");
+      EXPECT_TRUE(fails(file->Populate(FileOffset(c.offset), content), "populate"));
     }
   }
   EXPECT_EQ(States(*file), states);
@@ -619,10 +617,7 @@ TEST_P(BackendTest, CreateRejectsBadSizesWithoutTouchingTheKernel) {
         Case{AlignDown(UINT64_MAX, page_), ErrorCode::kOutOfRange,
              "beyond the largest file offset"}}) {
     options.size_bytes = c.size;
-    auto file = MemoryFile::Create(options);
-    ASSERT_FALSE(file);
-    EXPECT_EQ(file.error().code(), c.code);
-    EXPECT_THAT(file.error().context(), HasSubstr(c.message));
+    EXPECT_TRUE(Fails(MemoryFile::Create(options), c.code, c.message, 0));
   }
   EXPECT_EQ(TotalCalls(os), 0u);
 }
@@ -654,18 +649,15 @@ TEST(ProbeBackendTest, HugetlbWithoutFreePagesSaysWhy) {
   if (probe.error().context().find("MFD_HUGETLB") != std::string::npos) {
     GTEST_SKIP() << probe.error().ToString();
   }
-  EXPECT_EQ(probe.error().code(), ErrorCode::kUnsupported);
-  EXPECT_THAT(probe.error().context(),
-              HasSubstr("hugetlbfs has no free 2 MiB pages (vm.nr_hugepages="));
-  EXPECT_EQ(probe.error().sys_errno(), ENOSPC);
+  EXPECT_TRUE(Fails(probe, ErrorCode::kUnsupported,
+                    "hugetlbfs has no free 2 MiB pages (vm.nr_hugepages=", ENOSPC));
 }
 
 TEST(ProbeBackendTest, GuestMemfdWithoutKvmSaysWhy) {
   FaultInjectionOs os;
   os.FailNext(Call::kOpen, ENOENT);  // as on a machine without /dev/kvm
   auto probe = ProbeBackend(MemoryBackend::kGuestMemfd, &os);
-  ASSERT_FALSE(probe);
-  EXPECT_EQ(probe.error().code(), ErrorCode::kUnsupported);
+  ASSERT_TRUE(Fails(probe, ErrorCode::kUnsupported, ""));
   EXPECT_EQ(probe.error().context(), "no /dev/kvm: KVM guest_memfd unavailable");
   EXPECT_EQ(os.calls(Call::kIoctl), 0u);
 }
@@ -696,16 +688,11 @@ TEST(MemoryFileTest, CreateReportsTheKernelsRefusal) {
   FaultInjectionOs os;
   os.FailNext(Call::kMemfdCreate, EMFILE);
   auto file = MemoryFile::Create({.size_bytes = kPageSize4K, .os = &os});
-  ASSERT_FALSE(file);
-  EXPECT_EQ(file.error().code(), ErrorCode::kResourceExhausted);
-  EXPECT_EQ(file.error().sys_errno(), EMFILE);
-  EXPECT_THAT(file.error().context(), HasSubstr("memfd_create"));
+  ASSERT_TRUE(Fails(file, ErrorCode::kResourceExhausted, "memfd_create", EMFILE));
 
   os.FailNext(Call::kFtruncate, EFBIG);
   file = MemoryFile::Create({.size_bytes = kPageSize4K, .os = &os});
-  ASSERT_FALSE(file);
-  EXPECT_EQ(file.error().sys_errno(), EFBIG);
-  EXPECT_THAT(file.error().context(), HasSubstr("ftruncate"));
+  EXPECT_TRUE(Fails(file, ErrorCode::kOutOfRange, "ftruncate", EFBIG));
 }
 
 TEST(MemoryFileTest, AdoptTakesTheFileAsItIs) {
@@ -735,8 +722,7 @@ TEST(MemoryFileTest, AdoptRefusesWhatItCannotTake) {
   MemoryFileOptions options;
   options.backend = MemoryBackend::kAnonymous;
   auto anonymous = MemoryFile::Adopt(UniqueFd(), options);
-  ASSERT_FALSE(anonymous);
-  EXPECT_EQ(anonymous.error().code(), ErrorCode::kInvalidArgument);
+  ASSERT_TRUE(Fails(anonymous, ErrorCode::kInvalidArgument, ""));
 
   const int raw = memfd_create("small", MFD_CLOEXEC);
   ASSERT_GE(raw, 0);
@@ -744,9 +730,7 @@ TEST(MemoryFileTest, AdoptRefusesWhatItCannotTake) {
   options.backend = MemoryBackend::kShmem;
   options.size_bytes = 2 * kPageSize4K;
   auto too_big = MemoryFile::Adopt(UniqueFd(raw), options);
-  ASSERT_FALSE(too_big);
-  EXPECT_EQ(too_big.error().code(), ErrorCode::kOutOfRange);
-  EXPECT_THAT(too_big.error().context(), HasSubstr("larger than the file"));
+  ASSERT_TRUE(Fails(too_big, ErrorCode::kOutOfRange, "larger than the file"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,10 +744,8 @@ TEST(MemoryFileFaultTest, AllocateEnospcLeavesStatesUnchanged) {
   const auto before = States(**file);
   os.FailNext(Call::kFallocate, ENOSPC);
   auto allocated = (*file)->Allocate(FileOffset(0), 4 * kPageSize4K);
-  ASSERT_FALSE(allocated);
-  EXPECT_EQ(allocated.error().code(), ErrorCode::kResourceExhausted);
-  EXPECT_EQ(allocated.error().sys_errno(), ENOSPC);
-  EXPECT_THAT(allocated.error().context(), HasSubstr("allocate: fallocate [0x0, +0x4000)"));
+  ASSERT_TRUE(Fails(allocated, ErrorCode::kResourceExhausted, "allocate: fallocate [0x0, +0x4000)",
+                    ENOSPC));
   EXPECT_EQ(States(**file), before);
   ASSERT_TRUE((*file)->Allocate(FileOffset(0), 4 * kPageSize4K));
   EXPECT_EQ((*file)->pages().Get(0), PageState::kAllocated);
@@ -776,10 +758,7 @@ TEST(MemoryFileFaultTest, PopulateEioLeavesStatesUnchanged) {
   ASSERT_TRUE(file.has_value());
   os.FailNext(Call::kPwrite, EIO);
   auto populated = (*file)->Populate(FileOffset(kPageSize4K), Pattern(kPageSize4K, 1));
-  ASSERT_FALSE(populated);
-  EXPECT_EQ(populated.error().code(), ErrorCode::kIoError);
-  EXPECT_EQ(populated.error().sys_errno(), EIO);
-  EXPECT_THAT(populated.error().context(), HasSubstr("populate: pwrite"));
+  ASSERT_TRUE(Fails(populated, ErrorCode::kIoError, "populate: pwrite", EIO));
   EXPECT_EQ(States(**file), std::vector<PageState>(8, PageState::kAbsent));
   // The failed populate is over: the page can be populated now.
   ASSERT_TRUE((*file)->Populate(FileOffset(kPageSize4K), Pattern(kPageSize4K, 1)));
@@ -795,9 +774,7 @@ TEST(MemoryFileFaultTest, FailedPunchEndsWhatItBeganAndReleasesNothing) {
   ASSERT_TRUE((*file)->Attach(&binding).has_value());
   os.FailNext(Call::kFallocate, EIO);
   auto punched = (*file)->PunchHole(FileOffset(0), 2 * kPageSize4K);
-  ASSERT_FALSE(punched);
-  EXPECT_EQ(punched.error().code(), ErrorCode::kIoError);
-  EXPECT_THAT(punched.error().context(), HasSubstr("PUNCH_HOLE"));
+  ASSERT_TRUE(Fails(punched, ErrorCode::kIoError, "PUNCH_HOLE"));
   EXPECT_EQ(binding.events(), (std::vector<Ev>{{Kind::kBegin, 0, 2 * kPageSize4K},
                                                {Kind::kEnd, 0, 2 * kPageSize4K}}));
   EXPECT_EQ((*file)->pages().Get(0), PageState::kPrepared);
@@ -841,8 +818,7 @@ TEST(MemoryFileFaultTest, FailedMmapRegistersNothing) {
   const size_t registered = AddressRegistry::Global().size();
   os.FailNext(Call::kMmap, ENOMEM);
   auto mapping = (*file)->Map();
-  ASSERT_FALSE(mapping);
-  EXPECT_EQ(mapping.error().code(), ErrorCode::kResourceExhausted);
+  ASSERT_TRUE(Fails(mapping, ErrorCode::kResourceExhausted, ""));
   EXPECT_EQ(AddressRegistry::Global().size(), registered);
 }
 
@@ -1042,18 +1018,15 @@ TEST(MemoryFileTest, AttachRejectsNullDuplicatesAndUnknownIds) {
   auto file = MemoryFile::Create({.size_bytes = kPageSize4K});
   ASSERT_TRUE(file.has_value());
   auto null = (*file)->Attach(nullptr);
-  ASSERT_FALSE(null);
-  EXPECT_EQ(null.error().code(), ErrorCode::kInvalidArgument);
+  ASSERT_TRUE(Fails(null, ErrorCode::kInvalidArgument, ""));
   RecordingBinding binding;
   auto id = (*file)->Attach(&binding);
   ASSERT_TRUE(id.has_value());
   auto twice = (*file)->Attach(&binding);
-  ASSERT_FALSE(twice);
-  EXPECT_EQ(twice.error().code(), ErrorCode::kAlreadyExists);
+  ASSERT_TRUE(Fails(twice, ErrorCode::kAlreadyExists, ""));
   ASSERT_TRUE((*file)->Detach(*id));
   auto unknown = (*file)->Detach(*id);
-  ASSERT_FALSE(unknown);
-  EXPECT_EQ(unknown.error().code(), ErrorCode::kNotFound);
+  ASSERT_TRUE(Fails(unknown, ErrorCode::kNotFound, ""));
 }
 
 }  // namespace
