@@ -12,10 +12,10 @@ namespace {
 constexpr uint64_t kPagesPerWord = 32;
 constexpr uint64_t kAllSlots = ~uint64_t{0};
 constexpr uint64_t kLowBits = 0x5555555555555555ULL;  // the low bit of every slot
-constexpr uint64_t kAllPrepared = kLowBits * static_cast<uint64_t>(PageState::kPrepared);
 
 // Every slot of a word set to `state`.
 constexpr uint64_t Splat(PageState state) { return kLowBits * static_cast<uint64_t>(state); }
+constexpr uint64_t kAllPrepared = Splat(PageState::kPrepared);
 
 // The low bit of each slot of `word` that holds `state`, all other bits clear: the slots where
 // word ^ Splat(state) has both bits clear. For a constant state this folds to the obvious form

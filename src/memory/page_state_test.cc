@@ -26,37 +26,20 @@ class ModelMap {
   void Set(uint64_t first, uint64_t count, S state) {
     std::fill_n(states_.begin() + static_cast<ptrdiff_t>(first), count, state);
   }
+  // The transitions as the header states them, one table row per operation: the next state
+  // and whether the page counts in the result, indexed by the current state (absent, allocated,
+  // prepared, removed).
   uint64_t MarkAllocated(uint64_t first, uint64_t count) {
-    uint64_t changed = 0;
-    for (uint64_t p = first; p < first + count; ++p) {
-      if (states_[p] == S::kAbsent || states_[p] == S::kRemoved) {
-        states_[p] = S::kAllocated;
-        ++changed;
-      }
-    }
-    return changed;
+    return Apply(first, count, {S::kAllocated, S::kAllocated, S::kPrepared, S::kAllocated},
+                 {true, false, false, true});
   }
   uint64_t MarkPrepared(uint64_t first, uint64_t count) {
-    uint64_t changed = 0;
-    for (uint64_t p = first; p < first + count; ++p) {
-      if (states_[p] != S::kPrepared) {
-        states_[p] = S::kPrepared;
-        ++changed;
-      }
-    }
-    return changed;
+    return Apply(first, count, {S::kPrepared, S::kPrepared, S::kPrepared, S::kPrepared},
+                 {true, true, false, true});
   }
   uint64_t MarkPunched(uint64_t first, uint64_t count) {
-    uint64_t released = 0;
-    for (uint64_t p = first; p < first + count; ++p) {
-      if (states_[p] == S::kPrepared) {
-        states_[p] = S::kRemoved;
-        ++released;
-      } else if (states_[p] == S::kAllocated) {
-        states_[p] = S::kAbsent;
-      }
-    }
-    return released;
+    return Apply(first, count, {S::kAbsent, S::kAbsent, S::kRemoved, S::kRemoved},
+                 {false, false, true, false});
   }
   uint64_t CountInState(uint64_t first, uint64_t count, S state) const {
     return static_cast<uint64_t>(std::count(states_.begin() + static_cast<ptrdiff_t>(first),
@@ -71,6 +54,17 @@ class ModelMap {
   }
 
  private:
+  uint64_t Apply(uint64_t first, uint64_t count, const std::array<S, 4>& next,
+                 const std::array<bool, 4>& counted) {
+    uint64_t total = 0;
+    for (uint64_t p = first; p < first + count; ++p) {
+      const auto current = static_cast<size_t>(states_[p]);
+      total += counted[current] ? 1 : 0;
+      states_[p] = next[current];
+    }
+    return total;
+  }
+
   std::vector<S> states_;
 };
 
@@ -166,31 +160,26 @@ TEST(PageStateMapTest, TransitionTable) {
         ASSERT_EQ(map.Get(page), row.from);
       };
 
-      reset();
-      EXPECT_EQ(map.MarkAllocated(page, 1), row.allocate_changed);
-      model.Set(page, 1, row.after_allocate);
-      ExpectSameStates(map, model);
-
-      reset();
-      EXPECT_EQ(map.MarkPrepared(page, 1), row.prepare_changed);
-      model.Set(page, 1, row.after_prepare);
-      ExpectSameStates(map, model);
-
-      reset();
-      EXPECT_EQ(map.TryMarkPrepared(page), row.prepare_changed == 1);
-      model.Set(page, 1, row.after_prepare);
-      ExpectSameStates(map, model);
-
-      reset();
-      EXPECT_EQ(map.MarkPunched(page, 1), row.punch_released);
-      model.Set(page, 1, row.after_punch);
-      ExpectSameStates(map, model);
-
-      for (S to : kAllStates) {
+      // Runs `op` on the page from row.from; it must return `expected` and leave the page
+      // `after` and every other page as it was.
+      auto check = [&](auto op, uint64_t expected, S after) {
         reset();
-        map.Set(page, 1, to);
-        model.Set(page, 1, to);
+        EXPECT_EQ(op(), expected);
+        model.Set(page, 1, after);
         ExpectSameStates(map, model);
+      };
+      check([&] { return map.MarkAllocated(page, 1); }, row.allocate_changed, row.after_allocate);
+      check([&] { return map.MarkPrepared(page, 1); }, row.prepare_changed, row.after_prepare);
+      check([&] { return uint64_t{map.TryMarkPrepared(page)}; }, row.prepare_changed,
+            row.after_prepare);
+      check([&] { return map.MarkPunched(page, 1); }, row.punch_released, row.after_punch);
+      for (S to : kAllStates) {
+        check(
+            [&] {
+              map.Set(page, 1, to);
+              return uint64_t{0};
+            },
+            0, to);
       }
     }
   }
