@@ -81,6 +81,11 @@ struct BackendCapabilities {
 // "hugetlbfs has no free 2 MiB pages (vm.nr_hugepages=0)"). `os`: Os::Default() when null.
 Result<BackendCapabilities> ProbeBackend(MemoryBackend backend, Os* os = nullptr);
 
+// Which backend the file behind `fd` is (a descriptor received from a VMM): a KVM guest_memfd,
+// memfd_secret memory, a hugetlbfs file or a shmem/tmpfs file. kInvalidArgument, naming what the
+// descriptor is, for anything else (a regular file on disk, a socket...).
+Result<MemoryBackend> IdentifyBackend(int fd);
+
 struct MemoryFileOptions {
   uint64_t size_bytes = 0;  // a multiple of the backend's page size, > 0
   MemoryBackend backend = MemoryBackend::kShmem;

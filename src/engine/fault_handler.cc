@@ -6,10 +6,12 @@
 #include <cstring>
 #include <optional>
 #include <sched.h>
+#include <sys/mman.h>
 #include <string>
 #include <utility>
 #include <variant>
 
+#include "base/hex.h"
 #include "engine/latency_histogram.h"
 #include "guestmem/log.h"
 #include "guestmem/mapping.h"
@@ -37,12 +39,6 @@ enum class Step {
   kDone,
   kRetryAfterDrain,  // EAGAIN: read pending events, then try again
 };
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 uint64_t NanosSince(std::chrono::steady_clock::time_point start) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -86,6 +82,16 @@ struct FaultHandler::State {
   LatencyHistogram latency;
   std::vector<UffdEvent> events;
   std::vector<PagefaultEvent> faults;
+  // Source ranges [begin, end) installed for the faults of the batch being served. Threads that
+  // fault on the same page before it is installed each queue an event; the install wakes them
+  // all, so the later events of the batch need no second read of the source.
+  std::vector<std::pair<uint64_t, uint64_t>> batch_installed;
+  bool InstalledThisBatch(uint64_t file_offset) const {
+    if (StateOf(file_offset) != kInstalled) return false;  // removed since: serve it again
+    return std::any_of(batch_installed.begin(), batch_installed.end(), [&](const auto& range) {
+      return file_offset >= range.first && file_offset < range.second;
+    });
+  }
   std::vector<std::unique_ptr<FaultHandler>> children;
 
   // --- page map helpers (all offsets are source offsets) -----------------------------------
@@ -247,6 +253,7 @@ Status FaultHandler::ServeReadyEvents() {
       ++next;
     }
     s.faults.clear();
+    s.batch_installed.clear();
     if (s.options.fault_all && !s.fault_all_done) GM_RETURN_IF_ERROR(InstallAll());
   }
 }
@@ -375,13 +382,20 @@ Result<Step> FaultHandler::State::ServeFault(const PagefaultEvent& fault) {
                                          region.page_size, /*protect=*/false));
     return Step::kDone;
   }
+  const uint64_t file_base = region.file_offset.value();
+  if (InstalledThisBatch(file_base + page_offset)) {
+    GM_RETURN_IF_ERROR(uffd.Wake(region.host_addr.UncheckedAdd(page_offset), region.page_size));
+    return Step::kDone;
+  }
   uint64_t begin = page_offset;
   uint64_t end = page_offset + region.page_size;
   if (region.page_size == kPageSize4K && !(options.fault_all && !fault_all_done)) {
     begin = AlignDown(page_offset, options.fault_around_bytes);
     end = std::min(begin + options.fault_around_bytes, region.size);
   }
-  return InstallWindow(hit->region, begin, end, page_offset);
+  GM_ASSIGN_OR_RETURN(Step step, InstallWindow(hit->region, begin, end, page_offset));
+  if (step == Step::kDone) batch_installed.emplace_back(file_base + begin, file_base + end);
+  return step;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,7 +435,9 @@ Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t be
 
   // Walks the window page by page, grouping pages that need installing and share a content kind
   // into pieces; each piece is one install.
-  std::optional<Extent> extent;
+  // The source extent around the last page looked at; length 0 until one is found (a plain
+  // value rather than an optional, which g++ 12 misjudges as maybe uninitialised here).
+  Extent extent{.length = 0};
   uint64_t piece_start = 0;
   uint64_t piece_length = 0;
   ContentKind piece_kind = ContentKind::kData;
@@ -454,19 +470,16 @@ Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t be
     const bool needed = is_fault_page || state == kNotInstalled || state == kZeroOnFault;
     ContentKind kind = ContentKind::kZero;
     if (needed && state != kZeroOnFault) {
-      if (!extent || file_offset >= extent->offset.value() + extent->length) {
+      if (extent.length == 0 || file_offset < extent.offset.value() ||
+          file_offset >= extent.offset.value() + extent.length) {
         auto found = source->ExtentAt(FileOffset(file_offset));
-        if (!found) {
-          extent.reset();
-          kind = ContentKind::kData;  // let the read report the error
-        } else {
-          extent = *found;
-        }
+        extent = found ? *found : Extent{.length = 0};
+        if (!found) kind = ContentKind::kData;  // let the read report the error
       }
-      if (extent) {
+      if (extent.length != 0) {
         // A huge page is data if any part of it is.
-        const bool all_zero = extent->kind == ExtentKind::kZero &&
-                              extent->offset.value() + extent->length >= file_offset + page;
+        const bool all_zero = extent.kind == ExtentKind::kZero &&
+                              extent.offset.value() + extent.length >= file_offset + page;
         kind = all_zero ? ContentKind::kZero : ContentKind::kData;
       }
     }

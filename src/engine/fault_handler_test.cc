@@ -16,18 +16,19 @@
 #include <thread>
 
 #include "base/fault_injection_os.h"
-#include "engine/engine_test_util.h"
+#include "testutil/snapshot_file.h"
 #include "guestmem/fault_engine.h"
 #include "guestmem/handshake.h"
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
 #include "guestmem/userfaultfd.h"
+#include "testutil/huge_pages.h"
 
 namespace guestmem {
 namespace {
 
-using testing::AllZero;
-using testing::SnapshotFile;
+using testutil::AllZero;
+using testutil::SnapshotFile;
 
 // A VM's guest memory in this process: regions mapped as Firecracker maps them and registered
 // with a uffd, with the layout describing them.
@@ -49,13 +50,11 @@ struct TestVm {
   }
 };
 
-constexpr uint64_t kRemoveAndPoison = UFFD_FEATURE_EVENT_REMOVE;
-
 // Anonymous private regions of the given sizes (bytes), back to back in the snapshot.
 TestVm MapAnonymousVm(const std::vector<uint64_t>& sizes, uint64_t page_size = kPageSize4K,
                       uint64_t optional_features = 0) {
   UffdOptions uffd_options;
-  uffd_options.required_features = kRemoveAndPoison;
+  uffd_options.required_features = kUffdFeatureEventRemove;
   uffd_options.optional_features = optional_features;
   auto uffd = Userfaultfd::Create(uffd_options);
   EXPECT_TRUE(uffd.has_value()) << uffd.error().ToString();
@@ -104,6 +103,20 @@ SpaceId Serve(FaultEngine& engine, TestVm& vm, std::shared_ptr<const PageSource>
   return *id;
 }
 
+// The space's statistics once `settled` holds for them. The handler counts an install after
+// the ioctl that already woke the faulting thread, so a test that has just touched memory can be
+// a moment ahead of the counters. Gives the last statistics seen if `settled` never holds in 10 s.
+template <typename Settled>
+FaultStats StatsWhen(const FaultEngine& engine, SpaceId id, Settled settled) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  FaultStats stats = engine.Stats(id).value_or(FaultStats{});
+  while (!settled(stats) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    stats = engine.Stats(id).value_or(FaultStats{});
+  }
+  return stats;
+}
+
 // Reads every page of the VM and compares it with the snapshot; returns the mismatches.
 int VerifyAll(const TestVm& vm, const SnapshotFile& snapshot) {
   int bad = 0;
@@ -133,7 +146,7 @@ TEST(FaultHandlerTest, CopyServesEveryByteToManyThreads) {
         if (!err.empty() && !(err.find("byte 4095") != std::string::npos)) {
           if (mismatches++ < 3) ADD_FAILURE() << err;
         }
-        if (i % 5 == 0) vm.PageAt(page)[kPageSize4K - 1] = SnapshotByte(page, kPageSize4K - 1);
+        if (i % 5 == 0) vm.PageAt(page)[kPageSize4K - 1] = testutil::SnapshotByte(page, kPageSize4K - 1);
       }
     });
   }
@@ -161,14 +174,18 @@ TEST(FaultHandlerTest, FaultAroundNeverCrossesARegionEdge) {
   TestVm vm = MapAnonymousVm({5 * kPageSize4K, 20 * kPageSize4K});
   auto engine = StartEngine(1);
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
-  auto copied = [&] { return engine->Stats(id)->pages_copied; };
+  // Waits for at least `n` pages copied; the test then checks it is not more.
+  auto copied = [&](uint64_t n) {
+    return StatsWhen(*engine, id, [n](const FaultStats& s) { return s.pages_copied >= n; })
+        .pages_copied;
+  };
 
   EXPECT_EQ(snapshot.CheckPage(4, vm.PageAt(4)), "");  // last page of region 0
-  EXPECT_EQ(copied(), 5u);
+  EXPECT_EQ(copied(5), 5u);
   EXPECT_EQ(snapshot.CheckPage(5, vm.PageAt(5)), "");  // first page of region 1
-  EXPECT_EQ(copied(), 5u + 16u);
+  EXPECT_EQ(copied(5 + 16), 5u + 16u);
   EXPECT_EQ(snapshot.CheckPage(24, vm.PageAt(24)), "");  // last page of region 1
-  EXPECT_EQ(copied(), 25u);
+  EXPECT_EQ(copied(25), 25u);
   EXPECT_EQ(engine->Stats(id)->faults_missing, 3u);
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   EXPECT_EQ(engine->Stats(id)->faults_missing, 3u);  // nothing faulted twice
@@ -182,9 +199,10 @@ TEST(FaultHandlerTest, OnePagePerFaultWithoutFaultAround) {
   options.fault_around_bytes = kPageSize4K;
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
   for (uint64_t p = 0; p < 64; p += 2) EXPECT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
-  auto stats = engine->Stats(id);
-  EXPECT_EQ(stats->faults_missing, 32u);
-  EXPECT_EQ(stats->pages_copied, 32u);
+  const FaultStats stats =
+      StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_copied >= 32; });
+  EXPECT_EQ(stats.faults_missing, 32u);
+  EXPECT_EQ(stats.pages_copied, 32u);
 }
 
 TEST(FaultHandlerTest, HolesAreZeroPagesWithoutReading) {
@@ -193,12 +211,15 @@ TEST(FaultHandlerTest, HolesAreZeroPagesWithoutReading) {
   auto engine = StartEngine(1);
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
   for (uint64_t p = 0; p < 128; ++p) ASSERT_TRUE(AllZero(vm.PageAt(p), kPageSize4K));
-  auto stats = engine->Stats(id);
-  EXPECT_EQ(stats->pages_zeroed, 128u);
-  EXPECT_EQ(stats->pages_copied, 0u);
-  EXPECT_EQ(stats->bytes_read, 0u);
+  const FaultStats stats =
+      StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_zeroed >= 128; });
+  EXPECT_EQ(stats.pages_zeroed, 128u);
+  EXPECT_EQ(stats.pages_copied, 0u);
+  EXPECT_EQ(stats.bytes_read, 0u);
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
-  EXPECT_EQ(engine->Stats(id)->pages_copied, 128u);
+  EXPECT_EQ(StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_copied >= 128; })
+                .pages_copied,
+            128u);
 }
 
 TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
@@ -209,14 +230,11 @@ TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
   options.fault_all = true;
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
   EXPECT_EQ(snapshot.CheckPage(1500, vm.PageAt(1500)), "");
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (engine->Stats(id)->fault_all_us == 0 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  auto stats = engine->Stats(id);
-  EXPECT_GT(stats->fault_all_us, 0u);
-  EXPECT_EQ(stats->pages_installed(), snapshot.pages());
-  EXPECT_EQ(stats->pages_zeroed, 300u);
+  const FaultStats stats =
+      StatsWhen(*engine, id, [](const FaultStats& s) { return s.fault_all_us > 0; });
+  EXPECT_GT(stats.fault_all_us, 0u);
+  EXPECT_EQ(stats.pages_installed(), snapshot.pages());
+  EXPECT_EQ(stats.pages_zeroed, 300u);
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   EXPECT_EQ(engine->Stats(id)->faults_missing, 1u);  // everything was already there
 }
@@ -228,14 +246,14 @@ TEST(FaultHandlerTest, MinorTrapWritesTheFileThenContinues) {
   // Some content is already in the file: those pages must only be continued, not read again.
   std::vector<uint8_t> page(kPageSize4K);
   for (uint64_t p = 100; p < 132; ++p) {
-    testing::FillSnapshotPage(p, page.data());
+    testutil::FillSnapshotPage(p, page.data());
     if (snapshot.hole(p)) std::fill(page.begin(), page.end(), 0);
     ASSERT_TRUE((*file)->Populate(FileOffset(p * kPageSize4K), std::as_bytes(std::span(page))));
   }
   auto mapping = (*file)->Map();
   ASSERT_TRUE(mapping.has_value()) << mapping.error().ToString();
-  auto uffd = Userfaultfd::Create({.required_features = UFFD_FEATURE_MINOR_SHMEM |
-                                                        UFFD_FEATURE_MISSING_SHMEM});
+  auto uffd = Userfaultfd::Create({.required_features = kUffdFeatureMinorShmem |
+                                                        kUffdFeatureMissingShmem});
   if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) GTEST_SKIP() << uffd.error().ToString();
   ASSERT_TRUE(uffd.has_value()) << uffd.error().ToString();
   ASSERT_TRUE(uffd->Register(mapping->host_address(), snapshot.size(),
@@ -316,9 +334,10 @@ TEST(FaultHandlerTest, RemoveRacingWithFaultsReadsZeroAfterwards) {
   done.store(true);
   reader.join();
   EXPECT_EQ(bad.load(), 0);
-  auto stats = engine->Stats(id);
-  EXPECT_GE(stats->events_remove, 200u);
-  EXPECT_GT(stats->pages_zeroed, 0u);
+  const FaultStats stats =
+      StatsWhen(*engine, id, [](const FaultStats& s) { return s.events_remove >= 200; });
+  EXPECT_GE(stats.events_remove, 200u);
+  EXPECT_GT(stats.pages_zeroed, 0u);
 }
 
 // --- a VM in another process, as in production ------------------------------------------------
@@ -332,7 +351,7 @@ pid_t ForkVm(int sock, uint64_t pages, Body body) {
   const uint64_t size = pages * kPageSize4K;
   void* mem = mmap(nullptr, size, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  auto uffd = Userfaultfd::Create({.required_features = UFFD_FEATURE_EVENT_REMOVE,
+  auto uffd = Userfaultfd::Create({.required_features = kUffdFeatureEventRemove,
                                    .optional_features = kUffdFeaturePoison});
   if (mem == MAP_FAILED || !uffd ||
       !uffd->Register(HostVirtAddr(reinterpret_cast<uint64_t>(mem)), size, UffdModes::kMissing)) {
@@ -375,9 +394,11 @@ TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
   auto engine = StartEngine(1);
   std::atomic<bool> closed{false};
   Status why;
+  FaultStats final_stats;
   auto id = engine->AddSpace(std::move(handler),
-                             [&](SpaceId, const Status& s, const FaultStats&) {
+                             [&](SpaceId, const Status& s, const FaultStats& stats) {
                                why = s;
+                               final_stats = stats;
                                closed.store(true);
                              });
   ASSERT_TRUE(id.has_value());
@@ -387,8 +408,12 @@ TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
   if (probe && (probe->features & kUffdFeaturePoison)) {
     ASSERT_TRUE(WIFSIGNALED(status)) << "child exit status " << status;
     EXPECT_EQ(WTERMSIG(status), SIGBUS);
-    auto stats = engine->RemoveSpace(*id);
-    if (stats) EXPECT_EQ(stats->pages_poisoned, 1u);
+    // The space ends by itself once the child is gone, or is removed here if it has not yet.
+    auto removed = engine->RemoveSpace(*id);
+    if (!removed) {
+      while (!closed.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    EXPECT_EQ(removed ? removed->pages_poisoned : final_stats.pages_poisoned, 1u);
   } else {
     // Without UFFDIO_POISON the space is given up with the source's error.
     while (!closed.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -458,28 +483,11 @@ TEST(FaultHandlerTest, ManyVmsServedAtOnce) {
 
 // --- huge pages ---------------------------------------------------------------------------
 
-// Reserves huge pages for the test and gives them back afterwards.
-class HugePageReservation {
- public:
-  explicit HugePageReservation(uint64_t pages) {
-    std::ifstream in("/proc/sys/vm/nr_hugepages");
-    in >> old_;
-    std::ofstream("/proc/sys/vm/nr_hugepages") << old_ + pages;
-    uint64_t now = 0;
-    std::ifstream("/proc/sys/vm/nr_hugepages") >> now;
-    ok_ = now >= old_ + pages;
-  }
-  ~HugePageReservation() { std::ofstream("/proc/sys/vm/nr_hugepages") << old_; }
-  bool ok() const { return ok_; }
-
- private:
-  uint64_t old_ = 0;
-  bool ok_ = false;
-};
+using testutil::HugePageReservation;
 
 TEST(FaultHandlerTest, HugePagesAreServedWhole) {
   HugePageReservation reservation(8);
-  if (!reservation.ok()) GTEST_SKIP() << "cannot reserve 2 MiB pages (vm.nr_hugepages)";
+  if (!reservation.ok()) GTEST_SKIP() << reservation.why();
   // 4 huge pages: data, hole (zero), data, data.
   const uint64_t per_huge = kHugePageSize2M / kPageSize4K;
   SnapshotFile snapshot(4 * per_huge, [&](uint64_t p) { return p / per_huge == 1; });
@@ -489,10 +497,11 @@ TEST(FaultHandlerTest, HugePagesAreServedWhole) {
   std::thread other([&] { (void)snapshot.CheckPage(3 * per_huge + 5, vm.PageAt(3 * per_huge + 5)); });
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   other.join();
-  auto stats = engine->Stats(id);
-  EXPECT_EQ(stats->pages_copied, 3 * per_huge);
-  EXPECT_EQ(stats->pages_zeroed, per_huge);
-  EXPECT_LE(stats->faults_missing, 5u);
+  const FaultStats stats = StatsWhen(
+      *engine, id, [&](const FaultStats& s) { return s.pages_installed() >= 4 * per_huge; });
+  EXPECT_EQ(stats.pages_copied, 3 * per_huge);
+  EXPECT_EQ(stats.pages_zeroed, per_huge);
+  EXPECT_LE(stats.faults_missing, 5u);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <optional>
 #include <utility>
 
+#include "base/hex.h"
 #include "guestmem/address.h"
 #include "guestmem/os.h"
 
@@ -19,12 +20,6 @@ namespace guestmem {
 namespace {
 
 constexpr size_t kMaxHandshakeBytes = size_t{1} << 20;
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 std::string Index(size_t i) { return std::to_string(i); }
 

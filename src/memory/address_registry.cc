@@ -5,11 +5,11 @@
 #include <string>
 #include <utility>
 
+#include "base/hex.h"
 #include "memory/backend.h"
 
 namespace guestmem {
 
-using memory_internal::Hex;
 
 AddressRegistry& AddressRegistry::Global() {
   static AddressRegistry* const kRegistry = new AddressRegistry();  // usable from destructors

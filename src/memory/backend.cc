@@ -3,13 +3,18 @@
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <linux/memfd.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <string>
+#include <string_view>
 #include <utility>
 
+#include "base/hex.h"
 #include "guestmem/os.h"
 #include "guestmem/userfaultfd.h"
 
@@ -135,12 +140,6 @@ std::string BaseNote(MemoryBackend backend) {
 
 }  // namespace
 
-std::string Hex(uint64_t value) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(value));
-  return buf;
-}
-
 uint64_t BackendPageSize(MemoryBackend backend) {
   return backend == MemoryBackend::kHugetlb ? kHugePageSize2M : kPageSize4K;
 }
@@ -167,6 +166,35 @@ Result<BackendObject> CreateBackendObject(MemoryBackend backend, const std::stri
   return Error(ErrorCode::kInvalidArgument,
                "create memory: unknown backend " + std::to_string(static_cast<int>(backend)));
 }
+
+}  // namespace guestmem::memory_internal
+
+namespace guestmem {
+
+Result<MemoryBackend> IdentifyBackend(int fd) {
+  // Anonymous-inode files (guest_memfd, memfd_secret) are known by their /proc link; memfds by
+  // the file system they live on.
+  char link[128];
+  const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+  const ssize_t n = readlink(proc.c_str(), link, sizeof(link) - 1);
+  if (n < 0) return PosixError(errno, "identify memory file: descriptor " + std::to_string(fd));
+  const std::string_view target(link, static_cast<size_t>(n));
+  if (target == "anon_inode:[kvm-gmem]") return MemoryBackend::kGuestMemfd;
+  if (target.starts_with("/secretmem")) return MemoryBackend::kSecret;
+  struct statfs fs = {};
+  if (fstatfs(fd, &fs) != 0) {
+    return PosixError(errno, "identify memory file: fstatfs of " + std::string(target));
+  }
+  if (fs.f_type == HUGETLBFS_MAGIC) return MemoryBackend::kHugetlb;
+  if (fs.f_type == TMPFS_MAGIC) return MemoryBackend::kShmem;
+  return Error(ErrorCode::kInvalidArgument,
+               "identify memory file: " + std::string(target) +
+                   " is not a guest memory file (memfd, hugetlbfs, memfd_secret or guest_memfd)");
+}
+
+}  // namespace guestmem
+
+namespace guestmem::memory_internal {
 
 BackendCapabilities DescribeBackend(MemoryBackend backend, int fd, Os* os) {
   BackendCapabilities caps;

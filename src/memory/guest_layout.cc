@@ -6,17 +6,13 @@
 #include <numeric>
 #include <string>
 
+#include "base/hex.h"
+
 namespace guestmem {
 namespace {
 
 // The largest file offset (off_t is signed).
 constexpr uint64_t kMaxFileOffset = INT64_MAX;
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
-  return buf;
-}
 
 enum class Space { kGuest, kHost, kFile };
 constexpr Space kSpaces[] = {Space::kGuest, Space::kHost, Space::kFile};

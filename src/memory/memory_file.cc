@@ -12,11 +12,11 @@
 
 #include "guestmem/address_registry.h"
 #include "guestmem/os.h"
+#include "base/hex.h"
 #include "memory/backend.h"
 
 namespace guestmem {
 
-using memory_internal::Hex;
 
 std::string_view MemoryBackendName(MemoryBackend backend) {
   switch (backend) {

@@ -26,6 +26,7 @@
 #include "gtest/gtest.h"
 #include "guestmem/address_registry.h"
 #include "guestmem/os.h"
+#include "testutil/huge_pages.h"
 
 namespace guestmem {
 
@@ -170,65 +171,7 @@ class RecordingBinding : public Binding {
 using Ev = RecordingBinding::Event;
 using Kind = RecordingBinding::Kind;
 
-uint64_t ReadMeminfo(const std::string& key) {
-  std::ifstream in("/proc/meminfo");
-  std::string name;
-  uint64_t value = 0;
-  std::string unit;
-  while (in >> name >> value) {
-    if (name == key + ":") return value;
-    std::getline(in, unit);
-  }
-  return 0;
-}
-
-// Raises vm.nr_hugepages so that `pages` more 2 MiB pages are free, and puts the old value back
-// on destruction. Holds an exclusive lock on the sysctl file meanwhile, so that tests doing the
-// same in other processes take turns.
-class HugePageReservation {
- public:
-  explicit HugePageReservation(uint64_t pages) {
-    fd_ = open("/proc/sys/vm/nr_hugepages", O_RDWR | O_CLOEXEC);
-    if (fd_ < 0) {
-      why_ = "cannot open vm.nr_hugepages: " + std::string(strerror(errno));
-      return;
-    }
-    flock(fd_, LOCK_EX);
-    old_ = ReadValue();
-    if (!WriteValue(old_ + pages)) {
-      why_ = "cannot raise vm.nr_hugepages: " + std::string(strerror(errno));
-      return;
-    }
-    changed_ = true;
-    const uint64_t free_pages = ReadMeminfo("HugePages_Free");
-    if (free_pages < pages) {
-      why_ = "only " + std::to_string(free_pages) + " free 2 MiB pages after raising " +
-             "vm.nr_hugepages to " + std::to_string(old_ + pages);
-    }
-  }
-  ~HugePageReservation() {
-    if (changed_) WriteValue(old_);
-    if (fd_ >= 0) close(fd_);  // also drops the lock
-  }
-  bool ok() const { return why_.empty(); }
-  const std::string& why() const { return why_; }
-
- private:
-  uint64_t ReadValue() {
-    char buf[32] = {};
-    const ssize_t n = pread(fd_, buf, sizeof(buf) - 1, 0);
-    return n > 0 ? std::stoull(std::string(buf, static_cast<size_t>(n))) : 0;
-  }
-  bool WriteValue(uint64_t value) {
-    const std::string text = std::to_string(value);
-    return pwrite(fd_, text.data(), text.size(), 0) == static_cast<ssize_t>(text.size());
-  }
-
-  int fd_ = -1;
-  uint64_t old_ = 0;
-  bool changed_ = false;
-  std::string why_;
-};
+using testutil::HugePageReservation;
 
 constexpr uint64_t kPages = 6;         // pages in the files of the per-backend tests
 constexpr uint64_t kReservedHuge = 8;  // huge pages a hugetlb test reserves

@@ -7,16 +7,11 @@
 #include <cstdio>
 
 #include "guestmem/os.h"
+#include "base/hex.h"
 #include "guestmem/page_source.h"
 
 namespace guestmem {
 namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 // Walks the file with SEEK_DATA/SEEK_HOLE and returns its data extents.
 Result<std::vector<Extent>> MapDataExtents(int fd, uint64_t size, const std::string& path, Os* os) {

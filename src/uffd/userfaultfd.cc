@@ -10,6 +10,7 @@
 #include <cstring>
 #include <string>
 
+#include "base/hex.h"
 #include "guestmem/os.h"
 #include "uffd/uffd_abi.h"
 
@@ -65,14 +66,6 @@ constexpr std::array<std::string_view, 17> kFeatureNames = {
 constexpr uint64_t kFdInfoInitializedBit = uint64_t{1} << 31;
 
 constexpr const char kDevice[] = "/dev/userfaultfd";
-
-std::string Hex(uint64_t v) {
-  char buf[2 + 16];
-  buf[0] = '0';
-  buf[1] = 'x';
-  const auto [end, ec] = std::to_chars(buf + 2, buf + sizeof(buf), v, 16);
-  return std::string(buf, end);
-}
 
 std::string Range(HostVirtAddr start, uint64_t length) {
   return "[" + Hex(start.value()) + ", +" + Hex(length) + ")";

@@ -14,31 +14,27 @@
 #include <thread>
 #include <vector>
 
-#include "engine/engine_test_util.h"
 #include "guestmem/handshake.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
-#include "subprocess.h"
+#include "testutil/snapshot_file.h"
+#include "testutil/subprocess.h"
+#include "testutil/temp_dir.h"
 
 namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
-using testing::Subprocess;
+using testutil::Subprocess;
 
 class ServeE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char dir[] = "/tmp/guestmem-e2e-XXXXXX";
-    dir_ = mkdtemp(dir);
-    socket_ = dir_ + "/uffd.sock";
+    ASSERT_FALSE(dir_.empty());
     // 32 MiB snapshot, every 5th page a hole.
-    snapshot_ = std::make_unique<testing::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
+    snapshot_ = std::make_unique<testutil::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
   }
-  void TearDown() override {
-    server_.reset();
-    std::filesystem::remove_all(dir_);
-  }
+  void TearDown() override { server_.reset(); }
 
   void StartServer(std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {GMEM_BINARY, "serve", socket_, snapshot_->path()};
@@ -61,9 +57,10 @@ class ServeE2eTest : public ::testing::Test {
                                      << server_->Output();
   }
 
-  std::string dir_;
-  std::string socket_;
-  std::unique_ptr<testing::SnapshotFile> snapshot_;
+  testutil::TempDir temp_;
+  const std::string dir_ = temp_.path();
+  const std::string socket_ = temp_.File("uffd.sock");
+  std::unique_ptr<testutil::SnapshotFile> snapshot_;
   std::unique_ptr<Subprocess> server_;
 };
 

@@ -16,6 +16,7 @@
 
 #include "base/fault_injection_os.h"
 #include "guestmem/address.h"
+#include "testutil/temp_dir.h"
 
 namespace guestmem::cli {
 namespace {
@@ -25,19 +26,15 @@ constexpr uint64_t kPage = kPageSize4K;
 
 class SnapshotMakerTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char dir[] = "/tmp/guestmem-snapshot-XXXXXX";
-    ASSERT_NE(mkdtemp(dir), nullptr);
-    dir_ = dir;
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void SetUp() override { ASSERT_FALSE(dir_.empty()); }
 
   std::vector<uint8_t> ReadAll(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   }
 
-  std::string dir_;
+  testutil::TempDir temp_;
+  const std::string dir_ = temp_.path();
 };
 
 // What a page of a demo file looks like from its bytes alone.

@@ -14,9 +14,10 @@
 #include <string>
 #include <vector>
 
-#include "e2e/subprocess.h"
+#include "testutil/subprocess.h"
 #include "guestmem/unix_socket.h"
 #include "sim/test_fault_server.h"
+#include "testutil/temp_dir.h"
 #include "sim/trace.h"
 #include "snapshot_maker.h"
 
@@ -24,9 +25,9 @@ namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
-using ::guestmem::testing::Subprocess;
-using sim::testing::TestFaultServer;
-using sim::testing::TestFaultServerOptions;
+using testutil::Subprocess;
+using sim::testutil::TestFaultServer;
+using sim::testutil::TestFaultServerOptions;
 
 constexpr uint64_t kMiB = 1 << 20;
 constexpr uint64_t kMemory = 8 * kMiB;
@@ -34,20 +35,13 @@ constexpr uint64_t kMemory = 8 * kMiB;
 class VmmSimCliTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char dir[] = "/tmp/guestmem-vmm-sim-XXXXXX";
-    ASSERT_NE(mkdtemp(dir), nullptr);
-    dir_ = dir;
-    socket_ = dir_ + "/uffd.sock";
-    mem_ = dir_ + "/snapshot.mem";
+    ASSERT_FALSE(dir_.empty());
     ASSERT_TRUE(cli::MakeSnapshot(mem_, {.size_bytes = kMemory, .seed = 4}));
     auto listener = ListenUnix(socket_);
     ASSERT_TRUE(listener.has_value()) << listener.error().ToString();
     listener_ = std::move(*listener);
   }
-  void TearDown() override {
-    server_.reset();
-    std::filesystem::remove_all(dir_);
-  }
+  void TearDown() override { server_.reset(); }
 
   std::unique_ptr<Subprocess> Start(std::vector<std::string> extra, const std::string& log) {
     std::vector<std::string> argv = {GMEM_BINARY, "vmm-sim",    "--socket",
@@ -83,9 +77,10 @@ class VmmSimCliTest : public ::testing::Test {
     return poll(&p, 1, 0) == 1;
   }
 
-  std::string dir_;
-  std::string socket_;
-  std::string mem_;
+  testutil::TempDir temp_;
+  const std::string dir_ = temp_.path();
+  const std::string socket_ = dir_ + "/uffd.sock";
+  std::string mem_ = dir_ + "/snapshot.mem";
   UniqueFd listener_;
   std::unique_ptr<TestFaultServer> server_;
   std::string output_;

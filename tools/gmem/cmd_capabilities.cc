@@ -74,11 +74,11 @@ void PrintText(const nlohmann::json& report) {
   } else {
     std::printf("userfaultfd: unavailable: %s\n\n", uffd["reason"].get<std::string>().c_str());
   }
-  std::printf("%-12s %-9s %-9s %-5s %-8s %-10s %s\n", "backend", "available", "page", "mmap",
+  std::printf("%-12s %-9s %-9s %-5s %-8s %-17s %s\n", "backend", "available", "page", "mmap",
               "write()", "uffd", "notes");
   for (const auto& b : report["backends"]) {
     if (b["available"].get<bool>()) {
-      std::printf("%-12s %-9s %-9s %-5s %-8s %-10s %s\n", b["backend"].get<std::string>().c_str(),
+      std::printf("%-12s %-9s %-9s %-5s %-8s %-17s %s\n", b["backend"].get<std::string>().c_str(),
                   "yes",
                   b["page_size"].get<uint64_t>() >= (1u << 20) ? "2 MiB" : "4 KiB",
                   b["mmap"].get<bool>() ? "yes" : "no",

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -20,6 +21,7 @@
 #include "commands.h"
 #include "guestmem/log.h"
 #include "serve/handler_server.h"
+#include "snapshot_maker.h"
 
 namespace guestmem::cli {
 namespace {
@@ -116,10 +118,10 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
 }
 
 void PrintTable(const std::vector<Outcome>& outcomes) {
-  std::printf("\n%-34s %8s %9s %8s %9s %8s %8s %9s %s\n", "restore", "time", "touched",
+  std::printf("\n%-38s %8s %9s %8s %9s %8s %8s %9s %s\n", "restore", "time", "touched",
               "faults", "copied", "zeroed", "contin.", "p50 lat", "verified");
   for (const Outcome& o : outcomes) {
-    std::printf("%-34s %7.3fs %9llu %8llu %9llu %8llu %8llu %7lluus %s\n", o.title.c_str(),
+    std::printf("%-38s %7.3fs %9llu %8llu %9llu %8llu %8llu %7lluus %s\n", o.title.c_str(),
                 o.seconds, static_cast<unsigned long long>(o.pages_touched),
                 static_cast<unsigned long long>(o.stats.faults()),
                 static_cast<unsigned long long>(o.stats.pages_copied),
@@ -149,30 +151,34 @@ int RunDemo(const DemoArgs& args) {
 
   std::printf("guestmem demo: lazy restore of a %llu MiB VM memory snapshot\n\n",
               static_cast<unsigned long long>(args.size_mib));
-  std::printf("[1/4] writing the demo memory file %s ...\n", mem.c_str());
-  std::fflush(stdout);
-  auto start = Clock::now();
-  auto made = RunChild({SelfExecutable(), "snapshot", "create", mem, "--size-mib",
-                        std::to_string(args.size_mib)});
-  if (!made || made->exit_code != 0) {
-    std::fprintf(stderr, "could not write the memory file: %s\n",
-                 made ? made->output.c_str() : made.error().ToString().c_str());
-    return 1;
-  }
-  std::printf("      %s      (%.2fs)\n", made->output.c_str(), SecondsSince(start));
-
   const std::vector<Scenario> scenarios = {
       {"on demand: sequential scan", false, {"--workload", "sequential"}},
       {"on demand: sparse working set", false, {"--workload", "sparse"}},
       {"on demand: random 4 KiB reads", false, {"--workload", "random"}},
+      {"on demand: secret hiding (minor trap)", false,
+       {"--workload", "sparse", "--secret-hiding"}},
       {"fault-all: sequential scan", true, {"--workload", "sequential"}},
   };
+  const size_t steps = scenarios.size() + 1;
+  std::printf("[1/%zu] writing the demo memory file %s ...\n", steps, mem.c_str());
+  std::fflush(stdout);
+  auto start = Clock::now();
+  auto made = MakeSnapshot(mem, {.size_bytes = args.size_mib << 20, .overwrite = true});
+  if (!made) {
+    std::fprintf(stderr, "could not write the memory file: %s\n", made.error().ToString().c_str());
+    return 1;
+  }
+  std::printf("      %llu pages: %llu zero (holes), %llu text, %llu random  (%.2fs)\n",
+              static_cast<unsigned long long>(made->pages),
+              static_cast<unsigned long long>(made->zero_pages),
+              static_cast<unsigned long long>(made->text_pages),
+              static_cast<unsigned long long>(made->random_pages), SecondsSince(start));
+
   std::vector<Outcome> outcomes;
-  int step = 2;
-  for (const Scenario& scenario : scenarios) {
-    std::printf("[%d/4] restoring with the daemon %s, %u vmm-sim threads: %s ...\n",
-                std::min(step, 4), scenario.fault_all ? "in fault-all mode" : "on demand",
-                args.threads, scenario.title.c_str());
+  for (size_t i = 0; i < scenarios.size(); ++i) {
+    const Scenario& scenario = scenarios[i];
+    std::printf("[%zu/%zu] %s, %u vmm-sim threads ...\n", i + 2, steps, scenario.title.c_str(),
+                args.threads);
     std::fflush(stdout);
     outcomes.push_back(RunScenario(scenario, socket, mem, args.threads));
     const Outcome& o = outcomes.back();
@@ -180,7 +186,6 @@ int RunDemo(const DemoArgs& args) {
                 o.ok ? "verified" : ("FAILED (" + o.error + ")").c_str(), o.seconds,
                 static_cast<unsigned long long>(o.pages_touched),
                 static_cast<unsigned long long>(o.stats.faults()));
-    if (step < 3 || scenario.fault_all) ++step;
   }
   PrintTable(outcomes);
   if (!args.keep && made_dir) std::filesystem::remove_all(dir);

@@ -20,6 +20,7 @@
 #include "guestmem/os.h"
 #include "guestmem/unique_fd.h"
 #include "sim/guest_vm.h"
+#include "base/hex.h"
 #include "sim/trace.h"
 #include "sim/workload.h"
 
@@ -46,11 +47,6 @@ struct VmmSimArgs {
   uint64_t hold_ms = 0;
 };
 
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 Result<sim::BalloonSpec> ParseBalloon(const std::string& text) {
   const size_t colon = text.find(':');

@@ -16,7 +16,11 @@ int main(int argc, char** argv) {
   CLI::App app{"gmem: guest memory and lazy snapshot restore over userfaultfd"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "gmem 0.1.0");
-  // Subcommands are registered here as they land.
+  cli::RegisterDemoCommand(app);
+  cli::RegisterServeCommand(app);
+  cli::RegisterVmmSimCommand(app);
+  cli::RegisterSnapshotCommand(app);
+  cli::RegisterCapabilitiesCommand(app);
   CLI11_PARSE(app, argc, argv);
   return cli::CommandExitCode();
 }

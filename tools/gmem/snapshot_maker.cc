@@ -13,6 +13,7 @@
 #include "guestmem/address.h"
 #include "guestmem/os.h"
 #include "guestmem/unique_fd.h"
+#include "base/hex.h"
 #include "sim/random.h"
 
 namespace guestmem::cli {
@@ -23,12 +24,6 @@ using sim::SplitMix64;
 constexpr uint64_t kPage = kPageSize4K;
 constexpr uint64_t kMaxRun = 16;
 constexpr uint64_t kWriteChunkPages = 256;  // 1 MiB per pwrite at most
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 constexpr std::array<std::string_view, 48> kWords = {
     "the",      "memory",  "page",   "guest",  "kernel",   "struct",   "return", "static",

@@ -36,20 +36,6 @@ std::string Seconds(Clock::duration d) {
   return buf;
 }
 
-// Firecracker passes the uffd it created; make sure the first descriptor really is one.
-Status CheckIsUserfaultfd(int fd) {
-  char link[64];
-  const std::string path = "/proc/self/fd/" + std::to_string(fd);
-  ssize_t n = readlink(path.c_str(), link, sizeof(link) - 1);
-  if (n < 0) return PosixError(errno, "inspecting the received descriptor");
-  link[n] = '\0';
-  if (std::string_view(link) != "anon_inode:[userfaultfd]") {
-    return Error(ErrorCode::kProtocolError,
-                 std::string("the first descriptor is not a userfaultfd but ") + link);
-  }
-  return OkStatus();
-}
-
 std::string PeerName(uint64_t vm, const std::optional<PeerCredentials>& peer) {
   std::string name = "vm " + std::to_string(vm);
   if (peer) {
@@ -258,8 +244,6 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
   if (handshake.fds.empty()) {
     return Error(ErrorCode::kProtocolError, "no userfaultfd attached to the handshake");
   }
-  GM_RETURN_IF_ERROR(CheckIsUserfaultfd(handshake.fds[0].get()));
-
   std::vector<GuestRegion> regions;
   bool guest_memfd = false;
   for (const HandshakeRegion& r : handshake.regions) {
@@ -269,6 +253,8 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
                                   r.page_size});
   }
   GM_ASSIGN_OR_RETURN(GuestLayout layout, GuestLayout::Create(std::move(regions)));
+
+  GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(handshake.fds[0])));
 
   FaultHandlerOptions handler_options;
   handler_options.name = name;
@@ -283,12 +269,12 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
     }
     MemoryFileOptions file_options;
     file_options.name = name;
+    GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(handshake.fds[1].get()));
     GM_ASSIGN_OR_RETURN(auto memory_file,
                         MemoryFile::Adopt(std::move(handshake.fds[1]), file_options));
     handler_options.mode = InstallMode::kMinorTrap;
     handler_options.memory_file = std::move(memory_file);
   }
-  GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(handshake.fds[0])));
   GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout),
                                                          source, std::move(handler_options)));
   return engine->AddSpace(std::move(handler),

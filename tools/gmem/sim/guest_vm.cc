@@ -11,15 +11,10 @@
 
 #include "guestmem/os.h"
 #include "guestmem/unix_socket.h"
+#include "base/hex.h"
 
 namespace guestmem::sim {
 namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 Error BadOption(const std::string& what) {
   return Error(ErrorCode::kInvalidArgument, "guest vm: " + what);

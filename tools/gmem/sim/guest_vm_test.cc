@@ -22,12 +22,14 @@
 #include "sim/test_fault_server.h"
 #include "sim/workload.h"
 #include "snapshot_maker.h"
+#include "testutil/huge_pages.h"
+#include "testutil/temp_dir.h"
 
 namespace guestmem::sim {
 namespace {
 
-using testing::TestFaultServer;
-using testing::TestFaultServerOptions;
+using testutil::TestFaultServer;
+using testutil::TestFaultServerOptions;
 
 constexpr uint64_t kMiB = 1 << 20;
 
@@ -35,15 +37,11 @@ constexpr uint64_t kMiB = 1 << 20;
 class GuestVmTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char dir[] = "/tmp/guestmem-sim-XXXXXX";
-    ASSERT_NE(mkdtemp(dir), nullptr);
-    dir_ = dir;
-    socket_path_ = dir_ + "/uffd.sock";
+    ASSERT_FALSE(dir_.empty());
     auto listener = ListenUnix(socket_path_);
     ASSERT_TRUE(listener.has_value()) << listener.error().ToString();
     listener_ = std::move(*listener);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   // A demo memory file of `bytes` (zero holes, text, random pages).
   std::string MakeMemFile(uint64_t bytes) {
@@ -79,6 +77,21 @@ class GuestVmTest : public ::testing::Test {
     return server ? std::move(*server) : nullptr;
   }
 
+  struct Restore {
+    std::string mem;
+    std::unique_ptr<GuestVm> vm;
+    std::unique_ptr<TestFaultServer> server;  // null if anything failed
+  };
+  // A memory file, a VM of the same size and a TestFaultServer serving it.
+  Restore StartRestore(uint64_t bytes, int regions = 1, bool secret = false,
+                       TestFaultServerOptions options = {}, uint64_t page_size = kPageSize4K) {
+    Restore restore;
+    restore.mem = MakeMemFile(bytes);
+    restore.vm = NewVm(bytes, regions, secret, page_size);
+    if (restore.vm != nullptr) restore.server = Serve(*restore.vm, restore.mem, options);
+    return restore;
+  }
+
   WorkloadResult Run(const GuestVm& vm, const std::string& mem_file, WorkloadSpec spec,
                      std::optional<BalloonSpec> balloon = std::nullopt) {
     auto plan = PlanWorkload(spec, vm.memory_bytes());
@@ -93,8 +106,9 @@ class GuestVmTest : public ::testing::Test {
     return result ? *result : WorkloadResult{};
   }
 
-  std::string dir_;
-  std::string socket_path_;
+  guestmem::testutil::TempDir temp_;
+  const std::string dir_ = temp_.path();
+  const std::string socket_path_ = dir_ + "/uffd.sock";
   UniqueFd listener_;
   int files_ = 0;
 };
@@ -410,10 +424,7 @@ TEST_F(GuestVmTest, SendFailureIsReportedAndLeavesTheVmUnconnected) {
 }
 
 TEST_F(GuestVmTest, ReceivedUffdServesAVerifyingWorkload) {
-  const std::string mem = MakeMemFile(16 * kMiB);
-  auto vm = NewVm(16 * kMiB, 3);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem);
+  auto [mem, vm, server] = StartRestore(16 * kMiB, 3);
   ASSERT_NE(server, nullptr);
   EXPECT_EQ(server->handshake().regions.size(), 3u);
   const WorkloadResult r = Run(*vm, mem, {.kind = WorkloadKind::kSequential, .threads = 2});
@@ -428,11 +439,8 @@ TEST_F(GuestVmTest, ReceivedUffdServesAVerifyingWorkload) {
 }
 
 TEST_F(GuestVmTest, VerifyReportsExactlyTheCorruptedOffset) {
-  const std::string mem = MakeMemFile(8 * kMiB);
-  auto vm = NewVm(8 * kMiB, 2);
-  ASSERT_NE(vm, nullptr);
   const uint64_t corrupt = 5 * kMiB + 3 * kPageSize4K + 1234;  // inside the second region
-  auto server = Serve(*vm, mem, {.corrupt_offset = corrupt});
+  auto [mem, vm, server] = StartRestore(8 * kMiB, 2, false, {.corrupt_offset = corrupt});
   ASSERT_NE(server, nullptr);
   const WorkloadResult r = Run(*vm, mem, {.kind = WorkloadKind::kSequential, .threads = 2});
   EXPECT_EQ(r.mismatches, 1u);
@@ -444,10 +452,7 @@ TEST_F(GuestVmTest, VerifyReportsExactlyTheCorruptedOffset) {
 }
 
 TEST_F(GuestVmTest, MixedWritesAreReadBackAndLaterReadsSeeThem) {
-  const std::string mem = MakeMemFile(8 * kMiB);
-  auto vm = NewVm(8 * kMiB);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem);
+  auto [mem, vm, server] = StartRestore(8 * kMiB);
   ASSERT_NE(server, nullptr);
   const WorkloadResult r = Run(*vm, mem,
                                {.kind = WorkloadKind::kRandom,
@@ -477,10 +482,7 @@ TEST_F(GuestVmTest, MixedWritesAreReadBackAndLaterReadsSeeThem) {
 }
 
 TEST_F(GuestVmTest, BalloonedPagesReadAsZero) {
-  const std::string mem = MakeMemFile(8 * kMiB);
-  auto vm = NewVm(8 * kMiB, 2);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem);
+  auto [mem, vm, server] = StartRestore(8 * kMiB, 2);
   ASSERT_NE(server, nullptr);
   // Across the boundary of the two regions.
   const WorkloadResult r =
@@ -495,10 +497,7 @@ TEST_F(GuestVmTest, BalloonedPagesReadAsZero) {
 }
 
 TEST_F(GuestVmTest, BalloonCheckCatchesAHandlerThatIgnoresRemove) {
-  const std::string mem = MakeMemFile(4 * kMiB);
-  auto vm = NewVm(4 * kMiB);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem, {.ignore_remove = true});
+  auto [mem, vm, server] = StartRestore(4 * kMiB, 1, false, {.ignore_remove = true});
   ASSERT_NE(server, nullptr);
   const WorkloadResult r =
       Run(*vm, mem, {.kind = WorkloadKind::kSequential}, BalloonSpec{0, 4 * kMiB});
@@ -517,10 +516,7 @@ TEST_F(GuestVmTest, BalloonCheckCatchesAHandlerThatIgnoresRemove) {
 }
 
 TEST_F(GuestVmTest, SecretHidingRestoreFillsTheGuestMemoryFile) {
-  const std::string mem = MakeMemFile(8 * kMiB);
-  auto vm = NewVm(8 * kMiB, 2, /*secret=*/true);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem);
+  auto [mem, vm, server] = StartRestore(8 * kMiB, 2, /*secret=*/true);
   ASSERT_NE(server, nullptr);
   EXPECT_EQ(server->handshake().fds.size(), 3u);
   const WorkloadResult r = Run(*vm, mem, {.kind = WorkloadKind::kSparse, .threads = 2, .seed = 9},
@@ -546,10 +542,7 @@ TEST_F(GuestVmTest, SecretHidingRestoreFillsTheGuestMemoryFile) {
 }
 
 TEST_F(GuestVmTest, RunWorkloadRefusesBadInputWithoutTouchingMemory) {
-  const std::string mem = MakeMemFile(4 * kMiB);
-  auto vm = NewVm(4 * kMiB);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem);
+  auto [mem, vm, server] = StartRestore(4 * kMiB);
   ASSERT_NE(server, nullptr);
   UniqueFd fd(open(mem.c_str(), O_RDONLY | O_CLOEXEC));
   WorkloadPlan beyond;
@@ -606,10 +599,7 @@ TEST_F(GuestVmTest, RunWorkloadRefusesBadInputWithoutTouchingMemory) {
 }
 
 TEST_F(GuestVmTest, RunWorkloadReportsFailedSystemCalls) {
-  const std::string mem = MakeMemFile(4 * kMiB);
-  auto vm = NewVm(4 * kMiB);
-  ASSERT_NE(vm, nullptr);
-  auto server = Serve(*vm, mem);
+  auto [mem, vm, server] = StartRestore(4 * kMiB);
   ASSERT_NE(server, nullptr);
   UniqueFd fd(open(mem.c_str(), O_RDONLY | O_CLOEXEC));
   auto plan = PlanWorkload({.threads = 2}, 4 * kMiB);
@@ -633,41 +623,17 @@ TEST_F(GuestVmTest, RunWorkloadReportsFailedSystemCalls) {
       << balloon_failed.error().ToString();
 }
 
-// Reserves 2 MiB huge pages for one test and gives them back.
-class HugePageReservation {
- public:
-  explicit HugePageReservation(uint64_t pages) {
-    std::ifstream in("/proc/sys/vm/nr_hugepages");
-    if (!(in >> old_)) return;
-    std::ofstream("/proc/sys/vm/nr_hugepages") << old_ + pages;
-    std::ifstream free_in("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
-    uint64_t free = 0;
-    ok_ = static_cast<bool>(free_in >> free) && free >= pages;
-    touched_ = true;
-  }
-  ~HugePageReservation() {
-    if (touched_) std::ofstream("/proc/sys/vm/nr_hugepages") << old_;
-  }
-  bool ok() const { return ok_; }
-
- private:
-  uint64_t old_ = 0;
-  bool touched_ = false;
-  bool ok_ = false;
-};
+using guestmem::testutil::HugePageReservation;
 
 TEST_F(GuestVmTest, HugePageRestoreVerifies) {
   HugePageReservation reservation(4);
-  if (!reservation.ok()) GTEST_SKIP() << "could not reserve 4 huge pages of 2 MiB";
-  const std::string mem = MakeMemFile(8 * kMiB);
-  auto vm = NewVm(8 * kMiB, 2, false, kHugePageSize2M);
-  ASSERT_NE(vm, nullptr);
+  if (!reservation.ok()) GTEST_SKIP() << reservation.why();
+  auto [mem, vm, server] = StartRestore(8 * kMiB, 2, false, {}, kHugePageSize2M);
+  ASSERT_NE(server, nullptr);
   EXPECT_NE(MapsLineAt(vm->regions()[0].host.data()).find("anon_hugepage"), std::string::npos)
       << MapsLineAt(vm->regions()[0].host.data());
   EXPECT_EQ(vm->handshake_regions()[0].page_size, kHugePageSize2M);
   EXPECT_EQ(vm->handshake_regions()[0].page_size_kib, std::optional<uint64_t>(kHugePageSize2M));
-  auto server = Serve(*vm, mem);
-  ASSERT_NE(server, nullptr);
   const WorkloadResult r = Run(*vm, mem, {.kind = WorkloadKind::kRandom, .threads = 2});
   EXPECT_EQ(r.mismatches, 0u);
   server->Stop();                         // its counters are final once it has stopped

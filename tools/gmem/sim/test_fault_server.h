@@ -35,7 +35,7 @@
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfaultfd.h"
 
-namespace guestmem::sim::testing {
+namespace guestmem::sim::testutil {
 
 struct TestFaultServerOptions {
   std::string mem_file;                    // the snapshot memory file to serve
@@ -246,6 +246,6 @@ class TestFaultServer {
   std::thread thread_;
 };
 
-}  // namespace guestmem::sim::testing
+}  // namespace guestmem::sim::testutil
 
 #endif  // GUESTMEM_TOOLS_GMEM_SIM_TEST_FAULT_SERVER_H_

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "base/fault_injection_os.h"
+#include "testutil/temp_dir.h"
 
 namespace guestmem::sim {
 namespace {
@@ -76,18 +77,14 @@ TEST(TraceTest, FormatRoundTrips) {
 
 class TraceFileTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char dir[] = "/tmp/guestmem-trace-XXXXXX";
-    ASSERT_NE(mkdtemp(dir), nullptr);
-    dir_ = dir;
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void SetUp() override { ASSERT_FALSE(dir_.empty()); }
   std::string Write(const std::string& name, const std::string& text) {
     const std::string path = dir_ + "/" + name;
     std::ofstream(path) << text;
     return path;
   }
-  std::string dir_;
+  testutil::TempDir temp_;
+  const std::string dir_ = temp_.path();
 };
 
 TEST_F(TraceFileTest, LoadsAFile) {

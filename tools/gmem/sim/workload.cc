@@ -13,18 +13,13 @@
 #include <utility>
 
 #include "guestmem/os.h"
+#include "base/hex.h"
 #include "sim/random.h"
 
 namespace guestmem::sim {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 
 Error Invalid(const std::string& what) {
   return Error(ErrorCode::kInvalidArgument, "workload: " + what);

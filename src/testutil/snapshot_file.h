@@ -1,20 +1,23 @@
-// Test helpers for the fault handler and engine: deterministic snapshot files with holes, and
-// page-by-page verification of guest memory against them.
-#ifndef GUESTMEM_ENGINE_ENGINE_TEST_UTIL_H_
-#define GUESTMEM_ENGINE_ENGINE_TEST_UTIL_H_
+// Test snapshots: deterministic snapshot files with holes, and page-by-page verification of guest
+// memory against them.
+//
+// Thread safety: CheckPage may be called from many threads; the rest belongs to one test.
+#ifndef GUESTMEM_TESTUTIL_SNAPSHOT_FILE_H_
+#define GUESTMEM_TESTUTIL_SNAPSHOT_FILE_H_
 
 #include <fcntl.h>
-#include <stdlib.h>
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "guestmem/address.h"
+#include "testutil/temp_dir.h"
 
-namespace guestmem::testing {
+namespace guestmem::testutil {
 
 // The byte at `offset` of page `page` of a test snapshot: differs per page and per position.
 inline uint8_t SnapshotByte(uint64_t page, uint64_t offset) {
@@ -30,12 +33,9 @@ inline void FillSnapshotPage(uint64_t page, uint8_t* out) {
 class SnapshotFile {
  public:
   template <typename IsHole>
-  SnapshotFile(uint64_t pages, IsHole is_hole) : pages_(pages) {
-    char dir[] = "/tmp/guestmem-engine-XXXXXX";
-    dir_ = mkdtemp(dir);
-    path_ = dir_ + "/snapshot.mem";
-    int fd = open(path_.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
-    if (ftruncate(fd, static_cast<off_t>(pages * kPageSize4K)) != 0) abort();
+  SnapshotFile(uint64_t pages, IsHole is_hole) : pages_(pages), path_(dir_.File("snapshot.mem")) {
+    const int fd = open(path_.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0 || ftruncate(fd, static_cast<off_t>(pages * kPageSize4K)) != 0) abort();
     std::vector<uint8_t> page(kPageSize4K);
     for (uint64_t p = 0; p < pages; ++p) {
       hole_.push_back(is_hole(p));
@@ -49,10 +49,6 @@ class SnapshotFile {
     close(fd);
   }
   explicit SnapshotFile(uint64_t pages) : SnapshotFile(pages, [](uint64_t) { return false; }) {}
-  ~SnapshotFile() {
-    unlink(path_.c_str());
-    rmdir(dir_.c_str());
-  }
 
   const std::string& path() const { return path_; }
   uint64_t pages() const { return pages_; }
@@ -73,7 +69,7 @@ class SnapshotFile {
 
  private:
   uint64_t pages_;
-  std::string dir_;
+  TempDir dir_;
   std::string path_;
   std::vector<bool> hole_;
 };
@@ -85,6 +81,6 @@ inline bool AllZero(const uint8_t* data, uint64_t length) {
   return true;
 }
 
-}  // namespace guestmem::testing
+}  // namespace guestmem::testutil
 
-#endif  // GUESTMEM_ENGINE_ENGINE_TEST_UTIL_H_
+#endif  // GUESTMEM_TESTUTIL_SNAPSHOT_FILE_H_

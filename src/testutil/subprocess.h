@@ -1,7 +1,7 @@
 // Subprocess: runs a program as a child process for end-to-end tests, with its output captured
 // to a file, and waits for it with a deadline (a test never hangs on a child).
-#ifndef GUESTMEM_TESTS_E2E_SUBPROCESS_H_
-#define GUESTMEM_TESTS_E2E_SUBPROCESS_H_
+#ifndef GUESTMEM_TESTUTIL_SUBPROCESS_H_
+#define GUESTMEM_TESTUTIL_SUBPROCESS_H_
 
 #include <fcntl.h>
 #include <signal.h>
@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-namespace guestmem::testing {
+namespace guestmem::testutil {
 
 class Subprocess {
  public:
@@ -98,6 +98,6 @@ class Subprocess {
   int status_ = 0;
 };
 
-}  // namespace guestmem::testing
+}  // namespace guestmem::testutil
 
-#endif  // GUESTMEM_TESTS_E2E_SUBPROCESS_H_
+#endif  // GUESTMEM_TESTUTIL_SUBPROCESS_H_
