@@ -174,6 +174,7 @@ namespace guestmem {
 Result<MemoryBackend> IdentifyBackend(int fd) {
   // Anonymous-inode files (guest_memfd, memfd_secret) are known by their /proc link; memfds by
   // the file system they live on.
+  if (fd < 0) return Error(ErrorCode::kInvalidArgument, "identify memory file: no descriptor");
   char link[128];
   const std::string proc = "/proc/self/fd/" + std::to_string(fd);
   const ssize_t n = readlink(proc.c_str(), link, sizeof(link) - 1);

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include "guestmem/address_registry.h"
 #include "guestmem/os.h"
 #include "testutil/huge_pages.h"
+#include "base/temp_dir.h"
 
 namespace guestmem {
 
@@ -674,6 +676,34 @@ TEST(MemoryFileTest, AdoptRefusesWhatItCannotTake) {
   options.size_bytes = 2 * kPageSize4K;
   auto too_big = MemoryFile::Adopt(UniqueFd(raw), options);
   ASSERT_TRUE(Fails(too_big, ErrorCode::kOutOfRange, "larger than the file"));
+}
+
+TEST_P(BackendTest, IdentifyBackendNamesTheFilesBackend) {
+  if (backend() == MemoryBackend::kAnonymous) GTEST_SKIP() << "anonymous memory has no file";
+  auto file = Make();
+  ASSERT_NE(file, nullptr);
+  auto identified = IdentifyBackend(file->fd());
+  ASSERT_TRUE(identified.has_value()) << identified.error().ToString();
+  EXPECT_EQ(*identified, backend());
+}
+
+TEST(MemoryFileTest, IdentifyBackendRefusesWhatIsNotGuestMemory) {
+  TempDir dir;
+  const std::string path = dir.File("plain");
+  UniqueFd on_disk(open(path.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600));
+  ASSERT_TRUE(on_disk.valid());
+  // /tmp may itself be a tmpfs; then a file there is shmem as far as the kernel is concerned.
+  auto plain = IdentifyBackend(on_disk.get());
+  if (plain.has_value()) {
+    EXPECT_EQ(*plain, MemoryBackend::kShmem);
+  } else {
+    EXPECT_TRUE(Fails(plain, ErrorCode::kInvalidArgument, "is not a guest memory file"));
+  }
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  EXPECT_TRUE(Fails(IdentifyBackend(a.get()), ErrorCode::kInvalidArgument, "socket:"));
+  EXPECT_TRUE(Fails(IdentifyBackend(-1), ErrorCode::kInvalidArgument, ""));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "guestmem/address.h"
-#include "testutil/temp_dir.h"
+#include "base/temp_dir.h"
 
 namespace guestmem::testutil {
 

@@ -19,7 +19,7 @@
 #include "guestmem/userfaultfd.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/subprocess.h"
-#include "testutil/temp_dir.h"
+#include "base/temp_dir.h"
 
 namespace guestmem {
 namespace {
@@ -57,7 +57,7 @@ class ServeE2eTest : public ::testing::Test {
                                      << server_->Output();
   }
 
-  testutil::TempDir temp_;
+  TempDir temp_;
   const std::string dir_ = temp_.path();
   const std::string socket_ = temp_.File("uffd.sock");
   std::unique_ptr<testutil::SnapshotFile> snapshot_;

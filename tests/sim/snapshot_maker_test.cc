@@ -16,7 +16,7 @@
 
 #include "base/fault_injection_os.h"
 #include "guestmem/address.h"
-#include "testutil/temp_dir.h"
+#include "base/temp_dir.h"
 
 namespace guestmem::cli {
 namespace {
@@ -33,7 +33,7 @@ class SnapshotMakerTest : public ::testing::Test {
     return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   }
 
-  testutil::TempDir temp_;
+  TempDir temp_;
   const std::string dir_ = temp_.path();
 };
 

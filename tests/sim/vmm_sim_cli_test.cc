@@ -17,7 +17,7 @@
 #include "testutil/subprocess.h"
 #include "guestmem/unix_socket.h"
 #include "sim/test_fault_server.h"
-#include "testutil/temp_dir.h"
+#include "base/temp_dir.h"
 #include "sim/trace.h"
 #include "snapshot_maker.h"
 
@@ -77,7 +77,7 @@ class VmmSimCliTest : public ::testing::Test {
     return poll(&p, 1, 0) == 1;
   }
 
-  testutil::TempDir temp_;
+  TempDir temp_;
   const std::string dir_ = temp_.path();
   const std::string socket_ = dir_ + "/uffd.sock";
   std::string mem_ = dir_ + "/snapshot.mem";

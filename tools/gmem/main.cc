@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   cli::RegisterServeCommand(app);
   cli::RegisterVmmSimCommand(app);
   cli::RegisterSnapshotCommand(app);
+  cli::RegisterBenchCommand(app);
   cli::RegisterCapabilitiesCommand(app);
   CLI11_PARSE(app, argc, argv);
   return cli::CommandExitCode();

@@ -23,7 +23,7 @@
 #include "sim/workload.h"
 #include "snapshot_maker.h"
 #include "testutil/huge_pages.h"
-#include "testutil/temp_dir.h"
+#include "base/temp_dir.h"
 
 namespace guestmem::sim {
 namespace {
@@ -106,7 +106,7 @@ class GuestVmTest : public ::testing::Test {
     return result ? *result : WorkloadResult{};
   }
 
-  guestmem::testutil::TempDir temp_;
+  TempDir temp_;
   const std::string dir_ = temp_.path();
   const std::string socket_path_ = dir_ + "/uffd.sock";
   UniqueFd listener_;

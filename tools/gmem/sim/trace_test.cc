@@ -9,7 +9,7 @@
 #include <fstream>
 
 #include "base/fault_injection_os.h"
-#include "testutil/temp_dir.h"
+#include "base/temp_dir.h"
 
 namespace guestmem::sim {
 namespace {
@@ -83,7 +83,7 @@ class TraceFileTest : public ::testing::Test {
     std::ofstream(path) << text;
     return path;
   }
-  testutil::TempDir temp_;
+  TempDir temp_;
   const std::string dir_ = temp_.path();
 };
 

@@ -1,16 +1,17 @@
-// TempDir: a fresh directory under /tmp for one test, removed with everything in it when the
-// object goes away. path() is empty if the directory could not be made.
+// TempDir: a fresh directory under /tmp, removed with everything in it when the object goes
+// away; scratch space for tests and for commands (gmem bench). path() is empty if the directory
+// could not be made.
 //
-// Thread safety: a value owned by one test.
-#ifndef GUESTMEM_TESTUTIL_TEMP_DIR_H_
-#define GUESTMEM_TESTUTIL_TEMP_DIR_H_
+// Thread safety: a value owned by one thread.
+#ifndef GUESTMEM_BASE_TEMP_DIR_H_
+#define GUESTMEM_BASE_TEMP_DIR_H_
 
 #include <stdlib.h>
 
 #include <filesystem>
 #include <string>
 
-namespace guestmem::testutil {
+namespace guestmem {
 
 class TempDir {
  public:
@@ -32,6 +33,6 @@ class TempDir {
   std::string path_;
 };
 
-}  // namespace guestmem::testutil
+}  // namespace guestmem
 
-#endif  // GUESTMEM_TESTUTIL_TEMP_DIR_H_
+#endif  // GUESTMEM_BASE_TEMP_DIR_H_

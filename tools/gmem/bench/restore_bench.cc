@@ -1,0 +1,351 @@
+#include "bench/restore_bench.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "guestmem/fault_engine.h"
+#include "guestmem/guest_layout.h"
+#include "guestmem/memory_file.h"
+#include "guestmem/userfaultfd.h"
+
+namespace guestmem::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+uint64_t NanosSince(Clock::time_point start) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+}
+
+// What a workload write leaves in the first 8 bytes of the page at `offset`.
+uint64_t WrittenWord(uint64_t offset) { return (offset * 0x9e3779b97f4a7c15ULL) | 1; }
+
+// Runs `plan` over the guest memory at `base`, one thread per list: a read loads 8 bytes of the
+// page, a write stores WrittenWord there. The benchmark measures getting pages in, not using them.
+// Returns the time from before the first thread starts until the last one has finished.
+uint64_t Touch(std::byte* base, const sim::WorkloadPlan& plan) {
+  std::vector<std::thread> threads;
+  threads.reserve(plan.threads.size());
+  const auto start = Clock::now();
+  for (const std::vector<sim::Access>& list : plan.threads) {
+    threads.emplace_back([base, &list] {
+      for (const sim::Access& access : list) {
+        std::byte* page = base + access.offset;
+        if (access.write) {
+          const uint64_t word = WrittenWord(access.offset);
+          std::memcpy(page, &word, sizeof(word));
+        } else {
+          (void)*reinterpret_cast<volatile const uint64_t*>(page);
+        }
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  return NanosSince(start);
+}
+
+// Compares every page the plan touched with the snapshot; a written page must hold WrittenWord in
+// its first 8 bytes and the snapshot's bytes in the rest. Returns the pages that differ.
+uint64_t Verify(const std::byte* memory, std::span<const std::byte> snapshot,
+                const sim::WorkloadPlan& plan, uint64_t* pages_verified) {
+  enum : uint8_t { kUntouched, kRead, kWritten };
+  std::vector<uint8_t> touched(snapshot.size() / kPageSize4K, kUntouched);
+  for (const auto& list : plan.threads) {
+    for (const sim::Access& access : list) {
+      uint8_t& t = touched[access.offset / kPageSize4K];
+      t = std::max<uint8_t>(t, access.write ? kWritten : kRead);
+    }
+  }
+  uint64_t mismatches = 0;
+  *pages_verified = 0;
+  for (uint64_t page = 0; page < touched.size(); ++page) {
+    if (touched[page] == kUntouched) continue;
+    ++*pages_verified;
+    const uint64_t offset = page * kPageSize4K;
+    const std::byte* got = memory + offset;
+    const std::byte* want = snapshot.data() + offset;
+    size_t from = 0;
+    if (touched[page] == kWritten) {
+      const uint64_t word = WrittenWord(offset);
+      if (std::memcmp(got, &word, sizeof(word)) != 0) {
+        ++mismatches;
+        continue;
+      }
+      from = sizeof(word);
+    }
+    if (std::memcmp(got + from, want + from, kPageSize4K - from) != 0) ++mismatches;
+  }
+  return mismatches;
+}
+
+uint64_t MinorFaultsSoFar() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<uint64_t>(usage.ru_minflt);
+}
+
+Result<Mapping> FreshAnonymousMemory(uint64_t size) {
+  return Mapping::Anonymous(size, MAP_NORESERVE);
+}
+
+Result<GuestLayout> OneRegionAt(const void* base, uint64_t size) {
+  return GuestLayout::Create({GuestRegion{GuestPhysAddr(0), size, FileOffset(0),
+                                          HostVirtAddr(reinterpret_cast<uint64_t>(base)),
+                                          kPageSize4K}});
+}
+
+// Anonymous memory registered MISSING with a new uffd: the destination of a copying handler.
+struct UffdMemory {
+  Mapping memory;
+  Userfaultfd uffd;
+};
+
+Result<UffdMemory> FreshUffdMemory(uint64_t size) {
+  GM_ASSIGN_OR_RETURN(Mapping memory, FreshAnonymousMemory(size));
+  GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Create({}));
+  GM_RETURN_IF_ERROR(uffd.Register(HostVirtAddr(memory.address()), size, UffdModes::kMissing));
+  return UffdMemory{std::move(memory), std::move(uffd)};
+}
+
+// --- contestants -------------------------------------------------------------------------------
+
+Result<RestoreRun> RunFileBackend(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan) {
+  GM_ASSIGN_OR_RETURN(Mapping memory, Mapping::Map(snapshot.size(), PROT_READ | PROT_WRITE,
+                                                   MAP_PRIVATE, snapshot.fd(), 0));
+  RestoreRun run;
+  const uint64_t faults_before = MinorFaultsSoFar();
+  run.elapsed_ns = Touch(memory.bytes(), plan);
+  run.faults = MinorFaultsSoFar() - faults_before;
+  run.mismatches = Verify(memory.bytes(), snapshot.view(), plan, &run.pages_verified);
+  return run;
+}
+
+// Firecracker's example handler, as the reference: one thread; poll; read one event; one 4 KiB
+// UFFDIO_COPY from a mapping of the memory file; repeat.
+class PerPageHandler {
+ public:
+  PerPageHandler(Userfaultfd& uffd, uint64_t base, std::span<const std::byte> file)
+      : uffd_(uffd), base_(base), file_(file), stop_(eventfd(0, EFD_CLOEXEC)) {}
+  ~PerPageHandler() { (void)Stop(); }
+
+  Status Start() {
+    if (!stop_.valid()) return PosixError(errno, "per-page handler: eventfd");
+    thread_ = std::thread([this] { result_ = Serve(); });
+    return OkStatus();
+  }
+  // Ends the handler thread and returns how it ended.
+  Status Stop() {
+    if (thread_.joinable()) {
+      const uint64_t one = 1;
+      (void)!write(stop_.get(), &one, sizeof(one));
+      thread_.join();
+    }
+    return result_;
+  }
+  uint64_t faults() const { return faults_; }
+  uint64_t copies() const { return copies_; }
+
+ private:
+  Status Serve() {
+    std::vector<UffdEvent> events;
+    while (true) {
+      pollfd fds[2] = {{uffd_.fd(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
+      if (poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return PosixError(errno, "per-page handler: poll");
+      }
+      if (fds[1].revents != 0) return OkStatus();
+      events.clear();
+      GM_RETURN_IF_ERROR(uffd_.ReadEvents(&events, 1));
+      for (const UffdEvent& event : events) {
+        const auto* fault = std::get_if<PagefaultEvent>(&event);
+        if (fault == nullptr) continue;
+        ++faults_;
+        const HostVirtAddr page = fault->address.AlignDown(kPageSize4K);
+        const uint64_t offset = page.value() - base_;
+        GM_ASSIGN_OR_RETURN(UffdProgress done,
+                            uffd_.Copy(page, file_.data() + offset, kPageSize4K));
+        if (done.outcome == UffdProgress::Outcome::kDone) {
+          ++copies_;
+        } else {
+          GM_RETURN_IF_ERROR(uffd_.Wake(page, kPageSize4K));  // another fault got there first
+        }
+      }
+    }
+  }
+
+  Userfaultfd& uffd_;
+  const uint64_t base_;
+  const std::span<const std::byte> file_;
+  UniqueFd stop_;
+  std::thread thread_;
+  Status result_;
+  uint64_t faults_ = 0;  // written by the handler thread, read after Stop()
+  uint64_t copies_ = 0;
+};
+
+Result<RestoreRun> RunPerPage(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan) {
+  GM_ASSIGN_OR_RETURN(UffdMemory dest, FreshUffdMemory(snapshot.size()));
+  PerPageHandler handler(dest.uffd, dest.memory.address(), snapshot.view());
+  GM_RETURN_IF_ERROR(handler.Start());
+  RestoreRun run;
+  run.elapsed_ns = Touch(dest.memory.bytes(), plan);
+  GM_RETURN_IF_ERROR(handler.Stop());
+  run.faults = handler.faults();
+  run.pages_installed = handler.copies();
+  run.mismatches = Verify(dest.memory.bytes(), snapshot.view(), plan, &run.pages_verified);
+  return run;
+}
+
+// Serves `memory` with a guestmem FaultHandler on a FaultEngine while the plan runs.
+Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
+                                 const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
+                                 FaultHandlerOptions handler_options, unsigned workers) {
+  GM_ASSIGN_OR_RETURN(GuestLayout layout, OneRegionAt(memory, snapshot.size()));
+  const bool fault_all = handler_options.fault_all;
+  GM_ASSIGN_OR_RETURN(auto handler,
+                      FaultHandler::Create(std::move(uffd), std::move(layout), snapshot.source(),
+                                           std::move(handler_options)));
+  GM_ASSIGN_OR_RETURN(auto engine, FaultEngine::Start({.workers = workers}));
+  GM_ASSIGN_OR_RETURN(SpaceId space, engine->AddSpace(std::move(handler)));
+  RestoreRun run;
+  run.elapsed_ns = Touch(memory, plan);
+  if (fault_all) {
+    // Let the install of everything finish before the space goes, so that it is measured whole.
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    while (engine->Stats(space).value_or(FaultStats{}).fault_all_us == 0 &&
+           Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+  GM_ASSIGN_OR_RETURN(FaultStats stats, engine->RemoveSpace(space));
+  run.faults = stats.faults();
+  run.pages_installed = stats.pages_installed();
+  run.fault_all_ns = stats.fault_all_us * 1000;
+  run.latency_p50_ns = stats.latency_p50_ns;
+  run.mismatches = Verify(memory, snapshot.view(), plan, &run.pages_verified);
+  return run;
+}
+
+Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
+                                    const RestoreOptions& options, bool fault_all) {
+  GM_ASSIGN_OR_RETURN(UffdMemory dest, FreshUffdMemory(snapshot.size()));
+  FaultHandlerOptions handler_options;
+  handler_options.name = fault_all ? "bench fault-all" : "bench on-demand";
+  handler_options.fault_around_bytes = options.fault_around_bytes;
+  handler_options.fault_all = fault_all;
+  return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
+                       std::move(handler_options), options.workers);
+}
+
+Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
+                                const RestoreOptions& options) {
+  GM_ASSIGN_OR_RETURN(auto file, MemoryFile::Create({.size_bytes = snapshot.size(),
+                                                     .backend = MemoryBackend::kShmem,
+                                                     .name = "guestmem-bench"}));
+  GM_ASSIGN_OR_RETURN(MemoryMapping mapping, file->Map());
+  GM_ASSIGN_OR_RETURN(Userfaultfd uffd,
+                      Userfaultfd::Create({.required_features = kUffdFeatureMissingShmem |
+                                                                kUffdFeatureMinorShmem}));
+  GM_RETURN_IF_ERROR(uffd.Register(mapping.host_address(), snapshot.size(),
+                                   UffdModes::kMissing | UffdModes::kMinor));
+  FaultHandlerOptions handler_options;
+  handler_options.name = "bench minor-trap";
+  handler_options.mode = InstallMode::kMinorTrap;
+  handler_options.fault_around_bytes = options.fault_around_bytes;
+  handler_options.memory_file = file;
+  return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, plan,
+                       std::move(handler_options), options.workers);
+}
+
+}  // namespace
+
+std::string_view ContestantName(Contestant contestant) {
+  switch (contestant) {
+    case Contestant::kFileBackend: return "file";
+    case Contestant::kPerPage: return "per-page";
+    case Contestant::kOnDemand: return "on-demand";
+    case Contestant::kFaultAll: return "fault-all";
+    case Contestant::kMinorTrap: return "minor-trap";
+  }
+  return "?";
+}
+
+std::string_view ContestantTitle(Contestant contestant) {
+  switch (contestant) {
+    case Contestant::kFileBackend: return "File backend (MAP_PRIVATE)";
+    case Contestant::kPerPage: return "per-page handler (reference)";
+    case Contestant::kOnDemand: return "guestmem on-demand";
+    case Contestant::kFaultAll: return "guestmem fault-all";
+    case Contestant::kMinorTrap: return "guestmem minor trap (shmem)";
+  }
+  return "?";
+}
+
+Result<Contestant> ParseContestant(std::string_view name) {
+  for (Contestant c : kAllContestants) {
+    if (ContestantName(c) == name) return c;
+  }
+  return Error(ErrorCode::kInvalidArgument,
+               "unknown contestant \"" + std::string(name) +
+                   "\" (file, per-page, on-demand, fault-all, minor-trap)");
+}
+
+Result<RestoreSnapshot> RestoreSnapshot::Open(const std::string& path) {
+  UniqueFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return PosixError(errno, "bench: open " + path);
+  struct stat st {};
+  if (fstat(fd.get(), &st) != 0) return PosixError(errno, "bench: fstat " + path);
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size == 0 || size % kPageSize4K != 0) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "bench: " + path + " is not a non-empty multiple of 4 KiB");
+  }
+  // MAP_POPULATE reads the file through once: page cache hot for every contestant.
+  GM_ASSIGN_OR_RETURN(Mapping view,
+                      Mapping::Map(size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd.get(), 0));
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source, RawFileSource::Open(path));
+  return RestoreSnapshot(path, std::move(fd), std::move(view), std::move(source));
+}
+
+Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
+                              const sim::WorkloadPlan& plan, const RestoreOptions& options) {
+  switch (contestant) {
+    case Contestant::kFileBackend: return RunFileBackend(snapshot, plan);
+    case Contestant::kPerPage: return RunPerPage(snapshot, plan);
+    case Contestant::kOnDemand: return RunCopyingEngine(snapshot, plan, options, false);
+    case Contestant::kFaultAll: return RunCopyingEngine(snapshot, plan, options, true);
+    case Contestant::kMinorTrap: return RunMinorTrap(snapshot, plan, options);
+  }
+  return Error(ErrorCode::kInvalidArgument, "bench: unknown contestant");
+}
+
+double MeasureMemcpyBandwidth(const RestoreSnapshot& snapshot) {
+  auto dest = FreshAnonymousMemory(snapshot.size());
+  if (!dest) return 0;
+  std::memset(dest->data(), 1, snapshot.size());  // touched: no faults in the timed copies
+  uint64_t best_ns = UINT64_MAX;
+  for (int i = 0; i < 3; ++i) {
+    const auto start = Clock::now();
+    std::memcpy(dest->data(), snapshot.view().data(), snapshot.size());
+    best_ns = std::min(best_ns, NanosSince(start));
+  }
+  return static_cast<double>(snapshot.size()) * 1e9 / static_cast<double>(best_ns);
+}
+
+}  // namespace guestmem::bench

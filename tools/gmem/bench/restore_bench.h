@@ -1,0 +1,102 @@
+// Restore benchmark: one restore of a snapshot by one contestant, timed and then verified.
+//
+// A contestant is a way to get a VM's memory back from its snapshot memory file:
+//   kFileBackend  what Firecracker does without a page-fault handler: MAP_PRIVATE of the memory
+//                 file (page cache hot); the kernel pages content in on each fault;
+//   kPerPage      Firecracker's example on-demand handler, the reference: one thread, poll(2),
+//                 one event read and one 4 KiB UFFDIO_COPY (from a mapping of the file) per fault;
+//   kOnDemand     guestmem's FaultEngine copying into anonymous memory with fault-around;
+//   kFaultAll     the same engine installing everything on the first fault;
+//   kMinorTrap    guestmem's full minor trap: a shmem guest memory file mapped MAP_SHARED and
+//                 registered MISSING|MINOR; content is written into the file, then CONTINUE.
+// Every run gets fresh destination memory, made the same way for all (a new mapping, never
+// touched before the timed part). The timed part is the workload's threads touching their pages,
+// from the first thread's start to the last one's end; serving faults happens meanwhile. After
+// it, every page the workload touched is compared with the snapshot (written pages with what was
+// written), untimed.
+//
+// Thread safety: RunRestore starts and joins its own threads; run one at a time.
+#ifndef GUESTMEM_TOOLS_GMEM_BENCH_RESTORE_BENCH_H_
+#define GUESTMEM_TOOLS_GMEM_BENCH_RESTORE_BENCH_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "guestmem/fault_handler.h"
+#include "guestmem/mapping.h"
+#include "guestmem/page_source.h"
+#include "guestmem/result.h"
+#include "guestmem/unique_fd.h"
+#include "sim/workload.h"
+
+namespace guestmem::bench {
+
+enum class Contestant { kFileBackend, kPerPage, kOnDemand, kFaultAll, kMinorTrap };
+inline constexpr Contestant kAllContestants[] = {Contestant::kFileBackend, Contestant::kPerPage,
+                                                 Contestant::kOnDemand, Contestant::kFaultAll,
+                                                 Contestant::kMinorTrap};
+
+// "file", "per-page", "on-demand", "fault-all", "minor-trap": the names --contestants takes.
+std::string_view ContestantName(Contestant contestant);
+// One line for tables: "File backend (MAP_PRIVATE)".
+std::string_view ContestantTitle(Contestant contestant);
+Result<Contestant> ParseContestant(std::string_view name);
+
+// The snapshot every run restores from: the memory file, a read-only view of it (the per-page
+// baseline's copy source, and what verification compares with) and guestmem's page source.
+class RestoreSnapshot {
+ public:
+  // Opens `path` and reads it once through, so that its page cache is hot for every contestant.
+  static Result<RestoreSnapshot> Open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  int fd() const { return fd_.get(); }
+  uint64_t size() const { return view_.size(); }
+  std::span<const std::byte> view() const { return view_.span(); }
+  const std::shared_ptr<const PageSource>& source() const { return source_; }
+
+ private:
+  RestoreSnapshot(std::string path, UniqueFd fd, Mapping view,
+                  std::shared_ptr<const PageSource> source)
+      : path_(std::move(path)), fd_(std::move(fd)), view_(std::move(view)),
+        source_(std::move(source)) {}
+
+  std::string path_;
+  UniqueFd fd_;
+  Mapping view_;
+  std::shared_ptr<const PageSource> source_;
+};
+
+struct RestoreOptions {
+  uint64_t fault_around_bytes = kDefaultFaultAroundBytes;  // kOnDemand, kMinorTrap
+  unsigned workers = 1;                                    // guestmem engine threads
+};
+
+struct RestoreRun {
+  uint64_t elapsed_ns = 0;
+  // Fault events the handler read; for kFileBackend the minor faults the process took.
+  uint64_t faults = 0;
+  // 4 KiB pages the handler installed (copied, zeroed or continued); 0 for kFileBackend.
+  uint64_t pages_installed = 0;
+  // kFaultAll: how long installing everything took, inside the handler.
+  uint64_t fault_all_ns = 0;
+  uint64_t latency_p50_ns = 0;  // guestmem's fault service latency (0 for the others)
+  uint64_t pages_verified = 0;
+  uint64_t mismatches = 0;  // pages whose bytes differ from the snapshot (or what was written)
+};
+
+// One restore of `snapshot` by `contestant` while `plan` runs. Errors are set-up failures
+// (kUnsupported where the kernel lacks what the contestant needs); mismatches are results.
+Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
+                              const sim::WorkloadPlan& plan, const RestoreOptions& options = {});
+
+// Single-thread memcpy of the whole snapshot into memory already touched, in bytes per second:
+// the bandwidth a restore that installs everything could at best reach on this machine.
+double MeasureMemcpyBandwidth(const RestoreSnapshot& snapshot);
+
+}  // namespace guestmem::bench
+
+#endif  // GUESTMEM_TOOLS_GMEM_BENCH_RESTORE_BENCH_H_

@@ -1,0 +1,142 @@
+// Every contestant restores a real snapshot under real workloads and the result is verified page
+// by page; the counters say what each one did.
+#include "bench/restore_bench.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <optional>
+#include <set>
+#include <string>
+
+#include "base/temp_dir.h"
+#include "snapshot_maker.h"
+
+namespace guestmem::bench {
+namespace {
+
+constexpr uint64_t kSize = 16 << 20;
+
+class RestoreBenchTest : public ::testing::TestWithParam<Contestant> {
+ protected:
+  void SetUp() override {
+    const std::string path = dir_.File("bench.mem");
+    ASSERT_TRUE(cli::MakeSnapshot(path, {.size_bytes = kSize, .seed = 7}));
+    auto snapshot = RestoreSnapshot::Open(path);
+    ASSERT_TRUE(snapshot.has_value()) << snapshot.error().ToString();
+    snapshot_.emplace(std::move(*snapshot));
+  }
+
+  sim::WorkloadPlan Plan(sim::WorkloadKind kind, sim::AccessMode access, unsigned threads) {
+    auto plan = sim::PlanWorkload({.kind = kind, .access = access, .threads = threads, .seed = 3},
+                                  kSize);
+    EXPECT_TRUE(plan.has_value()) << plan.error().ToString();
+    return plan.value_or(sim::WorkloadPlan{});
+  }
+
+  static uint64_t DistinctPages(const sim::WorkloadPlan& plan) {
+    std::set<uint64_t> pages;
+    for (const auto& list : plan.threads) {
+      for (const sim::Access& a : list) pages.insert(a.offset);
+    }
+    return pages.size();
+  }
+
+  TempDir dir_;
+  std::optional<RestoreSnapshot> snapshot_;
+};
+
+TEST_P(RestoreBenchTest, SequentialReadsRestoreEveryPage) {
+  const auto plan = Plan(sim::WorkloadKind::kSequential, sim::AccessMode::kRead, 2);
+  auto run = RunRestore(GetParam(), *snapshot_, plan);
+  ASSERT_TRUE(run.has_value()) << run.error().ToString();
+  EXPECT_EQ(run->pages_verified, kSize / kPageSize4K);
+  EXPECT_EQ(run->mismatches, 0u);
+  EXPECT_GT(run->elapsed_ns, 0u);
+  EXPECT_GT(run->faults, 0u);
+  switch (GetParam()) {
+    case Contestant::kFileBackend:
+      EXPECT_EQ(run->pages_installed, 0u);  // the kernel pages in, nobody installs
+      break;
+    case Contestant::kPerPage:
+      // One fault, one 4 KiB copy: every page of memory.
+      EXPECT_EQ(run->pages_installed, kSize / kPageSize4K);
+      EXPECT_GE(run->faults, kSize / kPageSize4K);
+      break;
+    case Contestant::kOnDemand:
+    case Contestant::kMinorTrap:
+      // Fault-around: a 64 KiB window per fault, so far fewer faults than pages.
+      EXPECT_EQ(run->pages_installed, kSize / kPageSize4K);
+      EXPECT_LE(run->faults, kSize / kDefaultFaultAroundBytes + 8);
+      EXPECT_GT(run->latency_p50_ns, 0u);
+      break;
+    case Contestant::kFaultAll:
+      EXPECT_EQ(run->pages_installed, kSize / kPageSize4K);
+      EXPECT_GT(run->fault_all_ns, 0u);
+      break;
+  }
+}
+
+TEST_P(RestoreBenchTest, SparseWritesAreReadBackOverTheSnapshot) {
+  const auto plan = Plan(sim::WorkloadKind::kSparse, sim::AccessMode::kWrite, 2);
+  auto run = RunRestore(GetParam(), *snapshot_, plan);
+  ASSERT_TRUE(run.has_value()) << run.error().ToString();
+  EXPECT_EQ(run->pages_verified, DistinctPages(plan));
+  EXPECT_EQ(run->mismatches, 0u);
+  if (GetParam() == Contestant::kPerPage) {
+    EXPECT_EQ(run->pages_installed, DistinctPages(plan));
+  }
+}
+
+TEST_P(RestoreBenchTest, RandomReadsWithOnePagePerFault) {
+  const auto plan = Plan(sim::WorkloadKind::kRandom, sim::AccessMode::kRead, 1);
+  auto run = RunRestore(GetParam(), *snapshot_, plan, {.fault_around_bytes = kPageSize4K});
+  ASSERT_TRUE(run.has_value()) << run.error().ToString();
+  EXPECT_EQ(run->pages_verified, DistinctPages(plan));
+  EXPECT_EQ(run->mismatches, 0u);
+  if (GetParam() == Contestant::kOnDemand || GetParam() == Contestant::kMinorTrap) {
+    EXPECT_EQ(run->pages_installed, DistinctPages(plan));  // nothing around the faults
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllContestants, RestoreBenchTest, ::testing::ValuesIn(kAllContestants),
+                         [](const ::testing::TestParamInfo<Contestant>& param_info) {
+                           std::string name(ContestantName(param_info.param));
+                           std::erase(name, '-');
+                           return name;
+                         });
+
+TEST(RestoreBenchNamesTest, NamesRoundTrip) {
+  for (Contestant c : kAllContestants) {
+    auto parsed = ParseContestant(ContestantName(c));
+    ASSERT_TRUE(parsed.has_value());
+    EXPECT_EQ(*parsed, c);
+    EXPECT_FALSE(ContestantTitle(c).empty());
+  }
+  auto bad = ParseContestant("uffd");
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(bad.error().ToString().find("per-page"), std::string::npos);
+}
+
+TEST(RestoreSnapshotTest, RefusesFilesThatAreNotSnapshots) {
+  TempDir dir;
+  EXPECT_EQ(RestoreSnapshot::Open(dir.File("missing")).error().code(), ErrorCode::kNotFound);
+  const std::string odd = dir.File("odd");
+  std::ofstream(odd) << "not a multiple of 4 KiB";
+  auto refused = RestoreSnapshot::Open(odd);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code(), ErrorCode::kInvalidArgument);
+}
+
+TEST(MemcpyBandwidthTest, IsMeasured) {
+  TempDir dir;
+  const std::string path = dir.File("bench.mem");
+  ASSERT_TRUE(cli::MakeSnapshot(path, {.size_bytes = kSize}));
+  auto snapshot = RestoreSnapshot::Open(path);
+  ASSERT_TRUE(snapshot.has_value());
+  EXPECT_GT(MeasureMemcpyBandwidth(*snapshot), 1e8);  // any machine copies 100 MB/s
+}
+
+}  // namespace
+}  // namespace guestmem::bench

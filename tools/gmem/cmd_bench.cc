@@ -1,0 +1,354 @@
+// gmem bench: restore strategies side by side, in one process.
+//
+// For each workload configuration (kind x threads x access) it plans the accesses once, runs one
+// warm-up round of every contestant, then `--rounds` rounds in which the contestants take turns
+// (the order rotates each round), each on fresh destination memory. It reports the median time of
+// each contestant and the median over rounds of its speed-up against the File backend and against
+// the per-page reference handler measured in the same round. Any run whose memory differs from
+// the snapshot fails the whole benchmark.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bench/restore_bench.h"
+#include "commands.h"
+#include "guestmem/log.h"
+#include "sim/workload.h"
+#include "snapshot_maker.h"
+#include "base/temp_dir.h"
+
+namespace guestmem::cli {
+namespace {
+
+using bench::Contestant;
+
+struct BenchArgs {
+  std::string mem_file;  // empty: write a demo snapshot of size_mib into a temp dir
+  uint64_t size_mib = 256;
+  unsigned rounds = 5;
+  std::vector<std::string> workloads = {"sparse", "sequential", "random"};
+  std::vector<unsigned> threads = {1, 2};
+  std::vector<std::string> access = {"read", "write"};
+  std::vector<std::string> contestants = {"file", "per-page", "on-demand", "fault-all",
+                                          "minor-trap"};
+  uint64_t fault_around_kib = kDefaultFaultAroundBytes / 1024;
+  unsigned workers = 1;
+  uint64_t seed = 1;
+  bool json = false;
+};
+
+struct Config {
+  sim::WorkloadKind kind;
+  unsigned threads;
+  sim::AccessMode access;
+  std::string Label() const {
+    return std::string(sim::WorkloadKindName(kind)) + ", " + std::to_string(threads) +
+           (threads == 1 ? " thread, " : " threads, ") +
+           (access == sim::AccessMode::kRead ? "reads" : "writes");
+  }
+};
+
+// Every run of one contestant in one configuration, by round.
+struct Series {
+  std::vector<bench::RestoreRun> runs;
+};
+
+double Median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+}
+
+double Ms(uint64_t ns) { return static_cast<double>(ns) / 1e6; }
+
+// The median over rounds of base's time / contestant's time: > 1 means the contestant is faster.
+std::optional<double> MedianSpeedup(const Series& base, const Series& contestant) {
+  if (base.runs.size() != contestant.runs.size() || base.runs.empty()) return std::nullopt;
+  std::vector<double> ratios;
+  for (size_t r = 0; r < base.runs.size(); ++r) {
+    ratios.push_back(static_cast<double>(base.runs[r].elapsed_ns) /
+                     static_cast<double>(std::max<uint64_t>(contestant.runs[r].elapsed_ns, 1)));
+  }
+  return Median(ratios);
+}
+
+template <typename Field>
+double MedianOf(const Series& series, Field field) {
+  std::vector<double> values;
+  for (const bench::RestoreRun& run : series.runs) values.push_back(field(run));
+  return Median(values);
+}
+
+Result<std::vector<Config>> ParseConfigs(const BenchArgs& args) {
+  std::vector<Config> configs;
+  for (const std::string& w : args.workloads) {
+    sim::WorkloadKind kind;
+    if (w == "sparse") {
+      kind = sim::WorkloadKind::kSparse;
+    } else if (w == "sequential") {
+      kind = sim::WorkloadKind::kSequential;
+    } else if (w == "random") {
+      kind = sim::WorkloadKind::kRandom;
+    } else {
+      return Error(ErrorCode::kInvalidArgument, "unknown workload " + w);
+    }
+    for (unsigned t : args.threads) {
+      for (const std::string& a : args.access) {
+        configs.push_back(
+            {kind, t, a == "read" ? sim::AccessMode::kRead : sim::AccessMode::kWrite});
+      }
+    }
+  }
+  return configs;
+}
+
+struct ConfigResult {
+  Config config;
+  uint64_t accesses = 0;
+  uint64_t distinct_pages = 0;
+  std::map<Contestant, Series> series;
+};
+
+std::string Speedup(const std::optional<double>& ratio) {
+  if (!ratio) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2fx", *ratio);
+  return buf;
+}
+
+void PrintConfig(const ConfigResult& result, double memcpy_bytes_per_s, uint64_t size) {
+  std::printf("\n%s: %llu accesses, %llu distinct pages\n", result.config.Label().c_str(),
+              static_cast<unsigned long long>(result.accesses),
+              static_cast<unsigned long long>(result.distinct_pages));
+  std::printf("  %-30s %10s %9s %10s %9s %12s %9s\n", "contestant", "median ms", "faults",
+              "installed", "vs file", "vs per-page", "p50 lat");
+  const Series* file = result.series.contains(Contestant::kFileBackend)
+                           ? &result.series.at(Contestant::kFileBackend)
+                           : nullptr;
+  const Series* per_page = result.series.contains(Contestant::kPerPage)
+                               ? &result.series.at(Contestant::kPerPage)
+                               : nullptr;
+  for (const auto& [contestant, series] : result.series) {
+    const double latency_us =
+        MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
+    std::printf("  %-30s %10.2f %9.0f %10.0f %9s %12s %9s\n",
+                std::string(bench::ContestantTitle(contestant)).c_str(),
+                MedianOf(series, [](const bench::RestoreRun& r) { return Ms(r.elapsed_ns); }),
+                MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); }),
+                MedianOf(series,
+                         [](const bench::RestoreRun& r) { return double(r.pages_installed); }),
+                Speedup(file ? MedianSpeedup(*file, series) : std::nullopt).c_str(),
+                Speedup(per_page ? MedianSpeedup(*per_page, series) : std::nullopt).c_str(),
+                latency_us > 0 ? (std::to_string(static_cast<int>(latency_us)) + "us").c_str()
+                               : "-");
+    if (contestant == Contestant::kFaultAll) {
+      const double ns =
+          MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
+      if (ns > 0) {
+        const double bytes_per_s = static_cast<double>(size) * 1e9 / ns;
+        std::printf("  %-30s installs everything in %.1f ms: %.2f GB/s, %.0f%% of memcpy\n", "",
+                    ns / 1e6, bytes_per_s / 1e9, 100 * bytes_per_s / memcpy_bytes_per_s);
+      }
+    }
+  }
+}
+
+nlohmann::json ToJson(const ConfigResult& result, uint64_t size) {
+  nlohmann::json j = {{"workload", sim::WorkloadKindName(result.config.kind)},
+                      {"threads", result.config.threads},
+                      {"access", sim::AccessModeName(result.config.access)},
+                      {"accesses", result.accesses},
+                      {"distinct_pages", result.distinct_pages}};
+  const auto find = [&](Contestant c) {
+    return result.series.contains(c) ? &result.series.at(c) : nullptr;
+  };
+  nlohmann::json contestants = nlohmann::json::array();
+  for (const auto& [contestant, series] : result.series) {
+    nlohmann::json c = {{"name", bench::ContestantName(contestant)}};
+    nlohmann::json times = nlohmann::json::array();
+    for (const auto& run : series.runs) times.push_back(Ms(run.elapsed_ns));
+    c["times_ms"] = times;
+    c["median_ms"] = MedianOf(series, [](const bench::RestoreRun& r) { return Ms(r.elapsed_ns); });
+    c["faults"] = MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); });
+    c["pages_installed"] =
+        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.pages_installed); });
+    c["latency_p50_us"] =
+        MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
+    auto vs_file = find(Contestant::kFileBackend);
+    auto vs_per_page = find(Contestant::kPerPage);
+    auto ratio = [](const std::optional<double>& r) {
+      return r ? nlohmann::json(*r) : nlohmann::json(nullptr);
+    };
+    c["speedup_vs_file"] = ratio(vs_file ? MedianSpeedup(*vs_file, series) : std::nullopt);
+    c["speedup_vs_per_page"] =
+        ratio(vs_per_page ? MedianSpeedup(*vs_per_page, series) : std::nullopt);
+    if (contestant == Contestant::kFaultAll) {
+      const double ns =
+          MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
+      c["fault_all_gb_per_s"] = ns > 0 ? static_cast<double>(size) / ns : 0.0;
+    }
+    contestants.push_back(c);
+  }
+  j["contestants"] = contestants;
+  return j;
+}
+
+int RunBench(const BenchArgs& args) {
+  SetLogSink({}, LogLevel::kWarning);  // the handlers' info lines would break up the tables
+  auto configs = ParseConfigs(args);
+  std::vector<Contestant> contestants;
+  for (const std::string& name : args.contestants) {
+    auto c = bench::ParseContestant(name);
+    if (!c) {
+      std::fprintf(stderr, "bench: %s\n", c.error().ToString().c_str());
+      return 2;
+    }
+    contestants.push_back(*c);
+  }
+  if (!configs) {
+    std::fprintf(stderr, "bench: %s\n", configs.error().ToString().c_str());
+    return 2;
+  }
+  TempDir temp;
+  std::string path = args.mem_file;
+  if (path.empty()) {
+    path = temp.File("bench.mem");
+    auto made = MakeSnapshot(path, {.size_bytes = args.size_mib << 20, .seed = args.seed});
+    if (!made) {
+      std::fprintf(stderr, "bench: %s\n", made.error().ToString().c_str());
+      return 1;
+    }
+  }
+  auto snapshot = bench::RestoreSnapshot::Open(path);
+  if (!snapshot) {
+    std::fprintf(stderr, "bench: %s\n", snapshot.error().ToString().c_str());
+    return 1;
+  }
+  const double memcpy_bw = bench::MeasureMemcpyBandwidth(*snapshot);
+  const bench::RestoreOptions options{.fault_around_bytes = args.fault_around_kib * 1024,
+                                      .workers = args.workers};
+  if (!args.json) {
+    std::printf("gmem bench: %s (%llu MiB), %u rounds after a warm-up, contestants alternating\n",
+                path.c_str(), static_cast<unsigned long long>(snapshot->size() >> 20),
+                args.rounds);
+    std::printf("single-thread memcpy of the snapshot: %.2f GB/s\n", memcpy_bw / 1e9);
+    std::printf("speed-ups are medians over rounds of (other's time / contestant's time)\n");
+    std::fflush(stdout);
+  }
+
+  std::vector<ConfigResult> results;
+  bool failed = false;
+  for (const Config& config : *configs) {
+    auto plan = sim::PlanWorkload({.kind = config.kind,
+                                   .access = config.access,
+                                   .threads = config.threads,
+                                   .seed = args.seed},
+                                  snapshot->size());
+    if (!plan) {
+      std::fprintf(stderr, "bench: %s\n", plan.error().ToString().c_str());
+      return 2;
+    }
+    ConfigResult result{.config = config};
+    std::vector<bool> seen(snapshot->size() / kPageSize4K);
+    for (const auto& list : plan->threads) {
+      result.accesses += list.size();
+      for (const sim::Access& a : list) seen[a.offset / kPageSize4K] = true;
+    }
+    result.distinct_pages = static_cast<uint64_t>(std::count(seen.begin(), seen.end(), true));
+    for (unsigned round = 0; round <= args.rounds; ++round) {  // round 0 is the warm-up
+      for (size_t i = 0; i < contestants.size(); ++i) {
+        const Contestant c = contestants[(i + round) % contestants.size()];
+        auto run = bench::RunRestore(c, *snapshot, *plan, options);
+        if (!run) {
+          std::fprintf(stderr, "bench: %s, %s: %s\n", config.Label().c_str(),
+                       std::string(bench::ContestantName(c)).c_str(),
+                       run.error().ToString().c_str());
+          return 1;
+        }
+        if (run->mismatches != 0) {
+          std::fprintf(stderr, "bench: %s, %s: %llu of %llu pages differ from the snapshot\n",
+                       config.Label().c_str(), std::string(bench::ContestantName(c)).c_str(),
+                       static_cast<unsigned long long>(run->mismatches),
+                       static_cast<unsigned long long>(run->pages_verified));
+          failed = true;
+        }
+        if (round > 0) result.series[c].runs.push_back(*run);
+      }
+    }
+    if (!args.json) {
+      PrintConfig(result, memcpy_bw, snapshot->size());
+      std::fflush(stdout);
+    }
+    results.push_back(std::move(result));
+  }
+  if (args.json) {
+    nlohmann::json j = {{"memory_file", path},
+                        {"size_bytes", snapshot->size()},
+                        {"rounds", args.rounds},
+                        {"fault_around_bytes", options.fault_around_bytes},
+                        {"workers", options.workers},
+                        {"memcpy_gb_per_s", memcpy_bw / 1e9}};
+    nlohmann::json configs_json = nlohmann::json::array();
+    for (const ConfigResult& r : results) configs_json.push_back(ToJson(r, snapshot->size()));
+    j["configs"] = configs_json;
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("\n%s\n", failed ? "Some runs FAILED verification." : "Every run verified.");
+  }
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+
+void RegisterBenchCommand(CLI::App& app) {
+  auto args = std::make_shared<BenchArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Restore strategies side by side: File backend, per-page handler, guestmem");
+  cmd->add_option("--mem-file", args->mem_file,
+                  "Snapshot memory file (default: a demo snapshot of --size-mib in a temp dir)")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--size-mib", args->size_mib, "Size of the demo snapshot")
+      ->check(CLI::Range(16, 65536))
+      ->capture_default_str();
+  cmd->add_option("--rounds", args->rounds, "Measured rounds after the warm-up")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  cmd->add_option("--workloads", args->workloads, "sparse, sequential, random")
+      ->check(CLI::IsMember({"sparse", "sequential", "random"}))
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--threads", args->threads, "Guest threads touching memory")
+      ->check(CLI::Range(1, 64))
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--access", args->access, "read, write (every access a write)")
+      ->check(CLI::IsMember({"read", "write"}))
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--contestants", args->contestants,
+                  "file, per-page, on-demand, fault-all, minor-trap")
+      ->check(CLI::IsMember({"file", "per-page", "on-demand", "fault-all", "minor-trap"}))
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--fault-around-kib", args->fault_around_kib,
+                  "guestmem's window installed around each fault, KiB")
+      ->capture_default_str();
+  cmd->add_option("--workers", args->workers, "guestmem fault engine threads")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Seed of the snapshot and the workloads")
+      ->capture_default_str();
+  cmd->add_flag("--json", args->json, "Print one JSON object instead of tables");
+  cmd->callback([args] { CommandExitCode() = RunBench(*args); });
+}
+
+}  // namespace guestmem::cli
