@@ -32,7 +32,13 @@ constexpr PageState kUnmapped = PageState::kAllocated;    // unmapped by the VM:
 constexpr uint64_t kInstallAllChunk = 4 << 20;
 constexpr size_t kEventBatch = 64;
 
-enum class ContentKind { kData, kZero };
+enum class ContentKind {
+  kData,  // from the source
+  kZero,  // zeros: the shared zero page where the memory allows
+  // Zeros the guest is about to write (a write fault's window): installed as real zeroed pages,
+  // because a shared zero page would take a copy-on-write fault right after.
+  kZeroToWrite,
+};
 
 // What one install step asks of its caller.
 enum class Step {
@@ -76,7 +82,9 @@ struct FaultHandler::State {
   FaultHandlerOptions options;
   PageStateMap installed;
   Mapping buffer;     // content staging: max(fault-around window, 2 MiB, fault-all chunk)
-  Mapping zero_page;  // 2 MiB of zeros for hugetlb regions (UFFDIO_ZEROPAGE is not for hugetlb)
+  // 2 MiB of zeros: the copy source for zero huge pages (UFFDIO_ZEROPAGE is not for hugetlb) and
+  // for zero pages a write fault is about to dirty.
+  Mapping zero_page;
   bool fault_all_done = false;
   Counters counters;
   LatencyHistogram latency;
@@ -104,7 +112,8 @@ struct FaultHandler::State {
   }
 
   // --- installing -------------------------------------------------------------------------
-  Result<Step> InstallWindow(size_t region_index, uint64_t begin, uint64_t end,
+  // Installs what is not installed yet in [begin, end) of the region, and the faulting page.
+  Result<Step> InstallWindow(size_t region_index, uint64_t begin, uint64_t end, bool write_fault,
                              std::optional<uint64_t> fault_page);
   Result<Step> InstallPiece(const GuestRegion& region, uint64_t offset, uint64_t length,
                             ContentKind kind);
@@ -181,13 +190,10 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(
   uint64_t buffer_size = std::max(window, kHugePageSize2M);
   if (options.fault_all) buffer_size = std::max(buffer_size, kInstallAllChunk);
   GM_ASSIGN_OR_RETURN(Mapping buffer, Mapping::Anonymous(buffer_size, MAP_NORESERVE));
-  Mapping zeros;
-  const auto& regions = layout.regions();
-  if (std::any_of(regions.begin(), regions.end(),
-                  [](const GuestRegion& r) { return r.page_size == kHugePageSize2M; })) {
-    GM_ASSIGN_OR_RETURN(zeros, Mapping::Map(kHugePageSize2M, PROT_READ,
-                                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  }
+  // Never written: every page of it is the kernel's shared zero page, so it costs no memory.
+  GM_ASSIGN_OR_RETURN(Mapping zeros,
+                      Mapping::Map(std::max(window, kHugePageSize2M), PROT_READ,
+                                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   auto state = std::make_unique<State>(std::move(uffd), std::move(layout), std::move(source),
                                        std::move(options), std::move(buffer), std::move(zeros));
   return std::unique_ptr<FaultHandler>(new FaultHandler(std::move(state)));
@@ -393,7 +399,7 @@ Result<Step> FaultHandler::State::ServeFault(const PagefaultEvent& fault) {
     begin = AlignDown(page_offset, options.fault_around_bytes);
     end = std::min(begin + options.fault_around_bytes, region.size);
   }
-  GM_ASSIGN_OR_RETURN(Step step, InstallWindow(hit->region, begin, end, page_offset));
+  GM_ASSIGN_OR_RETURN(Step step, InstallWindow(hit->region, begin, end, fault.write, page_offset));
   if (step == Step::kDone) batch_installed.emplace_back(file_base + begin, file_base + end);
   return step;
 }
@@ -409,7 +415,7 @@ Status FaultHandler::InstallAll() {
     const uint64_t size = s.layout.regions()[i].size;
     for (uint64_t offset = 0; offset < size;) {
       const uint64_t end = std::min(offset + chunk, size);
-      GM_ASSIGN_OR_RETURN(Step step, s.InstallWindow(i, offset, end, std::nullopt));
+      GM_ASSIGN_OR_RETURN(Step step, s.InstallWindow(i, offset, end, /*write_fault=*/false, std::nullopt));
       if (step == Step::kRetryAfterDrain) {
         Add(s.counters.eagain_retries, 1);
         GM_ASSIGN_OR_RETURN(size_t drained, s.ReadBatch());
@@ -428,6 +434,7 @@ Status FaultHandler::InstallAll() {
 }
 
 Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t begin, uint64_t end,
+                                                bool write_fault,
                                                 std::optional<uint64_t> fault_page) {
   const GuestRegion region = layout.regions()[region_index];  // copy: a REMAP may rebuild layout
   const uint64_t page = region.page_size;
@@ -468,7 +475,8 @@ Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t be
     // The faulting page is installed even if the map says it is: the map can be stale (a
     // MADV_DONTNEED whose REMOVE event was not asked for). EEXIST then settles it cheaply.
     const bool needed = is_fault_page || state == kNotInstalled || state == kZeroOnFault;
-    ContentKind kind = ContentKind::kZero;
+    const ContentKind zero = write_fault ? ContentKind::kZeroToWrite : ContentKind::kZero;
+    ContentKind kind = zero;
     if (needed && state != kZeroOnFault) {
       if (extent.length == 0 || file_offset < extent.offset.value() ||
           file_offset >= extent.offset.value() + extent.length) {
@@ -480,7 +488,7 @@ Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t be
         // A huge page is data if any part of it is.
         const bool all_zero = extent.kind == ExtentKind::kZero &&
                               extent.offset.value() + extent.length >= file_offset + page;
-        kind = all_zero ? ContentKind::kZero : ContentKind::kData;
+        kind = all_zero ? zero : ContentKind::kData;
       }
     }
     if (!needed || (piece_length > 0 && kind != piece_kind)) {
@@ -571,6 +579,13 @@ Result<Step> FaultHandler::State::InstallPieceByCopy(const GuestRegion& region, 
     return Settle(uffd.Copy(host, buffer.data(), length), region, offset, length,
                   counters.pages_copied, one);
   }
+  if (kind == ContentKind::kZeroToWrite && length <= zero_page.size()) {
+    auto one = [&](uint64_t at) {
+      return uffd.Copy(region.host_addr.UncheckedAdd(at), zero_page.data(), region.page_size);
+    };
+    return Settle(uffd.Copy(host, zero_page.data(), length), region, offset, length,
+                  counters.pages_zeroed, one);
+  }
   if (region.page_size == kPageSize4K) {
     auto one = [&](uint64_t at) {
       return uffd.ZeroPage(region.host_addr.UncheckedAdd(at), kPageSize4K);
@@ -607,7 +622,7 @@ Result<Step> FaultHandler::State::InstallPieceInFile(const GuestRegion& region, 
     const HostVirtAddr host = region.host_addr.UncheckedAdd(run);
     std::atomic<uint64_t>* counter = &counters.pages_continued;
     if (!prepared) {
-      if (kind == ContentKind::kZero && page == kPageSize4K) {
+      if (kind != ContentKind::kData && page == kPageSize4K) {
         // A zero page straight into the file's page cache and the mapping: nothing copied.
         auto zero_one = [&](uint64_t at) {
           return uffd.ZeroPage(region.host_addr.UncheckedAdd(at), kPageSize4K);

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -222,6 +223,41 @@ TEST(FaultHandlerTest, HolesAreZeroPagesWithoutReading) {
             128u);
 }
 
+// Minor faults this thread has taken so far.
+uint64_t ThreadMinorFaults() {
+  rusage usage{};
+  getrusage(RUSAGE_THREAD, &usage);
+  return static_cast<uint64_t>(usage.ru_minflt);
+}
+
+TEST(FaultHandlerTest, AWriteFaultsWindowOfZerosIsWritableWithoutASecondFault) {
+  SnapshotFile snapshot(64, [](uint64_t) { return true; });  // all holes
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  const uint64_t window = kDefaultFaultAroundBytes / kPageSize4K;
+
+  // A write fault: its whole window gets real zeroed pages, so writing them costs nothing more.
+  vm.PageAt(0)[0] = 1;
+  const uint64_t before_writes = ThreadMinorFaults();
+  for (uint64_t p = 1; p < window; ++p) vm.PageAt(p)[0] = 1;
+  EXPECT_EQ(ThreadMinorFaults() - before_writes, 0u);
+
+  // A read fault: its window gets the shared zero page, and each write copies it.
+  ASSERT_TRUE(AllZero(vm.PageAt(window), kPageSize4K));
+  const uint64_t before_cow = ThreadMinorFaults();
+  for (uint64_t p = window + 1; p < 2 * window; ++p) vm.PageAt(p)[0] = 1;
+  EXPECT_GE(ThreadMinorFaults() - before_cow, window - 1);
+
+  for (uint64_t p = 0; p < 2 * window; ++p) {
+    EXPECT_EQ(vm.PageAt(p)[0], p == window ? 0 : 1) << p;
+    EXPECT_TRUE(AllZero(vm.PageAt(p) + 1, kPageSize4K - 1)) << p;
+  }
+  const FaultStats stats = engine->RemoveSpace(id).value_or(FaultStats{});
+  EXPECT_EQ(stats.pages_zeroed, 2 * window);
+  EXPECT_EQ(stats.bytes_read, 0u);
+}
+
 TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
   SnapshotFile snapshot(3000, [](uint64_t p) { return p % 10 == 0; });
   TestVm vm = MapAnonymousVm({1000 * kPageSize4K, 2000 * kPageSize4K});
@@ -391,10 +427,11 @@ TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
   FaultInjectionOs broken;
   broken.FailAlways(FaultInjectionOs::Call::kPread, EIO);
   auto handler = ReceiveVm(sv[0], OpenSource(snapshot, &broken));
-  auto engine = StartEngine(1);
+  // Declared before the engine: its callback may run until the engine is gone.
   std::atomic<bool> closed{false};
   Status why;
   FaultStats final_stats;
+  auto engine = StartEngine(1);
   auto id = engine->AddSpace(std::move(handler),
                              [&](SpaceId, const Status& s, const FaultStats& stats) {
                                why = s;
