@@ -1,12 +1,13 @@
 #include "guestmem/fault_handler.h"
 
+#include <sched.h>
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <optional>
-#include <sched.h>
-#include <sys/mman.h>
 #include <string>
 #include <utility>
 #include <variant>
@@ -22,10 +23,10 @@ namespace {
 
 // The handler's own page map (4 KiB granularity, indexed by source offset) reuses PageStateMap's
 // four states with these meanings:
-constexpr PageState kNotInstalled = PageState::kAbsent;   // never installed: fetch from source
-constexpr PageState kInstalled = PageState::kPrepared;    // mapped in the VM (or poisoned)
-constexpr PageState kZeroOnFault = PageState::kRemoved;   // removed by the balloon: reads as zero
-constexpr PageState kUnmapped = PageState::kAllocated;    // unmapped by the VM: never install
+constexpr PageState kNotInstalled = PageState::kAbsent;  // never installed: fetch from source
+constexpr PageState kInstalled = PageState::kPrepared;   // mapped in the VM (or poisoned)
+constexpr PageState kZeroOnFault = PageState::kRemoved;  // removed by the balloon: reads as zero
+constexpr PageState kUnmapped = PageState::kAllocated;   // unmapped by the VM: never install
 
 // Fault-all installs in chunks this large: big enough that ioctl overhead vanishes, small enough
 // that a fault elsewhere is not kept waiting long.
@@ -47,9 +48,9 @@ enum class Step {
 };
 
 uint64_t NanosSince(std::chrono::steady_clock::time_point start) {
-  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                   std::chrono::steady_clock::now() - start)
-                                   .count());
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count());
 }
 
 struct Counters {
@@ -81,7 +82,7 @@ struct FaultHandler::State {
   std::shared_ptr<const PageSource> source;
   FaultHandlerOptions options;
   PageStateMap installed;
-  Mapping buffer;     // content staging: max(fault-around window, 2 MiB, fault-all chunk)
+  Mapping buffer;  // content staging: max(fault-around window, 2 MiB, fault-all chunk)
   // 2 MiB of zeros: the copy source for zero huge pages (UFFDIO_ZEROPAGE is not for hugetlb) and
   // for zero pages a write fault is about to dirty.
   Mapping zero_page;
@@ -104,9 +105,7 @@ struct FaultHandler::State {
 
   // --- page map helpers (all offsets are source offsets) -----------------------------------
   static uint64_t PageIndex(uint64_t file_offset) { return file_offset / kPageSize4K; }
-  PageState StateOf(uint64_t file_offset) const {
-    return installed.Get(PageIndex(file_offset));
-  }
+  PageState StateOf(uint64_t file_offset) const { return installed.Get(PageIndex(file_offset)); }
   void SetState(uint64_t file_offset, uint64_t length, PageState state) {
     installed.Set(PageIndex(file_offset), length / kPageSize4K, state);
   }
@@ -151,21 +150,20 @@ struct FaultHandler::State {
 // ---------------------------------------------------------------------------------------------
 // Creation
 
-Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(
-    Userfaultfd uffd, GuestLayout layout, std::shared_ptr<const PageSource> source,
-    FaultHandlerOptions options) {
+Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, GuestLayout layout,
+                                                           std::shared_ptr<const PageSource> source,
+                                                           FaultHandlerOptions options) {
   if (source == nullptr) return Error(ErrorCode::kInvalidArgument, "fault handler: no source");
   const uint64_t window = options.fault_around_bytes;
   if (window < kPageSize4K || !IsPowerOfTwo(window) || window > (uint64_t{1} << 30)) {
-    return Error(ErrorCode::kInvalidArgument,
-                 "fault handler: fault-around window " + std::to_string(window) +
-                     " is not a power of two between 4096 and 1 GiB");
+    return Error(ErrorCode::kInvalidArgument, "fault handler: fault-around window " +
+                                                  std::to_string(window) +
+                                                  " is not a power of two between 4096 and 1 GiB");
   }
   if (layout.file_end() > source->size()) {
     return Error(ErrorCode::kOutOfRange, "fault handler: regions end at offset " +
-                                             Hex(layout.file_end()) + " but " +
-                                             source->Describe() + " has only " +
-                                             Hex(source->size()) + " bytes");
+                                             Hex(layout.file_end()) + " but " + source->Describe() +
+                                             " has only " + Hex(source->size()) + " bytes");
   }
   if (options.mode == InstallMode::kMinorTrap) {
     if (options.memory_file == nullptr) {
@@ -343,9 +341,9 @@ Status FaultHandler::State::ApplyRemap(const RemapEvent& remap) {
       return OkStatus();
     }
   }
-  return Error(ErrorCode::kUnsupported,
-               options.name + ": mremap of " + Hex(remap.length) + " bytes from " +
-                   Hex(remap.from.value()) + " does not move one whole region");
+  return Error(ErrorCode::kUnsupported, options.name + ": mremap of " + Hex(remap.length) +
+                                            " bytes from " + Hex(remap.from.value()) +
+                                            " does not move one whole region");
 }
 
 Status FaultHandler::State::ApplyFork(ForkEvent& fork) {
@@ -367,9 +365,15 @@ Status FaultHandler::State::ApplyFork(ForkEvent& fork) {
 
 Result<Step> FaultHandler::State::ServeFault(const PagefaultEvent& fault) {
   switch (fault.kind) {
-    case PagefaultKind::kMissing: Add(counters.faults_missing, 1); break;
-    case PagefaultKind::kMinor: Add(counters.faults_minor, 1); break;
-    case PagefaultKind::kWriteProtect: Add(counters.faults_write_protect, 1); break;
+    case PagefaultKind::kMissing:
+      Add(counters.faults_missing, 1);
+      break;
+    case PagefaultKind::kMinor:
+      Add(counters.faults_minor, 1);
+      break;
+    case PagefaultKind::kWriteProtect:
+      Add(counters.faults_write_protect, 1);
+      break;
   }
   auto hit = layout.FindHost(fault.address);
   if (!hit) {
@@ -415,7 +419,8 @@ Status FaultHandler::InstallAll() {
     const uint64_t size = s.layout.regions()[i].size;
     for (uint64_t offset = 0; offset < size;) {
       const uint64_t end = std::min(offset + chunk, size);
-      GM_ASSIGN_OR_RETURN(Step step, s.InstallWindow(i, offset, end, /*write_fault=*/false, std::nullopt));
+      GM_ASSIGN_OR_RETURN(Step step,
+                          s.InstallWindow(i, offset, end, /*write_fault=*/false, std::nullopt));
       if (step == Step::kRetryAfterDrain) {
         Add(s.counters.eagain_retries, 1);
         GM_ASSIGN_OR_RETURN(size_t drained, s.ReadBatch());
@@ -457,8 +462,8 @@ Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t be
     if (!step) {
       if (!has_fault) {
         // A neighbour fetched speculatively: leave it for its own fault.
-        Log(LogLevel::kDebug, Where(region, start) + ": fault-around skipped: " +
-                                  step.error().ToString());
+        Log(LogLevel::kDebug,
+            Where(region, start) + ": fault-around skipped: " + step.error().ToString());
         return Step::kDone;
       }
       if (step.error().code() == ErrorCode::kPeerGone) return std::move(step).error();
@@ -525,10 +530,9 @@ Result<Step> FaultHandler::State::Settle(const Result<UffdProgress>& progress,
                                          InstallOne install_one) {
   if (!progress) return progress.error();
   const uint64_t file_offset = region.file_offset.value() + offset;
-  const uint64_t done =
-      std::min<uint64_t>(AlignDown(static_cast<uint64_t>(std::max<int64_t>(progress->bytes, 0)),
-                                   region.page_size),
-                         length);
+  const uint64_t done = std::min<uint64_t>(
+      AlignDown(static_cast<uint64_t>(std::max<int64_t>(progress->bytes, 0)), region.page_size),
+      length);
   switch (progress->outcome) {
     case UffdProgress::Outcome::kDone:
       SetState(file_offset, length, kInstalled);
@@ -590,8 +594,7 @@ Result<Step> FaultHandler::State::InstallPieceByCopy(const GuestRegion& region, 
     auto one = [&](uint64_t at) {
       return uffd.ZeroPage(region.host_addr.UncheckedAdd(at), kPageSize4K);
     };
-    return Settle(uffd.ZeroPage(host, length), region, offset, length, counters.pages_zeroed,
-                  one);
+    return Settle(uffd.ZeroPage(host, length), region, offset, length, counters.pages_zeroed, one);
   }
   // hugetlb has no UFFDIO_ZEROPAGE: copy the shared zero page, one huge page at a time.
   auto one = [&](uint64_t at) {
@@ -633,16 +636,16 @@ Result<Step> FaultHandler::State::InstallPieceInFile(const GuestRegion& region, 
         auto marked = file.MarkPrepared(FileOffset(file_offset), run_length);
         (void)marked;  // pages another writer prepared meanwhile are prepared all the same
         // Pages that were already in the file (EEXIST above) still need mapping.
-        GM_ASSIGN_OR_RETURN(step, Settle(uffd.Continue(host, run_length), region, run,
-                                         run_length, counters.pages_continued, continue_one));
+        GM_ASSIGN_OR_RETURN(step, Settle(uffd.Continue(host, run_length), region, run, run_length,
+                                         counters.pages_continued, continue_one));
         if (step != Step::kDone) return step;
         run = run_end;
         continue;
       }
       std::span<const std::byte> content;
       if (kind == ContentKind::kData) {
-        GM_RETURN_IF_ERROR(source->ReadAt(FileOffset(file_offset),
-                                          buffer.span().first(run_length)));
+        GM_RETURN_IF_ERROR(
+            source->ReadAt(FileOffset(file_offset), buffer.span().first(run_length)));
         Add(counters.bytes_read, run_length);
         content = buffer.span().first(run_length);
       } else {
@@ -653,8 +656,8 @@ Result<Step> FaultHandler::State::InstallPieceInFile(const GuestRegion& region, 
         return std::move(populated).error();
       }
     }
-    GM_ASSIGN_OR_RETURN(Step step, Settle(uffd.Continue(host, run_length), region, run,
-                                          run_length, *counter, continue_one));
+    GM_ASSIGN_OR_RETURN(Step step, Settle(uffd.Continue(host, run_length), region, run, run_length,
+                                          *counter, continue_one));
     if (step != Step::kDone) return step;
     run = run_end;
   }
@@ -668,8 +671,8 @@ Result<Step> FaultHandler::State::Poison(const GuestRegion& region, uint64_t pag
   if (poisoned && poisoned->outcome == UffdProgress::Outcome::kDone) {
     SetState(region.file_offset.value() + page_offset, region.page_size, kInstalled);
     Add(counters.pages_poisoned, region.page_size / kPageSize4K);
-    Log(LogLevel::kError, Where(region, page_offset) +
-                              " poisoned (the VM gets SIGBUS there): " + why.ToString());
+    Log(LogLevel::kError,
+        Where(region, page_offset) + " poisoned (the VM gets SIGBUS there): " + why.ToString());
     return Step::kDone;
   }
   if (poisoned && poisoned->outcome == UffdProgress::Outcome::kAgain) return Step::kRetryAfterDrain;
@@ -677,9 +680,9 @@ Result<Step> FaultHandler::State::Poison(const GuestRegion& region, uint64_t pag
     return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
   }
   // No UFFDIO_POISON on this uffd: never install zeros where data was expected. Fail the VM.
-  Log(LogLevel::kError, Where(region, page_offset) +
-                            " cannot be served and cannot be poisoned; giving up the VM: " +
-                            why.ToString());
+  Log(LogLevel::kError,
+      Where(region, page_offset) +
+          " cannot be served and cannot be poisoned; giving up the VM: " + why.ToString());
   return Error(why.code(), Where(region, page_offset) + ": " + why.context(), why.sys_errno());
 }
 
@@ -691,13 +694,12 @@ std::string FaultStats::ToString() const {
                     std::to_string(pages_copied) + ", continued " +
                     std::to_string(pages_continued) + ", zeroed " + std::to_string(pages_zeroed) +
                     ", poisoned " + std::to_string(pages_poisoned) + "; read " +
-                    std::to_string(bytes_read >> 20) + " MiB; latency p50 " +
-                    us(latency_p50_ns) + " p99 " + us(latency_p99_ns) + " max " +
-                    us(latency_max_ns);
+                    std::to_string(bytes_read >> 20) + " MiB; latency p50 " + us(latency_p50_ns) +
+                    " p99 " + us(latency_p99_ns) + " max " + us(latency_max_ns);
   if (events_remove + events_unmap + events_remap + events_fork > 0) {
     out += "; events: remove " + std::to_string(events_remove) + ", unmap " +
-           std::to_string(events_unmap) + ", remap " + std::to_string(events_remap) +
-           ", fork " + std::to_string(events_fork);
+           std::to_string(events_unmap) + ", remap " + std::to_string(events_remap) + ", fork " +
+           std::to_string(events_fork);
   }
   if (eagain_retries > 0) out += "; eagain retries " + std::to_string(eagain_retries);
   if (fault_all_us > 0) out += "; fault-all " + std::to_string(fault_all_us) + "us";

@@ -10,7 +10,6 @@
 
 namespace guestmem {
 
-
 AddressRegistry& AddressRegistry::Global() {
   static AddressRegistry* const kRegistry = new AddressRegistry();  // usable from destructors
   return *kRegistry;

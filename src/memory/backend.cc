@@ -2,8 +2,8 @@
 
 #include <fcntl.h>
 #include <linux/kvm.h>
-#include <linux/memfd.h>
 #include <linux/magic.h>
+#include <linux/memfd.h>
 #include <sys/mman.h>
 #include <sys/vfs.h>
 #include <unistd.h>

@@ -33,7 +33,6 @@ inline constexpr unsigned long kKvmCreateGuestMemfd = _IOWR(0xAE, 0xd4, KvmCreat
 inline constexpr uint64_t kGuestMemfdFlagMmap = uint64_t{1} << 0;        // Linux 6.17
 inline constexpr uint64_t kGuestMemfdFlagInitShared = uint64_t{1} << 1;  // Linux 6.18
 
-
 uint64_t BackendPageSize(MemoryBackend backend);
 
 struct BackendObject {

@@ -10,13 +10,12 @@
 #include <string>
 #include <utility>
 
+#include "base/hex.h"
 #include "guestmem/address_registry.h"
 #include "guestmem/os.h"
-#include "base/hex.h"
 #include "memory/backend.h"
 
 namespace guestmem {
-
 
 std::string_view MemoryBackendName(MemoryBackend backend) {
   switch (backend) {

@@ -23,12 +23,12 @@
 #include <vector>
 
 #include "base/fault_injection_os.h"
+#include "base/temp_dir.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "guestmem/address_registry.h"
 #include "guestmem/os.h"
 #include "testutil/huge_pages.h"
-#include "base/temp_dir.h"
 
 namespace guestmem {
 

@@ -6,8 +6,8 @@
 #include <cerrno>
 #include <cstdio>
 
-#include "guestmem/os.h"
 #include "base/hex.h"
+#include "guestmem/os.h"
 #include "guestmem/page_source.h"
 
 namespace guestmem {

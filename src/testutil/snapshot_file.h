@@ -14,8 +14,8 @@
 #include <string>
 #include <vector>
 
-#include "guestmem/address.h"
 #include "base/temp_dir.h"
+#include "guestmem/address.h"
 
 namespace guestmem::testutil {
 

@@ -21,8 +21,7 @@ namespace guestmem::testutil {
 class Subprocess {
  public:
   // Starts `argv` with stdout and stderr both appended to `log_path`.
-  Subprocess(std::vector<std::string> argv, std::string log_path)
-      : log_path_(std::move(log_path)) {
+  Subprocess(std::vector<std::string> argv, std::string log_path) : log_path_(std::move(log_path)) {
     pid_ = fork();
     if (pid_ == 0) {
       int fd = open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);

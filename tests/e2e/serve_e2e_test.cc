@@ -14,12 +14,13 @@
 #include <thread>
 #include <vector>
 
+#include "base/temp_dir.h"
 #include "guestmem/handshake.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
+#include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/subprocess.h"
-#include "base/temp_dir.h"
 
 namespace guestmem {
 namespace {
@@ -32,7 +33,8 @@ class ServeE2eTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_FALSE(dir_.empty());
     // 32 MiB snapshot, every 5th page a hole.
-    snapshot_ = std::make_unique<testutil::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
+    snapshot_ =
+        std::make_unique<testutil::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
   }
   void TearDown() override { server_.reset(); }
 
@@ -44,8 +46,8 @@ class ServeE2eTest : public ::testing::Test {
   }
 
   std::unique_ptr<Subprocess> StartVm(const std::string& name, std::vector<std::string> extra) {
-    std::vector<std::string> argv = {GMEM_BINARY, "vmm-sim", "--socket", socket_, "--mem-file",
-                                     snapshot_->path()};
+    std::vector<std::string> argv = {GMEM_BINARY, "vmm-sim",    "--socket",
+                                     socket_,     "--mem-file", snapshot_->path()};
     argv.insert(argv.end(), extra.begin(), extra.end());
     return std::make_unique<Subprocess>(argv, dir_ + "/" + name + ".log");
   }
@@ -104,13 +106,21 @@ TEST_F(ServeE2eTest, SecretHidingVariantUsesTheMinorTrap) {
   EXPECT_NE(server_->Output().find("continued"), std::string::npos) << server_->Output();
 }
 
+TEST_F(ServeE2eTest, HugePageGuestMemoryIsServedInWholeHugePages) {
+  testutil::HugePageReservation reservation(16);  // the 32 MiB guest
+  if (!reservation.ok()) GTEST_SKIP() << reservation.why();
+  StartServer();
+  ExpectVmVerifies({"--page-size", "2m", "--workload", "random", "--threads", "2", "--verify"});
+  ExpectVmVerifies({"--page-size", "2m", "--regions", "2", "--workload", "sparse", "--verify"},
+                   "two-regions");
+}
+
 TEST_F(ServeE2eTest, ManyVmsAtOnce) {
   StartServer();
   std::vector<std::unique_ptr<Subprocess>> vms;
   for (int i = 0; i < 4; ++i) {
-    vms.push_back(StartVm("vm" + std::to_string(i),
-                          {"--workload", i % 2 ? "random" : "sequential", "--seed",
-                           std::to_string(i), "--verify"}));
+    vms.push_back(StartVm("vm" + std::to_string(i), {"--workload", i % 2 ? "random" : "sequential",
+                                                     "--seed", std::to_string(i), "--verify"}));
   }
   for (auto& vm : vms) EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output();
 }
@@ -189,7 +199,9 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   std::vector<Case> cases = {
       {"garbage", "JSON", [&](int s) { SendRaw(s, "this is not json", memory.uffd->fd()); }},
       {"truncated", "truncated",
-       [&](int s) { SendRaw(s, R"([{"base_host_virt_addr":1234,"size":4096)", memory.uffd->fd()); }},
+       [&](int s) {
+         SendRaw(s, R"([{"base_host_virt_addr":1234,"size":4096)", memory.uffd->fd());
+       }},
       {"no descriptor", "descriptor",
        [&](int s) {
          SendRaw(s, EncodeHandshake(std::vector{region(memory.base(), 1 << 20, 0, 4096)}));
@@ -248,8 +260,8 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   EXPECT_EQ(rejected, static_cast<int>(cases.size())) << log;
   for (const Case& c : cases) {
     if (!c.expected_reason.empty()) {
-      EXPECT_NE(log.find(c.expected_reason), std::string::npos)
-          << c.name << ": reason not logged\n" << log;
+      EXPECT_NE(log.find(c.expected_reason), std::string::npos) << c.name << ": reason not logged\n"
+                                                                << log;
     }
   }
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";

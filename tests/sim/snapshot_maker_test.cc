@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "base/fault_injection_os.h"
-#include "guestmem/address.h"
 #include "base/temp_dir.h"
+#include "guestmem/address.h"
 
 namespace guestmem::cli {
 namespace {

@@ -14,20 +14,20 @@
 #include <string>
 #include <vector>
 
-#include "testutil/subprocess.h"
+#include "base/temp_dir.h"
 #include "guestmem/unix_socket.h"
 #include "sim/test_fault_server.h"
-#include "base/temp_dir.h"
 #include "sim/trace.h"
 #include "snapshot_maker.h"
+#include "testutil/subprocess.h"
 
 namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
-using testutil::Subprocess;
 using sim::testutil::TestFaultServer;
 using sim::testutil::TestFaultServerOptions;
+using testutil::Subprocess;
 
 constexpr uint64_t kMiB = 1 << 20;
 constexpr uint64_t kMemory = 8 * kMiB;

@@ -18,12 +18,12 @@
 #include <string>
 #include <vector>
 
+#include "base/temp_dir.h"
 #include "bench/restore_bench.h"
 #include "commands.h"
 #include "guestmem/log.h"
 #include "sim/workload.h"
 #include "snapshot_maker.h"
-#include "base/temp_dir.h"
 
 namespace guestmem::cli {
 namespace {
@@ -140,16 +140,15 @@ void PrintConfig(const ConfigResult& result, double memcpy_bytes_per_s, uint64_t
   for (const auto& [contestant, series] : result.series) {
     const double latency_us =
         MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
-    std::printf("  %-30s %10.2f %9.0f %10.0f %9s %12s %9s\n",
-                std::string(bench::ContestantTitle(contestant)).c_str(),
-                MedianOf(series, [](const bench::RestoreRun& r) { return Ms(r.elapsed_ns); }),
-                MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); }),
-                MedianOf(series,
-                         [](const bench::RestoreRun& r) { return double(r.pages_installed); }),
-                Speedup(file ? MedianSpeedup(*file, series) : std::nullopt).c_str(),
-                Speedup(per_page ? MedianSpeedup(*per_page, series) : std::nullopt).c_str(),
-                latency_us > 0 ? (std::to_string(static_cast<int>(latency_us)) + "us").c_str()
-                               : "-");
+    std::printf(
+        "  %-30s %10.2f %9.0f %10.0f %9s %12s %9s\n",
+        std::string(bench::ContestantTitle(contestant)).c_str(),
+        MedianOf(series, [](const bench::RestoreRun& r) { return Ms(r.elapsed_ns); }),
+        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); }),
+        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.pages_installed); }),
+        Speedup(file ? MedianSpeedup(*file, series) : std::nullopt).c_str(),
+        Speedup(per_page ? MedianSpeedup(*per_page, series) : std::nullopt).c_str(),
+        latency_us > 0 ? (std::to_string(static_cast<int>(latency_us)) + "us").c_str() : "-");
     if (contestant == Contestant::kFaultAll) {
       const double ns =
           MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
@@ -238,8 +237,7 @@ int RunBench(const BenchArgs& args) {
                                       .workers = args.workers};
   if (!args.json) {
     std::printf("gmem bench: %s (%llu MiB), %u rounds after a warm-up, contestants alternating\n",
-                path.c_str(), static_cast<unsigned long long>(snapshot->size() >> 20),
-                args.rounds);
+                path.c_str(), static_cast<unsigned long long>(snapshot->size() >> 20), args.rounds);
     std::printf("single-thread memcpy of the snapshot: %.2f GB/s\n", memcpy_bw / 1e9);
     std::printf("speed-ups are medians over rounds of (other's time / contestant's time)\n");
     std::fflush(stdout);
@@ -291,12 +289,10 @@ int RunBench(const BenchArgs& args) {
     results.push_back(std::move(result));
   }
   if (args.json) {
-    nlohmann::json j = {{"memory_file", path},
-                        {"size_bytes", snapshot->size()},
-                        {"rounds", args.rounds},
-                        {"fault_around_bytes", options.fault_around_bytes},
-                        {"workers", options.workers},
-                        {"memcpy_gb_per_s", memcpy_bw / 1e9}};
+    nlohmann::json j = {
+        {"memory_file", path},        {"size_bytes", snapshot->size()},
+        {"rounds", args.rounds},      {"fault_around_bytes", options.fault_around_bytes},
+        {"workers", options.workers}, {"memcpy_gb_per_s", memcpy_bw / 1e9}};
     nlohmann::json configs_json = nlohmann::json::array();
     for (const ConfigResult& r : results) configs_json.push_back(ToJson(r, snapshot->size()));
     j["configs"] = configs_json;

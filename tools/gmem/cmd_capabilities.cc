@@ -40,9 +40,9 @@ nlohmann::json Probe() {
     report["userfaultfd"] = {{"available", false}, {"reason", uffd.error().ToString()}};
   }
   nlohmann::json backends = nlohmann::json::array();
-  for (MemoryBackend backend : {MemoryBackend::kShmem, MemoryBackend::kHugetlb,
-                                MemoryBackend::kAnonymous, MemoryBackend::kSecret,
-                                MemoryBackend::kGuestMemfd}) {
+  for (MemoryBackend backend :
+       {MemoryBackend::kShmem, MemoryBackend::kHugetlb, MemoryBackend::kAnonymous,
+        MemoryBackend::kSecret, MemoryBackend::kGuestMemfd}) {
     nlohmann::json entry = {{"backend", std::string(MemoryBackendName(backend))}};
     auto caps = ProbeBackend(backend);
     if (caps) {
@@ -79,12 +79,10 @@ void PrintText(const nlohmann::json& report) {
   for (const auto& b : report["backends"]) {
     if (b["available"].get<bool>()) {
       std::printf("%-12s %-9s %-9s %-5s %-8s %-17s %s\n", b["backend"].get<std::string>().c_str(),
-                  "yes",
-                  b["page_size"].get<uint64_t>() >= (1u << 20) ? "2 MiB" : "4 KiB",
+                  "yes", b["page_size"].get<uint64_t>() >= (1u << 20) ? "2 MiB" : "4 KiB",
                   b["mmap"].get<bool>() ? "yes" : "no",
                   b["populate_by_write"].get<bool>() ? "yes" : "no",
-                  b["uffd_modes"].get<std::string>().c_str(),
-                  b["note"].get<std::string>().c_str());
+                  b["uffd_modes"].get<std::string>().c_str(), b["note"].get<std::string>().c_str());
     } else {
       std::printf("%-12s %-9s %s\n", b["backend"].get<std::string>().c_str(), "no",
                   b["reason"].get<std::string>().c_str());

@@ -79,9 +79,9 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
   Status served;
   std::thread daemon([&] { served = (*server)->Run(); });
 
-  std::vector<std::string> argv = {SelfExecutable(), "vmm-sim", "--socket", socket, "--mem-file",
-                                   mem, "--threads", std::to_string(threads), "--verify",
-                                   "--json"};
+  std::vector<std::string> argv = {
+      SelfExecutable(),        "vmm-sim",  "--socket", socket, "--mem-file", mem, "--threads",
+      std::to_string(threads), "--verify", "--json"};
   argv.insert(argv.end(), scenario.workload.begin(), scenario.workload.end());
   const auto start = Clock::now();
   auto child = RunChild(argv);
@@ -118,8 +118,8 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
 }
 
 void PrintTable(const std::vector<Outcome>& outcomes) {
-  std::printf("\n%-38s %8s %9s %8s %9s %8s %8s %9s %s\n", "restore", "time", "touched",
-              "faults", "copied", "zeroed", "contin.", "p50 lat", "verified");
+  std::printf("\n%-38s %8s %9s %8s %9s %8s %8s %9s %s\n", "restore", "time", "touched", "faults",
+              "copied", "zeroed", "contin.", "p50 lat", "verified");
   for (const Outcome& o : outcomes) {
     std::printf("%-38s %7.3fs %9llu %8llu %9llu %8llu %8llu %7lluus %s\n", o.title.c_str(),
                 o.seconds, static_cast<unsigned long long>(o.pages_touched),
@@ -155,8 +155,7 @@ int RunDemo(const DemoArgs& args) {
       {"on demand: sequential scan", false, {"--workload", "sequential"}},
       {"on demand: sparse working set", false, {"--workload", "sparse"}},
       {"on demand: random 4 KiB reads", false, {"--workload", "random"}},
-      {"on demand: secret hiding (minor trap)", false,
-       {"--workload", "sparse", "--secret-hiding"}},
+      {"on demand: secret hiding (minor trap)", false, {"--workload", "sparse", "--secret-hiding"}},
       {"fault-all: sequential scan", true, {"--workload", "sequential"}},
   };
   const size_t steps = scenarios.size() + 1;
@@ -208,7 +207,8 @@ void RegisterDemoCommand(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "vmm-sim threads touching memory")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
-  cmd->add_option("--dir", args->dir, "Where to put the memory file and socket (default: a temp dir)");
+  cmd->add_option("--dir", args->dir,
+                  "Where to put the memory file and socket (default: a temp dir)");
   cmd->add_flag("--keep", args->keep, "Keep the temp dir");
   cmd->add_flag("-v,--verbose", args->verbose, "Show the daemon's log");
   cmd->callback([args] { CommandExitCode() = RunDemo(*args); });

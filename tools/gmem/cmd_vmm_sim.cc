@@ -16,11 +16,11 @@
 #include <string>
 #include <thread>
 
+#include "base/hex.h"
 #include "commands.h"
 #include "guestmem/os.h"
 #include "guestmem/unique_fd.h"
 #include "sim/guest_vm.h"
-#include "base/hex.h"
 #include "sim/trace.h"
 #include "sim/workload.h"
 
@@ -46,7 +46,6 @@ struct VmmSimArgs {
   bool json = false;
   uint64_t hold_ms = 0;
 };
-
 
 Result<sim::BalloonSpec> ParseBalloon(const std::string& text) {
   const size_t colon = text.find(':');

@@ -41,8 +41,8 @@ void InstallLogFormat(bool json, bool verbose) {
           nlohmann::json line = {{"ts", Timestamp()},
                                  {"level", std::string(LogLevelName(level))},
                                  {"msg", std::string(message)}};
-          const std::string text = line.dump(-1, ' ', false,
-                                             nlohmann::json::error_handler_t::replace);
+          const std::string text =
+              line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
           std::lock_guard lock(OutputMutex());
           std::fprintf(stderr, "%s\n", text.c_str());
         },

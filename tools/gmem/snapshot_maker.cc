@@ -10,10 +10,10 @@
 #include <string_view>
 #include <vector>
 
+#include "base/hex.h"
 #include "guestmem/address.h"
 #include "guestmem/os.h"
 #include "guestmem/unique_fd.h"
-#include "base/hex.h"
 #include "sim/random.h"
 
 namespace guestmem::cli {

@@ -104,9 +104,9 @@ Result<Mapping> FreshAnonymousMemory(uint64_t size) {
 }
 
 Result<GuestLayout> OneRegionAt(const void* base, uint64_t size) {
-  return GuestLayout::Create({GuestRegion{GuestPhysAddr(0), size, FileOffset(0),
-                                          HostVirtAddr(reinterpret_cast<uint64_t>(base)),
-                                          kPageSize4K}});
+  return GuestLayout::Create(
+      {GuestRegion{GuestPhysAddr(0), size, FileOffset(0),
+                   HostVirtAddr(reinterpret_cast<uint64_t>(base)), kPageSize4K}});
 }
 
 // Anonymous memory registered MISSING with a new uffd: the destination of a copying handler.
@@ -260,8 +260,8 @@ Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::Work
                                                      .name = "guestmem-bench"}));
   GM_ASSIGN_OR_RETURN(MemoryMapping mapping, file->Map());
   GM_ASSIGN_OR_RETURN(Userfaultfd uffd,
-                      Userfaultfd::Create({.required_features = kUffdFeatureMissingShmem |
-                                                                kUffdFeatureMinorShmem}));
+                      Userfaultfd::Create({.required_features =
+                                               kUffdFeatureMissingShmem | kUffdFeatureMinorShmem}));
   GM_RETURN_IF_ERROR(uffd.Register(mapping.host_address(), snapshot.size(),
                                    UffdModes::kMissing | UffdModes::kMinor));
   FaultHandlerOptions handler_options;
@@ -269,30 +269,40 @@ Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::Work
   handler_options.mode = InstallMode::kMinorTrap;
   handler_options.fault_around_bytes = options.fault_around_bytes;
   handler_options.memory_file = file;
-  return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, plan,
-                       std::move(handler_options), options.workers);
+  return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, plan, std::move(handler_options),
+                       options.workers);
 }
 
 }  // namespace
 
 std::string_view ContestantName(Contestant contestant) {
   switch (contestant) {
-    case Contestant::kFileBackend: return "file";
-    case Contestant::kPerPage: return "per-page";
-    case Contestant::kOnDemand: return "on-demand";
-    case Contestant::kFaultAll: return "fault-all";
-    case Contestant::kMinorTrap: return "minor-trap";
+    case Contestant::kFileBackend:
+      return "file";
+    case Contestant::kPerPage:
+      return "per-page";
+    case Contestant::kOnDemand:
+      return "on-demand";
+    case Contestant::kFaultAll:
+      return "fault-all";
+    case Contestant::kMinorTrap:
+      return "minor-trap";
   }
   return "?";
 }
 
 std::string_view ContestantTitle(Contestant contestant) {
   switch (contestant) {
-    case Contestant::kFileBackend: return "File backend (MAP_PRIVATE)";
-    case Contestant::kPerPage: return "per-page handler (reference)";
-    case Contestant::kOnDemand: return "guestmem on-demand";
-    case Contestant::kFaultAll: return "guestmem fault-all";
-    case Contestant::kMinorTrap: return "guestmem minor trap (shmem)";
+    case Contestant::kFileBackend:
+      return "File backend (MAP_PRIVATE)";
+    case Contestant::kPerPage:
+      return "per-page handler (reference)";
+    case Contestant::kOnDemand:
+      return "guestmem on-demand";
+    case Contestant::kFaultAll:
+      return "guestmem fault-all";
+    case Contestant::kMinorTrap:
+      return "guestmem minor trap (shmem)";
   }
   return "?";
 }
@@ -326,11 +336,16 @@ Result<RestoreSnapshot> RestoreSnapshot::Open(const std::string& path) {
 Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
                               const sim::WorkloadPlan& plan, const RestoreOptions& options) {
   switch (contestant) {
-    case Contestant::kFileBackend: return RunFileBackend(snapshot, plan);
-    case Contestant::kPerPage: return RunPerPage(snapshot, plan);
-    case Contestant::kOnDemand: return RunCopyingEngine(snapshot, plan, options, false);
-    case Contestant::kFaultAll: return RunCopyingEngine(snapshot, plan, options, true);
-    case Contestant::kMinorTrap: return RunMinorTrap(snapshot, plan, options);
+    case Contestant::kFileBackend:
+      return RunFileBackend(snapshot, plan);
+    case Contestant::kPerPage:
+      return RunPerPage(snapshot, plan);
+    case Contestant::kOnDemand:
+      return RunCopyingEngine(snapshot, plan, options, false);
+    case Contestant::kFaultAll:
+      return RunCopyingEngine(snapshot, plan, options, true);
+    case Contestant::kMinorTrap:
+      return RunMinorTrap(snapshot, plan, options);
   }
   return Error(ErrorCode::kInvalidArgument, "bench: unknown contestant");
 }

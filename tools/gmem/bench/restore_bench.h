@@ -61,7 +61,9 @@ class RestoreSnapshot {
  private:
   RestoreSnapshot(std::string path, UniqueFd fd, Mapping view,
                   std::shared_ptr<const PageSource> source)
-      : path_(std::move(path)), fd_(std::move(fd)), view_(std::move(view)),
+      : path_(std::move(path)),
+        fd_(std::move(fd)),
+        view_(std::move(view)),
         source_(std::move(source)) {}
 
   std::string path_;

@@ -28,8 +28,8 @@ class RestoreBenchTest : public ::testing::TestWithParam<Contestant> {
   }
 
   sim::WorkloadPlan Plan(sim::WorkloadKind kind, sim::AccessMode access, unsigned threads) {
-    auto plan = sim::PlanWorkload({.kind = kind, .access = access, .threads = threads, .seed = 3},
-                                  kSize);
+    auto plan =
+        sim::PlanWorkload({.kind = kind, .access = access, .threads = threads, .seed = 3}, kSize);
     EXPECT_TRUE(plan.has_value()) << plan.error().ToString();
     return plan.value_or(sim::WorkloadPlan{});
   }

@@ -65,11 +65,11 @@ struct HandlerServer::Impl {
 
   std::mutex mu;
   std::condition_variable handshakes_done;
-  int handshakes_in_flight = 0;                // GUARDED_BY(mu)
-  std::deque<Connection> new_connections;      // GUARDED_BY(mu)
+  int handshakes_in_flight = 0;                                    // GUARDED_BY(mu)
+  std::deque<Connection> new_connections;                          // GUARDED_BY(mu)
   std::deque<std::pair<SpaceId, FaultStats>> ended_by_themselves;  // GUARDED_BY(mu)
-  std::map<SpaceId, Connection> connections;   // main loop only
-  int finished_vms = 0;                        // main loop only
+  std::map<SpaceId, Connection> connections;                       // main loop only
+  int finished_vms = 0;                                            // main loop only
 
   static void Signal(int fd) {
     uint64_t one = 1;
@@ -110,10 +110,10 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   Log(LogLevel::kInfo,
       "serving " + impl->source->Describe() + " on " + options.socket_path + " (mode " + mode +
           ") with " + std::to_string(impl->engine->worker_count()) + " workers, " +
-          (options.fault_all ? std::string("fault-all")
-                             : "on demand with " +
-                                   std::to_string(options.fault_around_bytes / 1024) +
-                                   " KiB fault-around"));
+          (options.fault_all
+               ? std::string("fault-all")
+               : "on demand with " + std::to_string(options.fault_around_bytes / 1024) +
+                     " KiB fault-around"));
   return std::unique_ptr<HandlerServer>(new HandlerServer(std::move(impl)));
 }
 
@@ -173,8 +173,8 @@ Status HandlerServer::Run() {
       return PosixError(errno, "serve: poll");
     }
     if (fds[0].revents != 0) {
-      Log(LogLevel::kInfo, "shutting down: " + std::to_string(s.connections.size()) +
-                               " VM(s) still connected");
+      Log(LogLevel::kInfo,
+          "shutting down: " + std::to_string(s.connections.size()) + " VM(s) still connected");
       break;
     }
     if (fds[1].revents != 0) Impl::Drain(s.wake_fd.get());
@@ -275,16 +275,15 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
     handler_options.mode = InstallMode::kMinorTrap;
     handler_options.memory_file = std::move(memory_file);
   }
-  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout),
-                                                         source, std::move(handler_options)));
+  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout), source,
+                                                         std::move(handler_options)));
   return engine->AddSpace(std::move(handler),
                           [this](SpaceId id, const Status& why, const FaultStats& stats) {
                             OnSpaceClosed(id, why, stats);
                           });
 }
 
-void HandlerServer::Impl::OnSpaceClosed(SpaceId space, const Status& why,
-                                        const FaultStats& stats) {
+void HandlerServer::Impl::OnSpaceClosed(SpaceId space, const Status& why, const FaultStats& stats) {
   if (why) return;  // removed by Disconnect, which logs
   const bool exited = why.error().code() == ErrorCode::kPeerGone;
   Log(exited ? LogLevel::kInfo : LogLevel::kError,

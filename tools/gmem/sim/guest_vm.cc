@@ -9,9 +9,9 @@
 #include <charconv>
 #include <cstdio>
 
+#include "base/hex.h"
 #include "guestmem/os.h"
 #include "guestmem/unix_socket.h"
-#include "base/hex.h"
 
 namespace guestmem::sim {
 namespace {

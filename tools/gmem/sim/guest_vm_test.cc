@@ -18,12 +18,12 @@
 #include <vector>
 
 #include "base/fault_injection_os.h"
+#include "base/temp_dir.h"
 #include "guestmem/unix_socket.h"
 #include "sim/test_fault_server.h"
 #include "sim/workload.h"
 #include "snapshot_maker.h"
 #include "testutil/huge_pages.h"
-#include "base/temp_dir.h"
 
 namespace guestmem::sim {
 namespace {

@@ -12,8 +12,8 @@
 #include <thread>
 #include <utility>
 
-#include "guestmem/os.h"
 #include "base/hex.h"
+#include "guestmem/os.h"
 #include "sim/random.h"
 
 namespace guestmem::sim {
