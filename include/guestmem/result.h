@@ -138,6 +138,9 @@ inline Status OkStatus() { return Status(); }
 #define GM_CONCAT_INNER_(a, b) a##b
 #define GM_CONCAT_(a, b) GM_CONCAT_INNER_(a, b)
 
+// `lhs` is a declaration or an lvalue, so it cannot be parenthesised.
+// NOLINTBEGIN(bugprone-macro-parentheses)
+
 // Returns the error of `expr` (a Result or Status) from the enclosing function.
 #define GM_RETURN_IF_ERROR(expr)                                     \
   do {                                                               \
@@ -152,5 +155,7 @@ inline Status OkStatus() { return Status(); }
   auto tmp = (expr);                                    \
   if (!tmp.has_value()) return std::move(tmp).error();  \
   lhs = std::move(tmp).value()
+
+// NOLINTEND(bugprone-macro-parentheses)
 
 #endif  // GUESTMEM_RESULT_H_

@@ -32,7 +32,7 @@ using Clock = std::chrono::steady_clock;
 
 std::string Seconds(Clock::duration d) {
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.3fs", std::chrono::duration<double>(d).count());
+  (void)std::snprintf(buf, sizeof(buf), "%.3fs", std::chrono::duration<double>(d).count());
   return buf;
 }
 
@@ -106,7 +106,7 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   if (!impl->stop_fd || !impl->wake_fd) return PosixError(errno, "serve: eventfd");
 
   char mode[8];
-  std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(options.socket_mode));
+  (void)std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(options.socket_mode));
   Log(LogLevel::kInfo,
       "serving " + impl->source->Describe() + " on " + options.socket_path + " (mode " + mode +
           ") with " + std::to_string(impl->engine->worker_count()) + " workers, " +
