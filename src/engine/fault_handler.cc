@@ -95,12 +95,6 @@ struct FaultHandler::State {
   // fault on the same page before it is installed each queue an event; the install wakes them
   // all, so the later events of the batch need no second read of the source.
   std::vector<std::pair<uint64_t, uint64_t>> batch_installed;
-  bool InstalledThisBatch(uint64_t file_offset) const {
-    if (StateOf(file_offset) != kInstalled) return false;  // removed since: serve it again
-    return std::any_of(batch_installed.begin(), batch_installed.end(), [&](const auto& range) {
-      return file_offset >= range.first && file_offset < range.second;
-    });
-  }
   std::vector<std::unique_ptr<FaultHandler>> children;
 
   // --- page map helpers (all offsets are source offsets) -----------------------------------
@@ -108,6 +102,12 @@ struct FaultHandler::State {
   PageState StateOf(uint64_t file_offset) const { return installed.Get(PageIndex(file_offset)); }
   void SetState(uint64_t file_offset, uint64_t length, PageState state) {
     installed.Set(PageIndex(file_offset), length / kPageSize4K, state);
+  }
+  bool InstalledThisBatch(uint64_t file_offset) const {
+    if (StateOf(file_offset) != kInstalled) return false;  // removed since: serve it again
+    return std::any_of(batch_installed.begin(), batch_installed.end(), [&](const auto& range) {
+      return file_offset >= range.first && file_offset < range.second;
+    });
   }
 
   // --- installing -------------------------------------------------------------------------

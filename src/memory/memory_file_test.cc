@@ -1,9 +1,11 @@
 #include "guestmem/memory_file.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -693,8 +695,11 @@ TEST(MemoryFileTest, IdentifyBackendRefusesWhatIsNotGuestMemory) {
   UniqueFd on_disk(open(path.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600));
   ASSERT_TRUE(on_disk.valid());
   // /tmp may itself be a tmpfs; then a file there is shmem as far as the kernel is concerned.
+  struct statfs fs = {};
+  ASSERT_EQ(statfs(dir.path().c_str(), &fs), 0);
   auto plain = IdentifyBackend(on_disk.get());
-  if (plain.has_value()) {
+  if (fs.f_type == TMPFS_MAGIC) {
+    ASSERT_TRUE(plain.has_value()) << plain.error().ToString();
     EXPECT_EQ(*plain, MemoryBackend::kShmem);
   } else {
     EXPECT_TRUE(Fails(plain, ErrorCode::kInvalidArgument, "is not a guest memory file"));

@@ -30,6 +30,12 @@ namespace {
 
 using bench::Contestant;
 
+std::vector<std::string> AllContestantNames() {
+  std::vector<std::string> names;
+  for (Contestant c : bench::kAllContestants) names.emplace_back(bench::ContestantName(c));
+  return names;
+}
+
 struct BenchArgs {
   std::string mem_file;  // empty: write a demo snapshot of size_mib into a temp dir
   uint64_t size_mib = 256;
@@ -37,8 +43,7 @@ struct BenchArgs {
   std::vector<std::string> workloads = {"sparse", "sequential", "random"};
   std::vector<unsigned> threads = {1, 2};
   std::vector<std::string> access = {"read", "write"};
-  std::vector<std::string> contestants = {"file", "per-page", "on-demand", "fault-all",
-                                          "minor-trap"};
+  std::vector<std::string> contestants = AllContestantNames();
   uint64_t fault_around_kib = kDefaultFaultAroundBytes / 1024;
   unsigned workers = 1;
   uint64_t seed = 1;
@@ -90,21 +95,12 @@ double MedianOf(const Series& series, Field field) {
 
 Result<std::vector<Config>> ParseConfigs(const BenchArgs& args) {
   std::vector<Config> configs;
-  for (const std::string& w : args.workloads) {
-    sim::WorkloadKind kind;
-    if (w == "sparse") {
-      kind = sim::WorkloadKind::kSparse;
-    } else if (w == "sequential") {
-      kind = sim::WorkloadKind::kSequential;
-    } else if (w == "random") {
-      kind = sim::WorkloadKind::kRandom;
-    } else {
-      return Error(ErrorCode::kInvalidArgument, "unknown workload " + w);
-    }
-    for (unsigned t : args.threads) {
-      for (const std::string& a : args.access) {
-        configs.push_back(
-            {kind, t, a == "read" ? sim::AccessMode::kRead : sim::AccessMode::kWrite});
+  for (const std::string& workload : args.workloads) {
+    GM_ASSIGN_OR_RETURN(sim::WorkloadKind kind, sim::ParseWorkloadKind(workload));
+    for (unsigned threads : args.threads) {
+      for (const std::string& access : args.access) {
+        GM_ASSIGN_OR_RETURN(sim::AccessMode mode, sim::ParseAccessMode(access));
+        configs.push_back({kind, threads, mode});
       }
     }
   }
@@ -118,10 +114,49 @@ struct ConfigResult {
   std::map<Contestant, Series> series;
 };
 
+// What the table and the JSON report of one contestant in one configuration.
+struct Summary {
+  Contestant contestant;
+  std::vector<double> times_ms;  // by round
+  double median_ms = 0;
+  double faults = 0;
+  double pages_installed = 0;
+  double latency_p50_us = 0;  // 0: not measured (not a guestmem contestant)
+  std::optional<double> vs_file;
+  std::optional<double> vs_per_page;
+  double fault_all_ns = 0;  // kFaultAll: the time to install everything; else 0
+};
+
+std::vector<Summary> Summarize(const ConfigResult& result) {
+  const auto series_of = [&](Contestant c) {
+    auto it = result.series.find(c);
+    return it == result.series.end() ? nullptr : &it->second;
+  };
+  const Series* file = series_of(Contestant::kFileBackend);
+  const Series* per_page = series_of(Contestant::kPerPage);
+  std::vector<Summary> summaries;
+  for (const auto& [contestant, series] : result.series) {
+    Summary s{.contestant = contestant};
+    for (const bench::RestoreRun& run : series.runs) s.times_ms.push_back(Ms(run.elapsed_ns));
+    s.median_ms = Median(s.times_ms);
+    s.faults = MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); });
+    s.pages_installed =
+        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.pages_installed); });
+    s.latency_p50_us =
+        MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
+    if (file != nullptr) s.vs_file = MedianSpeedup(*file, series);
+    if (per_page != nullptr) s.vs_per_page = MedianSpeedup(*per_page, series);
+    s.fault_all_ns =
+        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
+    summaries.push_back(std::move(s));
+  }
+  return summaries;
+}
+
 std::string Speedup(const std::optional<double>& ratio) {
   if (!ratio) return "-";
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.2fx", *ratio);
+  (void)std::snprintf(buf, sizeof(buf), "%.2fx", *ratio);
   return buf;
 }
 
@@ -131,74 +166,47 @@ void PrintConfig(const ConfigResult& result, double memcpy_bytes_per_s, uint64_t
               static_cast<unsigned long long>(result.distinct_pages));
   std::printf("  %-30s %10s %9s %10s %9s %12s %9s\n", "contestant", "median ms", "faults",
               "installed", "vs file", "vs per-page", "p50 lat");
-  const Series* file = result.series.contains(Contestant::kFileBackend)
-                           ? &result.series.at(Contestant::kFileBackend)
-                           : nullptr;
-  const Series* per_page = result.series.contains(Contestant::kPerPage)
-                               ? &result.series.at(Contestant::kPerPage)
-                               : nullptr;
-  for (const auto& [contestant, series] : result.series) {
-    const double latency_us =
-        MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
-    std::printf(
-        "  %-30s %10.2f %9.0f %10.0f %9s %12s %9s\n",
-        std::string(bench::ContestantTitle(contestant)).c_str(),
-        MedianOf(series, [](const bench::RestoreRun& r) { return Ms(r.elapsed_ns); }),
-        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); }),
-        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.pages_installed); }),
-        Speedup(file ? MedianSpeedup(*file, series) : std::nullopt).c_str(),
-        Speedup(per_page ? MedianSpeedup(*per_page, series) : std::nullopt).c_str(),
-        latency_us > 0 ? (std::to_string(static_cast<int>(latency_us)) + "us").c_str() : "-");
-    if (contestant == Contestant::kFaultAll) {
-      const double ns =
-          MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
-      if (ns > 0) {
-        const double bytes_per_s = static_cast<double>(size) * 1e9 / ns;
-        std::printf("  %-30s installs everything in %.1f ms: %.2f GB/s, %.0f%% of memcpy\n", "",
-                    ns / 1e6, bytes_per_s / 1e9, 100 * bytes_per_s / memcpy_bytes_per_s);
-      }
+  for (const Summary& s : Summarize(result)) {
+    const std::string latency =
+        s.latency_p50_us > 0 ? std::to_string(static_cast<int>(s.latency_p50_us)) + "us" : "-";
+    std::printf("  %-30s %10.2f %9.0f %10.0f %9s %12s %9s\n",
+                std::string(bench::ContestantTitle(s.contestant)).c_str(), s.median_ms, s.faults,
+                s.pages_installed, Speedup(s.vs_file).c_str(), Speedup(s.vs_per_page).c_str(),
+                latency.c_str());
+    if (s.fault_all_ns > 0) {
+      const double bytes_per_s = static_cast<double>(size) * 1e9 / s.fault_all_ns;
+      std::printf("  %-30s installs everything in %.1f ms: %.2f GB/s, %.0f%% of memcpy\n", "",
+                  s.fault_all_ns / 1e6, bytes_per_s / 1e9, 100 * bytes_per_s / memcpy_bytes_per_s);
     }
   }
 }
 
 nlohmann::json ToJson(const ConfigResult& result, uint64_t size) {
-  nlohmann::json j = {{"workload", sim::WorkloadKindName(result.config.kind)},
-                      {"threads", result.config.threads},
-                      {"access", sim::AccessModeName(result.config.access)},
-                      {"accesses", result.accesses},
-                      {"distinct_pages", result.distinct_pages}};
-  const auto find = [&](Contestant c) {
-    return result.series.contains(c) ? &result.series.at(c) : nullptr;
+  const auto optional = [](const std::optional<double>& v) {
+    return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
   };
   nlohmann::json contestants = nlohmann::json::array();
-  for (const auto& [contestant, series] : result.series) {
-    nlohmann::json c = {{"name", bench::ContestantName(contestant)}};
-    nlohmann::json times = nlohmann::json::array();
-    for (const auto& run : series.runs) times.push_back(Ms(run.elapsed_ns));
-    c["times_ms"] = times;
-    c["median_ms"] = MedianOf(series, [](const bench::RestoreRun& r) { return Ms(r.elapsed_ns); });
-    c["faults"] = MedianOf(series, [](const bench::RestoreRun& r) { return double(r.faults); });
-    c["pages_installed"] =
-        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.pages_installed); });
-    c["latency_p50_us"] =
-        MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
-    auto vs_file = find(Contestant::kFileBackend);
-    auto vs_per_page = find(Contestant::kPerPage);
-    auto ratio = [](const std::optional<double>& r) {
-      return r ? nlohmann::json(*r) : nlohmann::json(nullptr);
-    };
-    c["speedup_vs_file"] = ratio(vs_file ? MedianSpeedup(*vs_file, series) : std::nullopt);
-    c["speedup_vs_per_page"] =
-        ratio(vs_per_page ? MedianSpeedup(*vs_per_page, series) : std::nullopt);
-    if (contestant == Contestant::kFaultAll) {
-      const double ns =
-          MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
-      c["fault_all_gb_per_s"] = ns > 0 ? static_cast<double>(size) / ns : 0.0;
+  for (const Summary& s : Summarize(result)) {
+    nlohmann::json c = {{"name", bench::ContestantName(s.contestant)},
+                        {"times_ms", s.times_ms},
+                        {"median_ms", s.median_ms},
+                        {"faults", s.faults},
+                        {"pages_installed", s.pages_installed},
+                        {"latency_p50_us", s.latency_p50_us},
+                        {"speedup_vs_file", optional(s.vs_file)},
+                        {"speedup_vs_per_page", optional(s.vs_per_page)}};
+    if (s.contestant == Contestant::kFaultAll) {
+      c["fault_all_gb_per_s"] =
+          s.fault_all_ns > 0 ? static_cast<double>(size) / s.fault_all_ns : 0.0;
     }
-    contestants.push_back(c);
+    contestants.push_back(std::move(c));
   }
-  j["contestants"] = contestants;
-  return j;
+  return {{"workload", sim::WorkloadKindName(result.config.kind)},
+          {"threads", result.config.threads},
+          {"access", sim::AccessModeName(result.config.access)},
+          {"accesses", result.accesses},
+          {"distinct_pages", result.distinct_pages},
+          {"contestants", std::move(contestants)}};
 }
 
 int RunBench(const BenchArgs& args) {
@@ -255,13 +263,8 @@ int RunBench(const BenchArgs& args) {
       std::fprintf(stderr, "bench: %s\n", plan.error().ToString().c_str());
       return 2;
     }
-    ConfigResult result{.config = config};
-    std::vector<bool> seen(snapshot->size() / kPageSize4K);
-    for (const auto& list : plan->threads) {
-      result.accesses += list.size();
-      for (const sim::Access& a : list) seen[a.offset / kPageSize4K] = true;
-    }
-    result.distinct_pages = static_cast<uint64_t>(std::count(seen.begin(), seen.end(), true));
+    ConfigResult result{
+        .config = config, .accesses = plan->accesses(), .distinct_pages = plan->distinct_pages()};
     for (unsigned round = 0; round <= args.rounds; ++round) {  // round 0 is the warm-up
       for (size_t i = 0; i < contestants.size(); ++i) {
         const Contestant c = contestants[(i + round) % contestants.size()];
@@ -332,7 +335,7 @@ void RegisterBenchCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--contestants", args->contestants,
                   "file, per-page, on-demand, fault-all, minor-trap")
-      ->check(CLI::IsMember({"file", "per-page", "on-demand", "fault-all", "minor-trap"}))
+      ->check(CLI::IsMember(AllContestantNames()))
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--fault-around-kib", args->fault_around_kib,

@@ -75,24 +75,20 @@ Result<sim::WorkloadSpec> MakeWorkloadSpec(const VmmSimArgs& args) {
   spec.threads = args.threads;
   spec.pages = args.pages;
   spec.seed = args.seed;
-  spec.access = args.access == "write"   ? sim::AccessMode::kWrite
-                : args.access == "mixed" ? sim::AccessMode::kMixed
-                                         : sim::AccessMode::kRead;
+  GM_ASSIGN_OR_RETURN(spec.access, sim::ParseAccessMode(args.access));
   const std::string trace_prefix = "trace:";
   if (args.workload.rfind(trace_prefix, 0) == 0) {
     spec.kind = sim::WorkloadKind::kTrace;
     GM_ASSIGN_OR_RETURN(spec.trace, sim::LoadTrace(args.workload.substr(trace_prefix.size())));
-  } else if (args.workload == "sequential") {
-    spec.kind = sim::WorkloadKind::kSequential;
-  } else if (args.workload == "random") {
-    spec.kind = sim::WorkloadKind::kRandom;
-  } else if (args.workload == "sparse") {
-    spec.kind = sim::WorkloadKind::kSparse;
-  } else {
+    return spec;
+  }
+  auto kind = sim::ParseWorkloadKind(args.workload);
+  if (!kind) {
     return Error(ErrorCode::kInvalidArgument, "--workload " + args.workload +
                                                   ": expected sequential, random, sparse or "
                                                   "trace:FILE");
   }
+  spec.kind = *kind;
   return spec;
 }
 

@@ -6,7 +6,6 @@
 
 #include <fstream>
 #include <optional>
-#include <set>
 #include <string>
 
 #include "base/temp_dir.h"
@@ -32,14 +31,6 @@ class RestoreBenchTest : public ::testing::TestWithParam<Contestant> {
         sim::PlanWorkload({.kind = kind, .access = access, .threads = threads, .seed = 3}, kSize);
     EXPECT_TRUE(plan.has_value()) << plan.error().ToString();
     return plan.value_or(sim::WorkloadPlan{});
-  }
-
-  static uint64_t DistinctPages(const sim::WorkloadPlan& plan) {
-    std::set<uint64_t> pages;
-    for (const auto& list : plan.threads) {
-      for (const sim::Access& a : list) pages.insert(a.offset);
-    }
-    return pages.size();
   }
 
   TempDir dir_;
@@ -81,10 +72,10 @@ TEST_P(RestoreBenchTest, SparseWritesAreReadBackOverTheSnapshot) {
   const auto plan = Plan(sim::WorkloadKind::kSparse, sim::AccessMode::kWrite, 2);
   auto run = RunRestore(GetParam(), *snapshot_, plan);
   ASSERT_TRUE(run.has_value()) << run.error().ToString();
-  EXPECT_EQ(run->pages_verified, DistinctPages(plan));
+  EXPECT_EQ(run->pages_verified, plan.distinct_pages());
   EXPECT_EQ(run->mismatches, 0u);
   if (GetParam() == Contestant::kPerPage) {
-    EXPECT_EQ(run->pages_installed, DistinctPages(plan));
+    EXPECT_EQ(run->pages_installed, plan.distinct_pages());
   }
 }
 
@@ -92,10 +83,10 @@ TEST_P(RestoreBenchTest, RandomReadsWithOnePagePerFault) {
   const auto plan = Plan(sim::WorkloadKind::kRandom, sim::AccessMode::kRead, 1);
   auto run = RunRestore(GetParam(), *snapshot_, plan, {.fault_around_bytes = kPageSize4K});
   ASSERT_TRUE(run.has_value()) << run.error().ToString();
-  EXPECT_EQ(run->pages_verified, DistinctPages(plan));
+  EXPECT_EQ(run->pages_verified, plan.distinct_pages());
   EXPECT_EQ(run->mismatches, 0u);
   if (GetParam() == Contestant::kOnDemand || GetParam() == Contestant::kMinorTrap) {
-    EXPECT_EQ(run->pages_installed, DistinctPages(plan));  // nothing around the faults
+    EXPECT_EQ(run->pages_installed, plan.distinct_pages());  // nothing around the faults
   }
 }
 
@@ -121,7 +112,9 @@ TEST(RestoreBenchNamesTest, NamesRoundTrip) {
 
 TEST(RestoreSnapshotTest, RefusesFilesThatAreNotSnapshots) {
   TempDir dir;
-  EXPECT_EQ(RestoreSnapshot::Open(dir.File("missing")).error().code(), ErrorCode::kNotFound);
+  auto missing = RestoreSnapshot::Open(dir.File("missing"));
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().code(), ErrorCode::kNotFound);
   const std::string odd = dir.File("odd");
   std::ofstream(odd) << "not a multiple of 4 KiB";
   auto refused = RestoreSnapshot::Open(odd);

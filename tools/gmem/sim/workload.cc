@@ -376,6 +376,37 @@ Result<WorkloadResult> RunWorkload(const GuestVm& vm, const WorkloadPlan& plan,
   return result;
 }
 
+uint64_t WorkloadPlan::accesses() const {
+  uint64_t n = 0;
+  for (const auto& list : threads) n += list.size();
+  return n;
+}
+
+uint64_t WorkloadPlan::distinct_pages() const {
+  std::vector<uint64_t> pages;
+  for (const auto& list : threads) {
+    for (const Access& a : list) pages.push_back(a.offset);
+  }
+  std::sort(pages.begin(), pages.end());
+  return static_cast<uint64_t>(std::unique(pages.begin(), pages.end()) - pages.begin());
+}
+
+Result<WorkloadKind> ParseWorkloadKind(std::string_view name) {
+  for (WorkloadKind kind :
+       {WorkloadKind::kSequential, WorkloadKind::kRandom, WorkloadKind::kSparse}) {
+    if (WorkloadKindName(kind) == name) return kind;
+  }
+  return Invalid("unknown workload \"" + std::string(name) +
+                 "\" (expected sequential, random or sparse)");
+}
+
+Result<AccessMode> ParseAccessMode(std::string_view name) {
+  for (AccessMode mode : {AccessMode::kRead, AccessMode::kWrite, AccessMode::kMixed}) {
+    if (AccessModeName(mode) == name) return mode;
+  }
+  return Invalid("unknown access \"" + std::string(name) + "\" (expected read, write or mixed)");
+}
+
 nlohmann::json WorkloadResultToJson(const WorkloadResult& r) {
   nlohmann::json j;
   j["workload"] = WorkloadKindName(r.kind);

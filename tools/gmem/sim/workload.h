@@ -46,6 +46,10 @@ enum class AccessMode { kRead, kWrite, kMixed };
 
 std::string_view WorkloadKindName(WorkloadKind kind);
 std::string_view AccessModeName(AccessMode mode);
+// The inverses, for command lines: "sequential", "random", "sparse" (a trace needs its file, so
+// "trace" is not taken here) and "read", "write", "mixed". kInvalidArgument naming the choices.
+Result<WorkloadKind> ParseWorkloadKind(std::string_view name);
+Result<AccessMode> ParseAccessMode(std::string_view name);
 
 struct WorkloadSpec {
   WorkloadKind kind = WorkloadKind::kSequential;
@@ -70,6 +74,9 @@ struct WorkloadPlan {
   WorkloadKind kind = WorkloadKind::kSequential;
   AccessMode access = AccessMode::kRead;
   std::vector<std::vector<Access>> threads;  // one list per thread; no page in two lists
+
+  uint64_t accesses() const;        // in all lists, repeats included
+  uint64_t distinct_pages() const;  // pages accessed at least once
 };
 
 // kInvalidArgument: no threads, memory not a non-zero multiple of 4 KiB, a trace access beyond

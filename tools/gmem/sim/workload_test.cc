@@ -244,5 +244,35 @@ TEST(WorkloadTest, ResultAsJson) {
   EXPECT_TRUE(WorkloadResultToJson(r)["first_mismatch"].is_null());
 }
 
+TEST(WorkloadPlanTest, CountsAccessesAndDistinctPages) {
+  WorkloadPlan plan;
+  plan.threads = {{{0, false}, {kAccessBytes, true}, {0, false}}, {{5 * kAccessBytes, false}}};
+  EXPECT_EQ(plan.accesses(), 4u);
+  EXPECT_EQ(plan.distinct_pages(), 3u);
+  EXPECT_EQ(WorkloadPlan{}.accesses(), 0u);
+  EXPECT_EQ(WorkloadPlan{}.distinct_pages(), 0u);
+}
+
+TEST(WorkloadNamesTest, ParsingIsTheInverseOfNaming) {
+  for (WorkloadKind kind :
+       {WorkloadKind::kSequential, WorkloadKind::kRandom, WorkloadKind::kSparse}) {
+    auto parsed = ParseWorkloadKind(WorkloadKindName(kind));
+    ASSERT_TRUE(parsed.has_value());
+    EXPECT_EQ(*parsed, kind);
+  }
+  for (AccessMode mode : {AccessMode::kRead, AccessMode::kWrite, AccessMode::kMixed}) {
+    auto parsed = ParseAccessMode(AccessModeName(mode));
+    ASSERT_TRUE(parsed.has_value());
+    EXPECT_EQ(*parsed, mode);
+  }
+  auto trace = ParseWorkloadKind("trace");  // needs its file: not a plain name
+  ASSERT_FALSE(trace.has_value());
+  EXPECT_EQ(trace.error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(trace.error().ToString().find("sequential, random or sparse"), std::string::npos);
+  auto access = ParseAccessMode("READ");
+  ASSERT_FALSE(access.has_value());
+  EXPECT_NE(access.error().ToString().find("read, write or mixed"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace guestmem::sim
