@@ -5,16 +5,26 @@
 // the kernel reports them and without locks on the fault path; different VMs are served in
 // parallel. Handlers for forked children join the parent's worker.
 //
+// Fairness: a worker serves its spaces in turns (FaultHandler::Serve with the engine's
+// ServeBudget). A space with work left after its turn (faults already read, a fault-all fill in
+// progress) waits behind every other space that is ready, so one VM's burst of faults, its
+// fault-all or a VM that keeps faulting outside its memory never stalls the others.
+//
 // A space ends when its owner removes it (RemoveSpace, e.g. on the VMM's socket hang-up) or by
 // itself when the VM's process has exited or can no longer be served; then `on_closed` (if given)
 // is called once, from the worker thread, with the reason and the final statistics, and
-// everything the space held (uffd, buffers, source reference) is freed.
+// everything the space held (uffd, buffers, source reference) is freed. An adopted uffd says
+// nothing when its process exits, so a worker asks the kernel about each space that has been
+// quiet for `liveness_interval` (FaultHandler::OwnerAlive); forked children that exited are found
+// that way. No exception escapes a worker: one thrown while serving a space (an allocation that
+// failed) ends that space with kResourceExhausted.
 //
 // Thread safety: all public methods may be called from any thread. on_closed must not call
 // RemoveSpace on its own space (it is already closed) and must not block for long.
 #ifndef GUESTMEM_FAULT_ENGINE_H_
 #define GUESTMEM_FAULT_ENGINE_H_
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -30,6 +40,9 @@ using SpaceId = uint64_t;
 
 struct FaultEngineOptions {
   unsigned workers = 0;  // 0: one per CPU, at most 4
+  ServeBudget budget;    // what one space may do in one turn
+  // How long a space may be quiet before the worker checks that its process still lives.
+  std::chrono::milliseconds liveness_interval{1000};
 };
 
 class FaultEngine {

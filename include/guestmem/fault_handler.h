@@ -1,37 +1,45 @@
 // FaultHandler: serves the userfaultfd events of one VM's guest memory.
 //
-// A handler owns one uffd, knows the VM's guest layout (which host ranges map which offsets of
-// the snapshot) and where content comes from (a PageSource). Each call to ServeReadyEvents()
-// reads the pending events in one batch and resolves them:
-//   - MISSING faults on anonymous memory: the content is read from the source and installed with
-//     UFFDIO_COPY (InstallMode::kCopy, Firecracker's default);
-//   - file-backed memory (shmem, hugetlbfs) in the seed's *full minor trap*
-//     (InstallMode::kMinorTrap, the range registered MISSING|MINOR): the content is written into
-//     the guest memory file (MemoryFile::Populate), then mapped with UFFDIO_CONTINUE; a page whose
-//     content is already in the file is only continued. The file's page states stay true;
-//   - zero pages (holes in the source, pages removed by the balloon) are installed with
-//     UFFDIO_ZEROPAGE, without copying a zero buffer (hugetlb: a copy of a shared zero page);
-//   - fault-around: an aligned window around the faulting page (never crossing a region edge,
-//     skipping pages already installed) is installed with the faulting page;
-//   - REMOVE events (balloon MADV_DONTNEED) make those pages read as zero afterwards, and are
-//     applied before any fault of the same batch (a REMOVE read after a fault may causally
-//     precede it); UNMAP forgets the range; REMAP follows a region that moved whole; FORK yields
-//     a child handler (TakeForkedChildren) serving the child's copy of memory;
-//   - EAGAIN from an install (a non-fault event is pending) drains the events and retries;
-//   - when the source cannot supply a page, the faulting page is poisoned (UFFDIO_POISON: the
-//     faulting access gets SIGBUS) and the reason logged. On a kernel without UFFDIO_POISON the
-//     handler fails with the source's error instead, so that its owner tears the VM's space down:
-//     guestmem never installs a zero page where data was expected.
-//   - fault-all (options.fault_all): the first fault installs every page of every region.
+// A handler composes the fault pipeline's parts for one VM and drives them in turns:
+//   EventSequencer     reads the uffd; non-fault events are applied before any fault is served;
+//   PageTracker        which pages still need the snapshot's content (pending) and which were
+//                      served, or removed by the balloon, unmapped or poisoned (then a later
+//                      fault gets zeros, never the snapshot's content a second time);
+//   FaultAroundPolicy  the window installed with a faulting page;
+//   FillCursor         fault-all: after the first fault, every pending page is installed in the
+//                      background, a budget per turn, faults first;
+//   PlanWindow         which pages of a window to install, and as data or zeros;
+//   ContentFetcher     reads the snapshot's content;
+//   PageInstaller      maps it: UFFDIO_COPY / ZEROPAGE into anonymous memory (InstallMode::kCopy,
+//                      Firecracker's default), or the seed's full minor trap (kMinorTrap: the
+//                      content is written into the guest memory file, then UFFDIO_CONTINUE).
 //
-// Thread safety: ServeReadyEvents/InstallAll from one thread at a time (the engine gives each
-// handler to one worker); stats() from any thread.
+// Events. REMOVE (balloon MADV_DONTNEED) makes the range read zero from then on (minor trap: the
+// range is punched out of the file too); UNMAP forgets the range; REMAP follows a region that
+// moved whole; FORK yields a child handler (TakeForkedChildren) for the child's copy of memory.
+// EAGAIN from an install (a non-fault event is pending) reads that event, applies it and retries.
+//
+// Failures. A page the source cannot supply is poisoned (UFFDIO_POISON: the access gets SIGBUS)
+// and logged; on a kernel without UFFDIO_POISON the handler fails instead, so that its owner
+// tears the VM down: guestmem never installs zeros where data was expected. A range the VM
+// unmapped while its faults were queued (ENOENT) is woken and forgotten; the rest of the VM is
+// served on. A fault outside the VM's declared regions is poisoned (or woken if nothing is mapped
+// there), counted and logged with decreasing frequency; a VM that keeps doing it is given up.
+//
+// Turns. Serve() does a bounded amount of work (a ServeBudget) and says whether work is left, so
+// that one VM's burst of faults or fault-all never stalls the others served by the same thread.
+//
+// Thread safety: Serve/ServeReadyEvents/InstallAll/OwnerAlive/TakeForkedChildren from one thread
+// at a time (the engine gives each handler to one worker); stats() from any thread.
 #ifndef GUESTMEM_FAULT_HANDLER_H_
 #define GUESTMEM_FAULT_HANDLER_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "guestmem/fault_stats.h"
@@ -49,17 +57,29 @@ enum class InstallMode {
 };
 
 inline constexpr uint64_t kDefaultFaultAroundBytes = 64 * 1024;
+inline constexpr uint64_t kMinFaultAroundBytes = 4 * 1024;
+inline constexpr uint64_t kMaxFaultAroundBytes = uint64_t{1} << 30;
 
 struct FaultHandlerOptions {
-  std::string name = "vm";   // for log lines: "vm 3 (pid 4242)"
+  std::string name = "vm";  // for log lines: "vm 3 (pid 4242)"
   InstallMode mode = InstallMode::kCopy;
-  // Window installed around each fault, a power of two >= 4 KiB; 4 KiB = one page per fault.
-  // Regions of 2 MiB pages are always served one 2 MiB page at a time.
+  // Window installed around each fault, a power of two in [kMinFaultAroundBytes,
+  // kMaxFaultAroundBytes]; 4 KiB = one page per fault. Regions of 2 MiB pages are always served
+  // one 2 MiB page at a time.
   uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
-  bool fault_all = false;    // the first fault installs everything
+  bool fault_all = false;  // the first fault starts installing everything (in the background)
   // kMinorTrap: the guest memory file behind the mappings. Region i's content lives at the same
   // offset in this file as in the source (layout.regions()[i].file_offset).
   std::shared_ptr<MemoryFile> memory_file;
+  // Faults outside the declared regions tolerated before the VM is given up.
+  uint64_t max_stray_faults = 10000;
+};
+
+// How much one Serve() call may do before it returns.
+struct ServeBudget {
+  size_t faults = 64;                       // fault events served
+  uint64_t fill_bytes = uint64_t{8} << 20;  // background fill installed
+  size_t eagain_retries = 32;               // installs retried after EAGAIN
 };
 
 class FaultHandler {
@@ -78,24 +98,33 @@ class FaultHandler {
   const std::string& name() const;
   const GuestLayout& layout() const;
 
-  // Reads every pending event (in batches) and serves it. Returns OK when nothing is pending
-  // any more; kPeerGone when the VM's process has exited (the handler is finished); another
-  // error when the VM can no longer be served (then the owner should drop the handler).
+  // One turn: reads what is pending, applies non-fault events, serves queued faults and then
+  // background fill within `budget`. Returns true when work is left that polling the uffd would
+  // not announce (faults already read, a fill in progress): call again soon. kPeerGone when the
+  // VM's process has exited (the handler is finished); another error when the VM can no longer
+  // be served (then the owner should drop the handler).
+  Result<bool> Serve(const ServeBudget& budget = {});
+
+  // Turns until no work is left: every pending event served (and, with fault_all once it has
+  // started, the fill finished).
   Status ServeReadyEvents();
 
-  // Installs every page not installed yet, region by region, in large chunks.
+  // Installs every page still pending, region by region, in large chunks; returns when done.
   Status InstallAll();
 
+  // Whether the VM's process still lives (an adopted uffd says nothing when it exits).
+  Result<bool> OwnerAlive() const;
+
   // Handlers for children forked since the last call (UFFD_EVENT_FORK), sharing this handler's
-  // source and options, starting from this handler's installed-page state.
+  // source and options, starting from this handler's served pages.
   std::vector<std::unique_ptr<FaultHandler>> TakeForkedChildren();
 
   FaultStats stats() const;
 
  private:
-  struct State;
-  explicit FaultHandler(std::unique_ptr<State> state);
-  std::unique_ptr<State> s_;
+  class Pipeline;
+  explicit FaultHandler(std::unique_ptr<Pipeline> pipeline);
+  std::unique_ptr<Pipeline> p_;
 };
 
 }  // namespace guestmem

@@ -16,6 +16,7 @@ struct FaultStats {
   uint64_t faults_missing = 0;
   uint64_t faults_minor = 0;
   uint64_t faults_write_protect = 0;
+  uint64_t faults_stray = 0;  // of those, outside the VM's declared regions
   // Non-fault events read.
   uint64_t events_remove = 0;
   uint64_t events_unmap = 0;
@@ -34,6 +35,10 @@ struct FaultStats {
   uint64_t latency_max_ns = 0;
   // Time spent installing everything when serving in fault-all mode (0 otherwise).
   uint64_t fault_all_us = 0;
+  // When the first fault was served and when fault-all finished, as steady_clock times in
+  // nanoseconds (0: not yet), to order what happened across VMs.
+  uint64_t first_fault_served_ns = 0;
+  uint64_t fill_finished_ns = 0;
 
   uint64_t faults() const { return faults_missing + faults_minor + faults_write_protect; }
   uint64_t pages_installed() const { return pages_copied + pages_continued + pages_zeroed; }

@@ -15,7 +15,10 @@
 //              REMAP, FORK) is waiting to be read -- read events, then retry -- or, with
 //              bytes > 0, it installed a prefix and met a page already present: retry the rest,
 //              [dst + bytes, dst + length), which may then report kExists;
-//   kTaskGone  (ESRCH) the process whose memory this is has exited.
+//   kTaskGone  (ESRCH) the process whose memory this is has exited;
+//   kNoMapping (ENOENT) no range registered with this uffd covers dst (any more): the VMM
+//              unmapped it (a fault queued before the munmap may still be waiting: Wake it).
+//              Move reports an empty source page (also ENOENT) as an error instead.
 // `bytes` is how much was installed before the kernel stopped. It is signed and never negative:
 // the kernel's own field holds -errno on failure, which is never passed on as a count.
 // Every other failure (EINVAL, EFAULT, ENOENT, ENOMEM, ...) is an Error. Arguments are checked
@@ -122,11 +125,11 @@ struct UffdFdInfo {
 };
 
 struct UffdProgress {
-  enum class Outcome { kDone, kExists, kAgain, kTaskGone };
+  enum class Outcome { kDone, kExists, kAgain, kTaskGone, kNoMapping };
   Outcome outcome = Outcome::kDone;
   int64_t bytes = 0;  // bytes installed before the kernel stopped (all of them when kDone)
 };
-// "done", "exists", "again", "task gone".
+// "done", "exists", "again", "task gone", "no mapping".
 std::string_view UffdOutcomeName(UffdProgress::Outcome outcome);
 
 enum class PagefaultKind { kMissing, kMinor, kWriteProtect };
@@ -227,6 +230,14 @@ class Userfaultfd {
   // unless dont_wake. The range needs WP mode. An EAGAIN error (sys_errno()) means an event is
   // waiting to be read: read events, then retry.
   Status WriteProtect(HostVirtAddr start, uint64_t length, bool protect, bool dont_wake = false);
+
+  // Whether the process whose memory this uffd covers is still alive (an adopted uffd outlives
+  // it: nothing is reported when it exits). Asks the kernel to write-unprotect the page at
+  // `registered_page`, which fails with ESRCH once the process has gone and with ENOENT, changing
+  // nothing, on a range not registered for write protection. On a range registered in WP mode
+  // the page is unprotected, as serving a write-protect fault would.
+  // REQUIRES: registered_page page aligned.
+  Result<bool> OwnerAlive(HostVirtAddr registered_page) const;
 
   // Reads up to min(max_events, kUffdMaxEventBatch) pending events with one read(2) and appends
   // them, decoded, to *out. Returns how many: 0 when none is pending on a non-blocking uffd (a

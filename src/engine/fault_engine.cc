@@ -10,9 +10,12 @@
 #include <deque>
 #include <future>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "guestmem/log.h"
@@ -28,7 +31,7 @@ constexpr uint64_t kWakeToken = UINT64_MAX;  // epoll data of a worker's eventfd
 // it may use a handler pointer it looked up without holding the lock.
 class FaultEngine::Worker {
  public:
-  static Result<std::unique_ptr<Worker>> Create(unsigned index) {
+  static Result<std::unique_ptr<Worker>> Create(unsigned index, const FaultEngineOptions& options) {
     UniqueFd epoll(epoll_create1(EPOLL_CLOEXEC));
     if (!epoll) return PosixError(errno, "fault engine: epoll_create1");
     UniqueFd wake(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -39,7 +42,8 @@ class FaultEngine::Worker {
     if (epoll_ctl(epoll.get(), EPOLL_CTL_ADD, wake.get(), &ev) != 0) {
       return PosixError(errno, "fault engine: epoll_ctl(eventfd)");
     }
-    auto worker = std::unique_ptr<Worker>(new Worker(index, std::move(epoll), std::move(wake)));
+    auto worker =
+        std::unique_ptr<Worker>(new Worker(index, options, std::move(epoll), std::move(wake)));
     worker->thread_ = std::thread([w = worker.get()] { w->Run(); });
     return worker;
   }
@@ -63,7 +67,7 @@ class FaultEngine::Worker {
     const int fd = handler->fd();
     {
       std::lock_guard lock(mu_);
-      spaces_.emplace(id, Space{std::move(handler), std::move(on_closed)});
+      spaces_.emplace(id, Space{std::move(handler), std::move(on_closed), Clock::now()});
     }
     epoll_event ev{};
     ev.events = EPOLLIN;
@@ -94,7 +98,7 @@ class FaultEngine::Worker {
     return spaces_.size();
   }
 
-  // Asks the worker thread to close the space; waits until it has.
+  // Asks the worker thread to close the space; waits until it has (at most one turn).
   Result<FaultStats> Remove(SpaceId id) {
     auto request = std::make_shared<RemoveRequest>();
     request->id = id;
@@ -111,17 +115,20 @@ class FaultEngine::Worker {
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
   struct Space {
     std::unique_ptr<FaultHandler> handler;
     ClosedCallback on_closed;
+    Clock::time_point last_active;  // worker thread only
   };
   struct RemoveRequest {
     SpaceId id = 0;
     std::promise<Result<FaultStats>> result;
   };
 
-  Worker(unsigned index, UniqueFd epoll, UniqueFd wake)
-      : index_(index), epoll_(std::move(epoll)), wake_(std::move(wake)) {}
+  Worker(unsigned index, const FaultEngineOptions& options, UniqueFd epoll, UniqueFd wake)
+      : index_(index), options_(options), epoll_(std::move(epoll)), wake_(std::move(wake)) {}
 
   void Wake() {
     uint64_t one = 1;
@@ -129,10 +136,10 @@ class FaultEngine::Worker {
     (void)rc;  // EAGAIN: the counter is already non-zero, the worker will wake anyway
   }
 
-  FaultHandler* Find(SpaceId id) {
+  Space* Find(SpaceId id) {
     std::lock_guard lock(mu_);
     auto it = spaces_.find(id);
-    return it == spaces_.end() ? nullptr : it->second.handler.get();
+    return it == spaces_.end() ? nullptr : &it->second;
   }
 
   // Ends a space: stops watching it, frees it, tells its owner. Worker thread (or destructor).
@@ -152,26 +159,62 @@ class FaultEngine::Worker {
     return stats;
   }
 
-  void ServeReady(SpaceId id, uint32_t events) {
-    FaultHandler* handler = Find(id);
-    if (handler == nullptr) return;
-    Status status = (events & EPOLLERR) != 0
-                        ? Status(Error(ErrorCode::kFailedPrecondition,
-                                       handler->name() + ": the uffd reports an error"))
-                        : handler->ServeReadyEvents();
-    for (auto& child : handler->TakeForkedChildren()) {
-      ClosedCallback callback;
-      {
-        std::lock_guard lock(mu_);
-        callback = spaces_[id].on_closed;
-      }
+  // One turn of a space. Returns whether it has work left for another turn.
+  bool Turn(SpaceId id, uint32_t events) {
+    Space* space = Find(id);
+    if (space == nullptr) return false;
+    FaultHandler& handler = *space->handler;
+    space->last_active = Clock::now();
+    Result<bool> more = (events & EPOLLERR) != 0
+                            ? Result<bool>(Error(ErrorCode::kFailedPrecondition,
+                                                 handler.name() + ": the uffd reports an error"))
+                            : ServeCaught(handler);
+    for (auto& child : handler.TakeForkedChildren()) {
       const SpaceId child_id = next_child_id_.fetch_add(1);
-      if (auto added = Add(child_id, std::move(child), std::move(callback)); !added) {
-        Log(LogLevel::kError, "fault engine: cannot serve a forked child: " +
-                                  added.error().ToString());
+      if (auto added = Add(child_id, std::move(child), space->on_closed); !added) {
+        Log(LogLevel::kError,
+            "fault engine: cannot serve a forked child: " + added.error().ToString());
       }
     }
-    if (!status) Close(id, status);
+    if (!more) {
+      Close(id, std::move(more).error());
+      return false;
+    }
+    return *more;
+  }
+
+  // Serve() with every exception turned into an error for this space alone.
+  Result<bool> ServeCaught(FaultHandler& handler) {
+    try {
+      return handler.Serve(options_.budget);
+    } catch (const std::bad_alloc&) {
+      return Error(ErrorCode::kResourceExhausted, handler.name() + ": out of memory");
+    } catch (const std::exception& e) {
+      return Error(ErrorCode::kInternal, handler.name() + ": " + e.what());
+    }
+  }
+
+  // Spaces quiet for a while: ask the kernel whether their processes still live.
+  void CheckQuietSpaces() {
+    const Clock::time_point now = Clock::now();
+    if (now - last_liveness_check_ < options_.liveness_interval) return;
+    last_liveness_check_ = now;
+    std::vector<std::pair<SpaceId, FaultHandler*>> quiet;
+    {
+      std::lock_guard lock(mu_);
+      for (auto& [id, space] : spaces_) {
+        if (now - space.last_active >= options_.liveness_interval) {
+          quiet.emplace_back(id, space.handler.get());
+        }
+      }
+    }
+    for (auto& [id, handler] : quiet) {
+      Result<bool> alive = handler->OwnerAlive();
+      if (alive && *alive) continue;
+      Close(id, alive ? Status(Error(ErrorCode::kPeerGone,
+                                     handler->name() + ": the VM's process has exited"))
+                      : Status(std::move(alive).error()));
+    }
   }
 
   void ServeRemovals() {
@@ -192,10 +235,13 @@ class FaultEngine::Worker {
 
   void Run() {
     epoll_event events[64];
+    // Spaces due a turn, in order; a space with work left after its turn goes to the back.
+    std::deque<std::pair<SpaceId, uint32_t>> runnable;
+    std::unordered_set<SpaceId> queued;
+    const int idle_ms = static_cast<int>(std::max<int64_t>(options_.liveness_interval.count(), 1));
     while (!stop_.load()) {
-      const int n = epoll_wait(epoll_.get(), events, 64, -1);
-      if (n < 0) {
-        if (errno == EINTR) continue;
+      const int n = epoll_wait(epoll_.get(), events, 64, runnable.empty() ? idle_ms : 0);
+      if (n < 0 && errno != EINTR) {
         Log(LogLevel::kError, "fault engine worker " + std::to_string(index_) +
                                   ": epoll_wait failed: " + PosixError(errno, "").ToString());
         break;
@@ -207,9 +253,22 @@ class FaultEngine::Worker {
           (void)rc;
           continue;
         }
-        ServeReady(events[i].data.u64, events[i].events);
+        const SpaceId id = events[i].data.u64;  // epoll_event is packed: copy, never bind
+        const uint32_t ready = events[i].events;
+        if (queued.insert(id).second) runnable.emplace_back(id, ready);
+      }
+      // One turn for each space due now; those that come back wait for the next round.
+      for (size_t turns = runnable.size(); turns > 0; --turns) {
+        auto [id, ready] = runnable.front();
+        runnable.pop_front();
+        if (Turn(id, ready)) {
+          runnable.emplace_back(id, 0);
+        } else {
+          queued.erase(id);
+        }
       }
       ServeRemovals();
+      CheckQuietSpaces();
     }
     ServeRemovals();
   }
@@ -220,12 +279,14 @@ class FaultEngine::Worker {
 
  private:
   const unsigned index_;
+  const FaultEngineOptions options_;
   UniqueFd epoll_;
   UniqueFd wake_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  Clock::time_point last_liveness_check_ = Clock::now();  // worker thread only
   mutable std::mutex mu_;
-  std::unordered_map<SpaceId, Space> spaces_;           // GUARDED_BY(mu_)
+  std::unordered_map<SpaceId, Space> spaces_;            // GUARDED_BY(mu_)
   std::deque<std::shared_ptr<RemoveRequest>> removals_;  // GUARDED_BY(mu_)
 };
 
@@ -239,7 +300,7 @@ Result<std::unique_ptr<FaultEngine>> FaultEngine::Start(const FaultEngineOptions
   if (count == 0) count = std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
   auto shared = std::make_unique<Shared>();
   for (unsigned i = 0; i < count; ++i) {
-    GM_ASSIGN_OR_RETURN(auto worker, Worker::Create(i));
+    GM_ASSIGN_OR_RETURN(auto worker, Worker::Create(i, options));
     shared->workers.push_back(std::move(worker));
   }
   return std::unique_ptr<FaultEngine>(new FaultEngine(std::move(shared)));

@@ -1,12 +1,8 @@
 #include "guestmem/fault_handler.h"
 
-#include <sched.h>
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -14,137 +10,149 @@
 
 #include "base/hex.h"
 #include "engine/latency_histogram.h"
+#include "guestmem/content_fetcher.h"
+#include "guestmem/event_sequencer.h"
+#include "guestmem/install_policy.h"
 #include "guestmem/log.h"
 #include "guestmem/mapping.h"
-#include "guestmem/page_state.h"
+#include "guestmem/page_installer.h"
+#include "guestmem/page_tracker.h"
 
 namespace guestmem {
 namespace {
 
-// The handler's own page map (4 KiB granularity, indexed by source offset) reuses PageStateMap's
-// four states with these meanings:
-constexpr PageState kNotInstalled = PageState::kAbsent;  // never installed: fetch from source
-constexpr PageState kInstalled = PageState::kPrepared;   // mapped in the VM (or poisoned)
-constexpr PageState kZeroOnFault = PageState::kRemoved;  // removed by the balloon: reads as zero
-constexpr PageState kUnmapped = PageState::kAllocated;   // unmapped by the VM: never install
+using Clock = std::chrono::steady_clock;
 
 // Fault-all installs in chunks this large: big enough that ioctl overhead vanishes, small enough
-// that a fault elsewhere is not kept waiting long.
-constexpr uint64_t kInstallAllChunk = 4 << 20;
-constexpr size_t kEventBatch = 64;
-
-enum class ContentKind {
-  kData,  // from the source
-  kZero,  // zeros: the shared zero page where the memory allows
-  // Zeros the guest is about to write (a write fault's window): installed as real zeroed pages,
-  // because a shared zero page would take a copy-on-write fault right after.
-  kZeroToWrite,
-};
+// that a fault is not kept waiting long.
+constexpr uint64_t kFillChunk = uint64_t{4} << 20;
+// How long a retry after EAGAIN waits for the announced event to become readable.
+constexpr std::chrono::milliseconds kEventWait{1};
 
 // What one install step asks of its caller.
 enum class Step {
   kDone,
-  kRetryAfterDrain,  // EAGAIN: read pending events, then try again
+  kRetryAfterDrain,  // EAGAIN: read pending events, apply them, then try again
 };
 
-uint64_t NanosSince(std::chrono::steady_clock::time_point start) {
+uint64_t NowNanos() {
   return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
           .count());
+}
+
+uint64_t NanosSince(Clock::time_point start) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+}
+
+uint64_t PageIndex(uint64_t file_offset) { return file_offset / kPageSize4K; }
+
+// 1, 10, 100, ...: how often a repeated complaint is logged.
+bool IsPowerOfTen(uint64_t n) {
+  while (n >= 10 && n % 10 == 0) n /= 10;
+  return n == 1;
 }
 
 struct Counters {
   std::atomic<uint64_t> faults_missing{0}, faults_minor{0}, faults_write_protect{0};
+  std::atomic<uint64_t> faults_stray{0};
   std::atomic<uint64_t> events_remove{0}, events_unmap{0}, events_remap{0}, events_fork{0};
-  std::atomic<uint64_t> pages_copied{0}, pages_continued{0}, pages_zeroed{0}, pages_poisoned{0};
-  std::atomic<uint64_t> bytes_read{0}, eagain_retries{0}, fault_all_us{0};
+  std::atomic<uint64_t> pages_poisoned{0}, eagain_retries{0}, fault_all_us{0};
+  std::atomic<uint64_t> first_fault_served_ns{0}, fill_finished_ns{0};
 };
 
 void Add(std::atomic<uint64_t>& counter, uint64_t n) {
   counter.fetch_add(n, std::memory_order_relaxed);
 }
 
+uint64_t Get(const std::atomic<uint64_t>& counter) {
+  return counter.load(std::memory_order_relaxed);
+}
+
+Error TaskGone(const std::string& name) {
+  return Error(ErrorCode::kPeerGone, name + ": the VM's process has exited");
+}
+
 }  // namespace
 
-struct FaultHandler::State {
-  State(Userfaultfd u, GuestLayout l, std::shared_ptr<const PageSource> src, FaultHandlerOptions o,
-        Mapping buf, Mapping zeros)
+// The parts of one VM's fault pipeline and the order in which a turn drives them.
+class FaultHandler::Pipeline {
+ public:
+  Pipeline(Userfaultfd u, GuestLayout l, FaultHandlerOptions o, std::unique_ptr<ContentFetcher> f,
+           Mapping z)
       : uffd(std::move(u)),
         layout(std::move(l)),
-        source(std::move(src)),
         options(std::move(o)),
-        installed(layout.file_end() / kPageSize4K),
-        buffer(std::move(buf)),
-        zero_page(std::move(zeros)) {}
+        tracker(PageIndex(layout.file_end())),
+        sequencer(&uffd),
+        fault_around(options.fault_around_bytes),
+        fetcher(std::move(f)),
+        zeros(std::move(z)) {
+    if (options.mode == InstallMode::kCopy) {
+      installer = std::make_unique<CopyInstaller>(&uffd, &zeros);
+    } else {
+      installer = std::make_unique<MinorTrapInstaller>(&uffd, options.memory_file.get(), &zeros);
+    }
+  }
+
+  Result<bool> Serve(const ServeBudget& budget);
+  Result<bool> FillStep(const ServeBudget& budget);
+  void StartFill();
+  FaultStats Stats() const;
 
   Userfaultfd uffd;
   GuestLayout layout;
-  std::shared_ptr<const PageSource> source;
   FaultHandlerOptions options;
-  PageStateMap installed;
-  Mapping buffer;  // content staging: max(fault-around window, 2 MiB, fault-all chunk)
-  // 2 MiB of zeros: the copy source for zero huge pages (UFFDIO_ZEROPAGE is not for hugetlb) and
-  // for zero pages a write fault is about to dirty.
-  Mapping zero_page;
-  bool fault_all_done = false;
+  PageTracker tracker;
+  EventSequencer sequencer;
+  FaultAroundPolicy fault_around;
+  std::optional<FillCursor> fill;  // from fault-all's first fault until every page is in
+  bool fill_started = false;
+  Clock::time_point fill_start;
+  std::unique_ptr<ContentFetcher> fetcher;
+  Mapping zeros;
+  std::unique_ptr<PageInstaller> installer;
   Counters counters;
   LatencyHistogram latency;
-  std::vector<UffdEvent> events;
-  std::vector<PagefaultEvent> faults;
-  // Source ranges [begin, end) installed for the faults of the batch being served. Threads that
-  // fault on the same page before it is installed each queue an event; the install wakes them
-  // all, so the later events of the batch need no second read of the source.
-  std::vector<std::pair<uint64_t, uint64_t>> batch_installed;
   std::vector<std::unique_ptr<FaultHandler>> children;
 
-  // --- page map helpers (all offsets are source offsets) -----------------------------------
-  static uint64_t PageIndex(uint64_t file_offset) { return file_offset / kPageSize4K; }
-  PageState StateOf(uint64_t file_offset) const { return installed.Get(PageIndex(file_offset)); }
-  void SetState(uint64_t file_offset, uint64_t length, PageState state) {
-    installed.Set(PageIndex(file_offset), length / kPageSize4K, state);
-  }
-  bool InstalledThisBatch(uint64_t file_offset) const {
-    if (StateOf(file_offset) != kInstalled) return false;  // removed since: serve it again
-    return std::any_of(batch_installed.begin(), batch_installed.end(), [&](const auto& range) {
-      return file_offset >= range.first && file_offset < range.second;
-    });
-  }
-
-  // --- installing -------------------------------------------------------------------------
-  // Installs what is not installed yet in [begin, end) of the region, and the faulting page.
-  Result<Step> InstallWindow(size_t region_index, uint64_t begin, uint64_t end, bool write_fault,
-                             std::optional<uint64_t> fault_page);
-  Result<Step> InstallPiece(const GuestRegion& region, uint64_t offset, uint64_t length,
-                            ContentKind kind);
-  Result<Step> InstallPieceByCopy(const GuestRegion& region, uint64_t offset, uint64_t length,
-                                  ContentKind kind);
-  Result<Step> InstallPieceInFile(const GuestRegion& region, uint64_t offset, uint64_t length,
-                                  ContentKind kind);
-  // Applies the outcome of one uffd install of [offset, offset + length) of `region`. On
-  // EEXIST the rest is retried page by page through `install_one`.
-  template <typename InstallOne>
-  Result<Step> Settle(const Result<UffdProgress>& progress, const GuestRegion& region,
-                      uint64_t offset, uint64_t length, std::atomic<uint64_t>& counter,
-                      InstallOne install_one);
-  Result<Step> Poison(const GuestRegion& region, uint64_t page_offset, const Error& why);
-
-  // --- events -----------------------------------------------------------------------------
-  Status ApplyEvent(UffdEvent& event);
+ private:
+  Status ReadEvents(bool after_again);
+  Status ApplyChanges();
   void ApplyRemove(HostVirtAddr start, HostVirtAddr end);
   void ApplyUnmap(HostVirtAddr start, HostVirtAddr end);
   Status ApplyRemap(const RemapEvent& remap);
   Status ApplyFork(ForkEvent& fork);
-  Result<Step> ServeFault(const PagefaultEvent& fault);
-  // Reads one batch of events, applies the non-fault ones, queues the faults. Returns how many
-  // events were read.
-  Result<size_t> ReadBatch();
-
   template <typename Fn>
   void ForEachOverlap(HostVirtAddr start, HostVirtAddr end, Fn fn);
+
+  Result<Step> ServeFault(const PagefaultEvent& fault);
+  Result<Step> ServeStray(const PagefaultEvent& fault);
+  Result<Step> InstallRange(const RegionRange& range, std::optional<uint64_t> fault_page,
+                            bool write_fault);
+  Result<Step> InstallContent(const GuestRegion& region, const InstallPiece& piece,
+                              std::optional<uint64_t> fault_page);
+  Result<Step> Poison(const GuestRegion& region, uint64_t page_offset, const Error& why);
+  void MarkServed(const GuestRegion& region, uint64_t offset, uint64_t length) {
+    tracker.MarkServed(PageIndex(region.file_offset.value() + offset), length / kPageSize4K);
+  }
+  bool ServedThisTurn(size_t region, uint64_t page_offset) const {
+    return std::any_of(served_this_turn_.begin(), served_this_turn_.end(), [&](const auto& r) {
+      return r.region == region && page_offset >= r.begin && page_offset < r.end;
+    });
+  }
   std::string Where(const GuestRegion& region, uint64_t offset) const {
     return options.name + ": page at " + Hex(region.host_addr.value() + offset) + " (offset " +
            Hex(region.file_offset.value() + offset) + ")";
   }
+
+  std::vector<UffdEvent> changes_;
+  std::vector<InstallPiece> pieces_;
+  // Windows installed this turn. Threads that fault on the same page before it is installed
+  // each queue an event; the install woke them all, so the later events need only a wake.
+  std::vector<RegionRange> served_this_turn_;
+  bool last_read_full_ = false;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -155,7 +163,7 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
                                                            FaultHandlerOptions options) {
   if (source == nullptr) return Error(ErrorCode::kInvalidArgument, "fault handler: no source");
   const uint64_t window = options.fault_around_bytes;
-  if (window < kPageSize4K || !IsPowerOfTwo(window) || window > (uint64_t{1} << 30)) {
+  if (window < kMinFaultAroundBytes || !IsPowerOfTwo(window) || window > kMaxFaultAroundBytes) {
     return Error(ErrorCode::kInvalidArgument, "fault handler: fault-around window " +
                                                   std::to_string(window) +
                                                   " is not a power of two between 4096 and 1 GiB");
@@ -185,116 +193,184 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
       }
     }
   }
-  uint64_t buffer_size = std::max(window, kHugePageSize2M);
-  if (options.fault_all) buffer_size = std::max(buffer_size, kInstallAllChunk);
-  GM_ASSIGN_OR_RETURN(Mapping buffer, Mapping::Anonymous(buffer_size, MAP_NORESERVE));
-  // Never written: every page of it is the kernel's shared zero page, so it costs no memory.
-  GM_ASSIGN_OR_RETURN(Mapping zeros,
-                      Mapping::Map(std::max(window, kHugePageSize2M), PROT_READ,
-                                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  auto state = std::make_unique<State>(std::move(uffd), std::move(layout), std::move(source),
-                                       std::move(options), std::move(buffer), std::move(zeros));
-  return std::unique_ptr<FaultHandler>(new FaultHandler(std::move(state)));
+  uint64_t staging = std::max(window, kHugePageSize2M);
+  if (options.fault_all) staging = std::max(staging, kFillChunk);
+  GM_ASSIGN_OR_RETURN(auto fetcher, ContentFetcher::Create(std::move(source), staging));
+  GM_ASSIGN_OR_RETURN(Mapping zeros, MapZeros(staging));
+  auto pipeline = std::make_unique<Pipeline>(std::move(uffd), std::move(layout), std::move(options),
+                                             std::move(fetcher), std::move(zeros));
+  return std::unique_ptr<FaultHandler>(new FaultHandler(std::move(pipeline)));
 }
 
-FaultHandler::FaultHandler(std::unique_ptr<State> state) : s_(std::move(state)) {}
+FaultHandler::FaultHandler(std::unique_ptr<Pipeline> pipeline) : p_(std::move(pipeline)) {}
 FaultHandler::~FaultHandler() = default;
 
-int FaultHandler::fd() const { return s_->uffd.fd(); }
-const std::string& FaultHandler::name() const { return s_->options.name; }
-const GuestLayout& FaultHandler::layout() const { return s_->layout; }
+int FaultHandler::fd() const { return p_->uffd.fd(); }
+const std::string& FaultHandler::name() const { return p_->options.name; }
+const GuestLayout& FaultHandler::layout() const { return p_->layout; }
 
 std::vector<std::unique_ptr<FaultHandler>> FaultHandler::TakeForkedChildren() {
-  return std::exchange(s_->children, {});
+  return std::exchange(p_->children, {});
 }
 
-FaultStats FaultHandler::stats() const {
-  const Counters& c = s_->counters;
-  auto get = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
+Result<bool> FaultHandler::OwnerAlive() const {
+  return p_->uffd.OwnerAlive(p_->layout.regions().front().host_addr);
+}
+
+FaultStats FaultHandler::stats() const { return p_->Stats(); }
+
+FaultStats FaultHandler::Pipeline::Stats() const {
+  const Counters& c = counters;
+  const InstallCounters& installed = installer->counters();
   FaultStats out;
-  out.faults_missing = get(c.faults_missing);
-  out.faults_minor = get(c.faults_minor);
-  out.faults_write_protect = get(c.faults_write_protect);
-  out.events_remove = get(c.events_remove);
-  out.events_unmap = get(c.events_unmap);
-  out.events_remap = get(c.events_remap);
-  out.events_fork = get(c.events_fork);
-  out.pages_copied = get(c.pages_copied);
-  out.pages_continued = get(c.pages_continued);
-  out.pages_zeroed = get(c.pages_zeroed);
-  out.pages_poisoned = get(c.pages_poisoned);
-  out.bytes_read = get(c.bytes_read);
-  out.eagain_retries = get(c.eagain_retries);
-  out.fault_all_us = get(c.fault_all_us);
-  out.latency_p50_ns = s_->latency.Percentile(0.50);
-  out.latency_p99_ns = s_->latency.Percentile(0.99);
-  out.latency_max_ns = s_->latency.max();
+  out.faults_missing = Get(c.faults_missing);
+  out.faults_minor = Get(c.faults_minor);
+  out.faults_write_protect = Get(c.faults_write_protect);
+  out.faults_stray = Get(c.faults_stray);
+  out.events_remove = Get(c.events_remove);
+  out.events_unmap = Get(c.events_unmap);
+  out.events_remap = Get(c.events_remap);
+  out.events_fork = Get(c.events_fork);
+  out.pages_copied = Get(installed.copied);
+  out.pages_continued = Get(installed.continued);
+  out.pages_zeroed = Get(installed.zeroed);
+  out.pages_poisoned = Get(c.pages_poisoned);
+  out.bytes_read = fetcher->bytes_read();
+  out.eagain_retries = Get(c.eagain_retries);
+  out.fault_all_us = Get(c.fault_all_us);
+  out.first_fault_served_ns = Get(c.first_fault_served_ns);
+  out.fill_finished_ns = Get(c.fill_finished_ns);
+  out.latency_p50_ns = latency.Percentile(0.50);
+  out.latency_p99_ns = latency.Percentile(0.99);
+  out.latency_max_ns = latency.max();
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Serving events
+// Turns
+
+Result<bool> FaultHandler::Serve(const ServeBudget& budget) { return p_->Serve(budget); }
 
 Status FaultHandler::ServeReadyEvents() {
-  State& s = *s_;
   while (true) {
-    GM_ASSIGN_OR_RETURN(size_t read, s.ReadBatch());
-    if (read == 0 && s.faults.empty()) return OkStatus();
-    const auto batch_start = std::chrono::steady_clock::now();
-    size_t next = 0;
-    while (next < s.faults.size()) {
-      const PagefaultEvent fault = s.faults[next];
-      GM_ASSIGN_OR_RETURN(Step step, s.ServeFault(fault));
-      if (step == Step::kRetryAfterDrain) {
-        // A non-fault event (a REMOVE, say) is pending and blocks installs until it is read.
-        // Read it (and anything behind it), apply it, then retry this fault.
-        Add(s.counters.eagain_retries, 1);
-        GM_ASSIGN_OR_RETURN(size_t drained, s.ReadBatch());
-        if (drained == 0) sched_yield();  // the event is not readable yet
-        continue;
-      }
-      s.latency.Record(NanosSince(batch_start));
-      ++next;
-    }
-    s.faults.clear();
-    s.batch_installed.clear();
-    if (s.options.fault_all && !s.fault_all_done) GM_RETURN_IF_ERROR(InstallAll());
+    GM_ASSIGN_OR_RETURN(bool more, p_->Serve(ServeBudget{}));
+    if (!more) return OkStatus();
   }
 }
 
-Result<size_t> FaultHandler::State::ReadBatch() {
-  events.clear();
-  GM_ASSIGN_OR_RETURN(size_t count, uffd.ReadEvents(&events, kEventBatch));
-  // Non-fault events first: a REMOVE read in the same batch as a fault may precede it.
-  for (UffdEvent& event : events) {
-    if (auto* fault = std::get_if<PagefaultEvent>(&event)) {
-      faults.push_back(*fault);
-    } else {
-      GM_RETURN_IF_ERROR(ApplyEvent(event));
-    }
-  }
-  return count;
-}
-
-Status FaultHandler::State::ApplyEvent(UffdEvent& event) {
-  if (auto* remove = std::get_if<RemoveEvent>(&event)) {
-    Add(counters.events_remove, 1);
-    ApplyRemove(remove->start, remove->end);
-  } else if (auto* unmap = std::get_if<UnmapEvent>(&event)) {
-    Add(counters.events_unmap, 1);
-    ApplyUnmap(unmap->start, unmap->end);
-  } else if (auto* remap = std::get_if<RemapEvent>(&event)) {
-    Add(counters.events_remap, 1);
-    return ApplyRemap(*remap);
-  } else if (auto* fork = std::get_if<ForkEvent>(&event)) {
-    Add(counters.events_fork, 1);
-    return ApplyFork(*fork);
+Status FaultHandler::InstallAll() {
+  p_->StartFill();
+  while (p_->fill.has_value()) {
+    GM_ASSIGN_OR_RETURN(bool more, p_->Serve(ServeBudget{.fill_bytes = UINT64_MAX}));
+    (void)more;
   }
   return OkStatus();
 }
 
+Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
+  served_this_turn_.clear();
+  GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
+  size_t served = 0;
+  size_t retries = 0;
+  while (!sequencer.empty() && served < budget.faults) {
+    const QueuedFault& queued = sequencer.front();
+    GM_ASSIGN_OR_RETURN(Step step, ServeFault(queued.event));
+    if (step == Step::kRetryAfterDrain) {
+      // A non-fault event (a REMOVE, say) is pending and blocks installs until it is read. Read
+      // it (and anything behind it), apply it, then retry this fault.
+      Add(counters.eagain_retries, 1);
+      if (++retries > budget.eagain_retries) return true;  // the fault stays queued
+      GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/true));
+      continue;
+    }
+    latency.Record(NanosSince(queued.read_at));
+    if (Get(counters.first_fault_served_ns) == 0) {
+      counters.first_fault_served_ns.store(NowNanos(), std::memory_order_relaxed);
+    }
+    sequencer.pop();
+    ++served;
+    // Faults that arrived meanwhile are served in this turn too, while it has budget.
+    if (sequencer.empty() && served < budget.faults) {
+      GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
+    }
+  }
+  if (!sequencer.empty()) return true;
+  if (fill.has_value()) {
+    GM_ASSIGN_OR_RETURN(bool more, FillStep(budget));
+    if (more) return true;
+  }
+  return last_read_full_;
+}
+
+void FaultHandler::Pipeline::StartFill() {
+  if (fill_started) return;
+  fill_started = true;
+  fill_start = Clock::now();
+  fill.emplace();
+}
+
+Result<bool> FaultHandler::Pipeline::FillStep(const ServeBudget& budget) {
+  uint64_t left = budget.fill_bytes;
+  size_t retries = 0;
+  while (left > 0) {
+    const uint64_t chunk_bytes = std::min({left, kFillChunk, fetcher->capacity()});
+    std::optional<RegionRange> chunk = fill->Next(layout, tracker, chunk_bytes);
+    if (!chunk) {
+      fill.reset();
+      const uint64_t micros = NanosSince(fill_start) / 1000;
+      Add(counters.fault_all_us, micros);
+      counters.fill_finished_ns.store(NowNanos(), std::memory_order_relaxed);
+      // The line Firecracker's performance tests look for.
+      Log(LogLevel::kInfo, "Finished Faulting All: " + std::to_string(micros) + "us");
+      return false;
+    }
+    GM_ASSIGN_OR_RETURN(Step step, InstallRange(*chunk, std::nullopt, /*write_fault=*/false));
+    if (step == Step::kRetryAfterDrain) {
+      Add(counters.eagain_retries, 1);
+      if (++retries > budget.eagain_retries) return true;
+      GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/true));
+      if (!sequencer.empty()) return true;  // faults go first: the next turn serves them
+      continue;                             // the same chunk again: served pages are skipped
+    }
+    fill->Advance(*chunk);
+    left -= std::min(left, chunk->end - chunk->begin);
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+
+Status FaultHandler::Pipeline::ReadEvents(bool after_again) {
+  GM_ASSIGN_OR_RETURN(size_t read, after_again ? sequencer.ReadAfterAgain(&changes_, kEventWait)
+                                               : sequencer.Read(&changes_));
+  last_read_full_ = read == sequencer.batch();
+  return ApplyChanges();
+}
+
+Status FaultHandler::Pipeline::ApplyChanges() {
+  Status status;
+  for (UffdEvent& event : changes_) {
+    if (auto* remove = std::get_if<RemoveEvent>(&event)) {
+      Add(counters.events_remove, 1);
+      ApplyRemove(remove->start, remove->end);
+    } else if (auto* unmap = std::get_if<UnmapEvent>(&event)) {
+      Add(counters.events_unmap, 1);
+      ApplyUnmap(unmap->start, unmap->end);
+    } else if (auto* remap = std::get_if<RemapEvent>(&event)) {
+      Add(counters.events_remap, 1);
+      if (status) status = ApplyRemap(*remap);
+    } else if (auto* fork = std::get_if<ForkEvent>(&event)) {
+      Add(counters.events_fork, 1);
+      if (status) status = ApplyFork(*fork);
+    }
+  }
+  changes_.clear();
+  return status;
+}
+
 template <typename Fn>
-void FaultHandler::State::ForEachOverlap(HostVirtAddr start, HostVirtAddr end, Fn fn) {
+void FaultHandler::Pipeline::ForEachOverlap(HostVirtAddr start, HostVirtAddr end, Fn fn) {
   for (const GuestRegion& region : layout.regions()) {
     const uint64_t lo = std::max(start.value(), region.host_addr.value());
     const uint64_t hi = std::min(end.value(), region.host_addr.value() + region.size);
@@ -306,12 +382,15 @@ void FaultHandler::State::ForEachOverlap(HostVirtAddr start, HostVirtAddr end, F
   }
 }
 
-void FaultHandler::State::ApplyRemove(HostVirtAddr start, HostVirtAddr end) {
+void FaultHandler::Pipeline::ApplyRemove(HostVirtAddr start, HostVirtAddr end) {
   ForEachOverlap(start, end, [&](const GuestRegion& region, uint64_t offset, uint64_t length) {
-    const uint64_t file_offset = region.file_offset.value() + offset;
+    // Served before anything else: whatever a fault or a fill does from now on in this range,
+    // including installs that land before the kernel's zap, the range reads zero afterwards.
+    MarkServed(region, offset, length);
     if (options.mode == InstallMode::kMinorTrap) {
       // MADV_DONTNEED on a shared mapping only drops the page-table entries; the content would
       // come back on the next (minor) fault. The balloon wants zeros: punch the file.
+      const uint64_t file_offset = region.file_offset.value() + offset;
       auto punched = options.memory_file->PunchHole(FileOffset(file_offset), length);
       if (!punched) {
         Log(LogLevel::kWarning,
@@ -319,17 +398,17 @@ void FaultHandler::State::ApplyRemove(HostVirtAddr start, HostVirtAddr end) {
                 " from the guest memory file failed: " + punched.error().ToString());
       }
     }
-    SetState(file_offset, length, kZeroOnFault);
   });
 }
 
-void FaultHandler::State::ApplyUnmap(HostVirtAddr start, HostVirtAddr end) {
+void FaultHandler::Pipeline::ApplyUnmap(HostVirtAddr start, HostVirtAddr end) {
+  // The content went with the mapping: a new mapping there starts from zeros.
   ForEachOverlap(start, end, [&](const GuestRegion& region, uint64_t offset, uint64_t length) {
-    SetState(region.file_offset.value() + offset, length, kUnmapped);
+    MarkServed(region, offset, length);
   });
 }
 
-Status FaultHandler::State::ApplyRemap(const RemapEvent& remap) {
+Status FaultHandler::Pipeline::ApplyRemap(const RemapEvent& remap) {
   // Guest memory moves as whole regions (a VMM never splits a region with mremap); follow it.
   std::vector<GuestRegion> regions = layout.regions();
   for (GuestRegion& region : regions) {
@@ -346,24 +425,24 @@ Status FaultHandler::State::ApplyRemap(const RemapEvent& remap) {
                                             " does not move one whole region");
 }
 
-Status FaultHandler::State::ApplyFork(ForkEvent& fork) {
+Status FaultHandler::Pipeline::ApplyFork(ForkEvent& fork) {
   GM_ASSIGN_OR_RETURN(Userfaultfd child_uffd,
                       Userfaultfd::Adopt(std::move(fork.child_uffd), uffd.features()));
   FaultHandlerOptions child_options = options;
   child_options.name = options.name + " (fork)";
-  GM_ASSIGN_OR_RETURN(auto child, FaultHandler::Create(std::move(child_uffd), layout, source,
-                                                       std::move(child_options)));
-  // The child starts with a copy of the parent's memory: what is installed here is there too.
-  const uint64_t pages = installed.page_count();
-  for (uint64_t p = 0; p < pages; ++p) {
-    PageState state = installed.Get(p);
-    if (state != kNotInstalled) child->s_->installed.Set(p, 1, state);
-  }
+  GM_ASSIGN_OR_RETURN(auto child,
+                      FaultHandler::Create(std::move(child_uffd), layout, fetcher->shared_source(),
+                                           std::move(child_options)));
+  // The child starts with a copy of the parent's memory: what was served here is there too.
+  child->p_->tracker.MarkServedFrom(tracker);
   children.push_back(std::move(child));
   return OkStatus();
 }
 
-Result<Step> FaultHandler::State::ServeFault(const PagefaultEvent& fault) {
+// ---------------------------------------------------------------------------------------------
+// Faults
+
+Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
   switch (fault.kind) {
     case PagefaultKind::kMissing:
       Add(counters.faults_missing, 1);
@@ -376,308 +455,144 @@ Result<Step> FaultHandler::State::ServeFault(const PagefaultEvent& fault) {
       break;
   }
   auto hit = layout.FindHost(fault.address);
-  if (!hit) {
-    // Not guest memory we serve (a range unmapped after the fault was queued): let the thread
-    // retry the access; the kernel decides what it finds.
-    auto woken = uffd.Wake(fault.address.AlignDown(kPageSize4K), kPageSize4K);
-    (void)woken;
-    return Step::kDone;
-  }
+  if (!hit) return ServeStray(fault);
   const GuestRegion& region = layout.regions()[hit->region];
   const uint64_t page_offset = AlignDown(hit->offset_in_region, region.page_size);
+  const HostVirtAddr page_host = region.host_addr.UncheckedAdd(page_offset);
   if (fault.kind == PagefaultKind::kWriteProtect) {
     // guestmem never write-protects guest memory itself; whoever registered WP gets the page
     // unprotected so the guest can go on.
-    GM_RETURN_IF_ERROR(uffd.WriteProtect(region.host_addr.UncheckedAdd(page_offset),
-                                         region.page_size, /*protect=*/false));
+    GM_RETURN_IF_ERROR(uffd.WriteProtect(page_host, region.page_size, /*protect=*/false));
     return Step::kDone;
   }
-  const uint64_t file_base = region.file_offset.value();
-  if (InstalledThisBatch(file_base + page_offset)) {
-    GM_RETURN_IF_ERROR(uffd.Wake(region.host_addr.UncheckedAdd(page_offset), region.page_size));
+  if (ServedThisTurn(hit->region, page_offset)) {
+    GM_RETURN_IF_ERROR(uffd.Wake(page_host, region.page_size));
     return Step::kDone;
   }
-  uint64_t begin = page_offset;
-  uint64_t end = page_offset + region.page_size;
-  if (region.page_size == kPageSize4K && !(options.fault_all && !fault_all_done)) {
-    begin = AlignDown(page_offset, options.fault_around_bytes);
-    end = std::min(begin + options.fault_around_bytes, region.size);
-  }
-  GM_ASSIGN_OR_RETURN(Step step, InstallWindow(hit->region, begin, end, fault.write, page_offset));
-  if (step == Step::kDone) batch_installed.emplace_back(file_base + begin, file_base + end);
+  if (options.fault_all) StartFill();
+  // While a fill runs it brings the neighbours; the fault needs only its own page.
+  const RegionRange range =
+      fill.has_value() ? RegionRange{hit->region, page_offset, page_offset + region.page_size}
+                       : fault_around.WindowFor(layout, hit->region, page_offset);
+  GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write));
+  if (step == Step::kDone) served_this_turn_.push_back(range);
   return step;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Installing content
-
-Status FaultHandler::InstallAll() {
-  State& s = *s_;
-  const auto start = std::chrono::steady_clock::now();
-  const uint64_t chunk = std::min<uint64_t>(kInstallAllChunk, s.buffer.size());
-  for (size_t i = 0; i < s.layout.regions().size(); ++i) {
-    const uint64_t size = s.layout.regions()[i].size;
-    for (uint64_t offset = 0; offset < size;) {
-      const uint64_t end = std::min(offset + chunk, size);
-      GM_ASSIGN_OR_RETURN(Step step,
-                          s.InstallWindow(i, offset, end, /*write_fault=*/false, std::nullopt));
-      if (step == Step::kRetryAfterDrain) {
-        Add(s.counters.eagain_retries, 1);
-        GM_ASSIGN_OR_RETURN(size_t drained, s.ReadBatch());
-        if (drained == 0) sched_yield();
-        continue;  // the same chunk again: installed pages are skipped
-      }
-      offset = end;
-    }
+Result<Step> FaultHandler::Pipeline::ServeStray(const PagefaultEvent& fault) {
+  const uint64_t count = counters.faults_stray.fetch_add(1, std::memory_order_relaxed) + 1;
+  const std::string where =
+      options.name + ": fault at " + Hex(fault.address.value()) + " outside its regions";
+  if (count > options.max_stray_faults) {
+    return Error(ErrorCode::kProtocolError,
+                 where + ": " + std::to_string(count) + " such faults; giving up the VM");
   }
-  s.fault_all_done = true;
-  const uint64_t micros = NanosSince(start) / 1000;
-  Add(s.counters.fault_all_us, micros);
-  // The line Firecracker's performance tests look for.
-  Log(LogLevel::kInfo, "Finished Faulting All: " + std::to_string(micros) + "us");
-  return OkStatus();
-}
-
-Result<Step> FaultHandler::State::InstallWindow(size_t region_index, uint64_t begin, uint64_t end,
-                                                bool write_fault,
-                                                std::optional<uint64_t> fault_page) {
-  const GuestRegion region = layout.regions()[region_index];  // copy: a REMAP may rebuild layout
-  const uint64_t page = region.page_size;
-  bool fault_page_installed = !fault_page.has_value();
-
-  // Walks the window page by page, grouping pages that need installing and share a content kind
-  // into pieces; each piece is one install.
-  // The source extent around the last page looked at; length 0 until one is found (a plain
-  // value rather than an optional, which g++ 12 misjudges as maybe uninitialised here).
-  Extent extent{.length = 0};
-  uint64_t piece_start = 0;
-  uint64_t piece_length = 0;
-  ContentKind piece_kind = ContentKind::kData;
-  auto flush = [&]() -> Result<Step> {
-    if (piece_length == 0) return Step::kDone;
-    const uint64_t start = piece_start;
-    const uint64_t length = std::exchange(piece_length, 0);
-    auto step = InstallPiece(region, start, length, piece_kind);
-    const bool has_fault = fault_page && *fault_page >= start && *fault_page < start + length;
-    if (!step) {
-      if (!has_fault) {
-        // A neighbour fetched speculatively: leave it for its own fault.
-        Log(LogLevel::kDebug,
-            Where(region, start) + ": fault-around skipped: " + step.error().ToString());
-        return Step::kDone;
-      }
-      if (step.error().code() == ErrorCode::kPeerGone) return std::move(step).error();
-      return Poison(region, *fault_page, step.error());
-    }
-    if (has_fault && *step == Step::kDone) fault_page_installed = true;
-    return step;
-  };
-
-  for (uint64_t offset = begin; offset < end; offset += page) {
-    const uint64_t file_offset = region.file_offset.value() + offset;
-    const PageState state = StateOf(file_offset);
-    const bool is_fault_page = fault_page && *fault_page == offset;
-    // The faulting page is installed even if the map says it is: the map can be stale (a
-    // MADV_DONTNEED whose REMOVE event was not asked for). EEXIST then settles it cheaply.
-    const bool needed = is_fault_page || state == kNotInstalled || state == kZeroOnFault;
-    const ContentKind zero = write_fault ? ContentKind::kZeroToWrite : ContentKind::kZero;
-    ContentKind kind = zero;
-    if (needed && state != kZeroOnFault) {
-      if (extent.length == 0 || file_offset < extent.offset.value() ||
-          file_offset >= extent.offset.value() + extent.length) {
-        auto found = source->ExtentAt(FileOffset(file_offset));
-        extent = found ? *found : Extent{.length = 0};
-        if (!found) kind = ContentKind::kData;  // let the read report the error
-      }
-      if (extent.length != 0) {
-        // A huge page is data if any part of it is.
-        const bool all_zero = extent.kind == ExtentKind::kZero &&
-                              extent.offset.value() + extent.length >= file_offset + page;
-        kind = all_zero ? zero : ContentKind::kData;
-      }
-    }
-    if (!needed || (piece_length > 0 && kind != piece_kind)) {
-      GM_ASSIGN_OR_RETURN(Step step, flush());
-      if (step == Step::kRetryAfterDrain) return step;
-    }
-    if (needed) {
-      if (piece_length == 0) {
-        piece_start = offset;
-        piece_kind = kind;
-      }
-      piece_length += page;
-    }
-  }
-  GM_ASSIGN_OR_RETURN(Step step, flush());
-  if (step == Step::kRetryAfterDrain) return step;
-  if (!fault_page_installed) {
-    // It was installed before this fault was served (EEXIST): wake the thread that waits on it.
-    GM_RETURN_IF_ERROR(uffd.Wake(region.host_addr.UncheckedAdd(*fault_page), page));
-  }
-  return Step::kDone;
-}
-
-Result<Step> FaultHandler::State::InstallPiece(const GuestRegion& region, uint64_t offset,
-                                               uint64_t length, ContentKind kind) {
-  return options.mode == InstallMode::kCopy ? InstallPieceByCopy(region, offset, length, kind)
-                                            : InstallPieceInFile(region, offset, length, kind);
-}
-
-template <typename InstallOne>
-Result<Step> FaultHandler::State::Settle(const Result<UffdProgress>& progress,
-                                         const GuestRegion& region, uint64_t offset,
-                                         uint64_t length, std::atomic<uint64_t>& counter,
-                                         InstallOne install_one) {
-  if (!progress) return progress.error();
-  const uint64_t file_offset = region.file_offset.value() + offset;
-  const uint64_t done = std::min<uint64_t>(
-      AlignDown(static_cast<uint64_t>(std::max<int64_t>(progress->bytes, 0)), region.page_size),
-      length);
-  switch (progress->outcome) {
-    case UffdProgress::Outcome::kDone:
-      SetState(file_offset, length, kInstalled);
-      Add(counter, length / kPageSize4K);
-      return Step::kDone;
-    case UffdProgress::Outcome::kTaskGone:
-      return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
-    case UffdProgress::Outcome::kAgain:
-      SetState(file_offset, done, kInstalled);
-      Add(counter, done / kPageSize4K);
-      return Step::kRetryAfterDrain;
-    case UffdProgress::Outcome::kExists:
-      break;
-  }
-  // Some page in the piece is already mapped: install the rest one page at a time.
-  SetState(file_offset, done, kInstalled);
-  Add(counter, done / kPageSize4K);
-  for (uint64_t at = offset + done; at < offset + length; at += region.page_size) {
-    Result<UffdProgress> one = install_one(at);
-    if (!one) return one.error();
-    switch (one->outcome) {
-      case UffdProgress::Outcome::kDone:
-        Add(counter, region.page_size / kPageSize4K);
-        [[fallthrough]];
-      case UffdProgress::Outcome::kExists:
-        SetState(region.file_offset.value() + at, region.page_size, kInstalled);
-        break;
-      case UffdProgress::Outcome::kAgain:
-        return Step::kRetryAfterDrain;
-      case UffdProgress::Outcome::kTaskGone:
-        return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
-    }
-  }
-  return Step::kDone;
-}
-
-Result<Step> FaultHandler::State::InstallPieceByCopy(const GuestRegion& region, uint64_t offset,
-                                                     uint64_t length, ContentKind kind) {
-  const HostVirtAddr host = region.host_addr.UncheckedAdd(offset);
-  if (kind == ContentKind::kData) {
-    const FileOffset from(region.file_offset.value() + offset);
-    GM_RETURN_IF_ERROR(source->ReadAt(from, buffer.span().first(length)));
-    Add(counters.bytes_read, length);
-    auto one = [&](uint64_t at) {
-      return uffd.Copy(region.host_addr.UncheckedAdd(at), buffer.bytes() + (at - offset),
-                       region.page_size);
-    };
-    return Settle(uffd.Copy(host, buffer.data(), length), region, offset, length,
-                  counters.pages_copied, one);
-  }
-  if (kind == ContentKind::kZeroToWrite && length <= zero_page.size()) {
-    auto one = [&](uint64_t at) {
-      return uffd.Copy(region.host_addr.UncheckedAdd(at), zero_page.data(), region.page_size);
-    };
-    return Settle(uffd.Copy(host, zero_page.data(), length), region, offset, length,
-                  counters.pages_zeroed, one);
-  }
-  if (region.page_size == kPageSize4K) {
-    auto one = [&](uint64_t at) {
-      return uffd.ZeroPage(region.host_addr.UncheckedAdd(at), kPageSize4K);
-    };
-    return Settle(uffd.ZeroPage(host, length), region, offset, length, counters.pages_zeroed, one);
-  }
-  // hugetlb has no UFFDIO_ZEROPAGE: copy the shared zero page, one huge page at a time.
-  auto one = [&](uint64_t at) {
-    return uffd.Copy(region.host_addr.UncheckedAdd(at), zero_page.data(), kHugePageSize2M);
-  };
-  return Settle(one(offset), region, offset, kHugePageSize2M, counters.pages_zeroed, one);
-}
-
-Result<Step> FaultHandler::State::InstallPieceInFile(const GuestRegion& region, uint64_t offset,
-                                                     uint64_t length, ContentKind kind) {
-  MemoryFile& file = *options.memory_file;
-  const uint64_t page = region.page_size;
-  auto continue_one = [&](uint64_t at) {
-    return uffd.Continue(region.host_addr.UncheckedAdd(at), page);
-  };
-  // Split by whether the file already holds the content (prepared): those pages are only
-  // continued; the others get their content written first.
-  for (uint64_t run = offset; run < offset + length;) {
-    const uint64_t file_offset = region.file_offset.value() + run;
-    const bool prepared = file.StateAt(FileOffset(file_offset)) == PageState::kPrepared;
-    uint64_t run_end = run + page;
-    while (run_end < offset + length &&
-           (file.StateAt(FileOffset(region.file_offset.value() + run_end)) ==
-            PageState::kPrepared) == prepared) {
-      run_end += page;
-    }
-    const uint64_t run_length = run_end - run;
-    const HostVirtAddr host = region.host_addr.UncheckedAdd(run);
-    std::atomic<uint64_t>* counter = &counters.pages_continued;
-    if (!prepared) {
-      if (kind != ContentKind::kData && page == kPageSize4K) {
-        // A zero page straight into the file's page cache and the mapping: nothing copied.
-        auto zero_one = [&](uint64_t at) {
-          return uffd.ZeroPage(region.host_addr.UncheckedAdd(at), kPageSize4K);
-        };
-        GM_ASSIGN_OR_RETURN(Step step, Settle(uffd.ZeroPage(host, run_length), region, run,
-                                              run_length, counters.pages_zeroed, zero_one));
-        if (step != Step::kDone) return step;
-        auto marked = file.MarkPrepared(FileOffset(file_offset), run_length);
-        (void)marked;  // pages another writer prepared meanwhile are prepared all the same
-        // Pages that were already in the file (EEXIST above) still need mapping.
-        GM_ASSIGN_OR_RETURN(step, Settle(uffd.Continue(host, run_length), region, run, run_length,
-                                         counters.pages_continued, continue_one));
-        if (step != Step::kDone) return step;
-        run = run_end;
-        continue;
-      }
-      std::span<const std::byte> content;
-      if (kind == ContentKind::kData) {
-        GM_RETURN_IF_ERROR(
-            source->ReadAt(FileOffset(file_offset), buffer.span().first(run_length)));
-        Add(counters.bytes_read, run_length);
-        content = buffer.span().first(run_length);
-      } else {
-        content = zero_page.span().first(run_length);  // huge pages: one at a time
-      }
-      auto populated = file.Populate(FileOffset(file_offset), content);
-      if (!populated && populated.error().code() != ErrorCode::kAlreadyExists) {
-        return std::move(populated).error();
-      }
-    }
-    GM_ASSIGN_OR_RETURN(Step step, Settle(uffd.Continue(host, run_length), region, run, run_length,
-                                          *counter, continue_one));
-    if (step != Step::kDone) return step;
-    run = run_end;
-  }
-  return Step::kDone;
-}
-
-Result<Step> FaultHandler::State::Poison(const GuestRegion& region, uint64_t page_offset,
-                                         const Error& why) {
-  const HostVirtAddr host = region.host_addr.UncheckedAdd(page_offset);
-  auto poisoned = uffd.Poison(host, region.page_size);
-  if (poisoned && poisoned->outcome == UffdProgress::Outcome::kDone) {
-    SetState(region.file_offset.value() + page_offset, region.page_size, kInstalled);
-    Add(counters.pages_poisoned, region.page_size / kPageSize4K);
-    Log(LogLevel::kError,
-        Where(region, page_offset) + " poisoned (the VM gets SIGBUS there): " + why.ToString());
-    return Step::kDone;
-  }
+  // Nothing guestmem knows belongs there: the access gets SIGBUS rather than a retry that would
+  // fault again at once. If nothing is mapped there any more (a fault queued before an munmap),
+  // the thread is woken to find out for itself.
+  const HostVirtAddr page = fault.address.AlignDown(kPageSize4K);
+  auto poisoned = uffd.Poison(page, kPageSize4K);
+  const bool did_poison = poisoned && poisoned->outcome == UffdProgress::Outcome::kDone;
   if (poisoned && poisoned->outcome == UffdProgress::Outcome::kAgain) return Step::kRetryAfterDrain;
   if (poisoned && poisoned->outcome == UffdProgress::Outcome::kTaskGone) {
-    return Error(ErrorCode::kPeerGone, options.name + ": the VM's process has exited");
+    return TaskGone(options.name);
+  }
+  if (!did_poison) (void)uffd.Wake(page, kPageSize4K);
+  if (IsPowerOfTen(count)) {
+    Log(LogLevel::kWarning,
+        where + " (" + std::to_string(count) + " so far): " + (did_poison ? "poisoned" : "woken"));
+  }
+  return Step::kDone;
+}
+
+Result<Step> FaultHandler::Pipeline::InstallRange(const RegionRange& range,
+                                                  std::optional<uint64_t> fault_page,
+                                                  bool write_fault) {
+  const GuestRegion region = layout.regions()[range.region];  // copy: a REMAP rebuilds layout
+  pieces_.clear();
+  const PageStateMap* file_pages =
+      options.mode == InstallMode::kMinorTrap ? &options.memory_file->pages() : nullptr;
+  PlanWindow(layout, range, fault_page, write_fault, tracker, fetcher->source(), &pieces_,
+             file_pages);
+  for (const InstallPiece& piece : pieces_) {
+    const bool has_fault =
+        fault_page && *fault_page >= piece.offset && *fault_page < piece.offset + piece.length;
+    GM_ASSIGN_OR_RETURN(Step step,
+                        InstallContent(region, piece, has_fault ? fault_page : std::nullopt));
+    if (step == Step::kRetryAfterDrain) return step;
+  }
+  return Step::kDone;
+}
+
+Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
+                                                    const InstallPiece& piece,
+                                                    std::optional<uint64_t> fault_page) {
+  // A piece that cannot be installed: a neighbour fetched speculatively is left for its own
+  // fault; the faulting page is tried alone, and poisoned if it fails alone too.
+  auto failed = [&](const Error& why) -> Result<Step> {
+    if (!fault_page) {
+      Log(LogLevel::kDebug, Where(region, piece.offset) + ": " + Hex(piece.length) +
+                                " bytes skipped: " + why.ToString());
+      return Step::kDone;
+    }
+    if (piece.length > region.page_size) {
+      return InstallContent(region, {*fault_page, region.page_size, piece.kind}, fault_page);
+    }
+    return Poison(region, *fault_page, why);
+  };
+  Content content{.kind = piece.kind};
+  if (piece.kind == ContentKind::kData) {
+    auto fetched =
+        fetcher->Fetch(FileOffset(region.file_offset.value() + piece.offset), piece.length);
+    if (!fetched) return failed(fetched.error());
+    content.data = *fetched;
+  }
+  auto progress = installer->Install(region, piece.offset, piece.length, content);
+  if (!progress) return failed(progress.error());
+  MarkServed(region, piece.offset, progress->bytes);
+  switch (progress->outcome) {
+    case InstallProgress::Outcome::kDone:
+      return Step::kDone;
+    case InstallProgress::Outcome::kAgain:
+      return Step::kRetryAfterDrain;
+    case InstallProgress::Outcome::kNoMapping: {
+      // The VM unmapped the range while its faults were queued: its content is gone with the
+      // mapping. Wake whoever still waits there and serve the rest of the VM on.
+      const uint64_t rest = piece.offset + progress->bytes;
+      const uint64_t rest_length = piece.length - progress->bytes;
+      MarkServed(region, rest, rest_length);
+      (void)uffd.Wake(region.host_addr.UncheckedAdd(rest), rest_length);
+      Log(LogLevel::kDebug, Where(region, rest) + ": " + Hex(rest_length) +
+                                " bytes no longer mapped; woken and forgotten");
+      return Step::kDone;
+    }
+    case InstallProgress::Outcome::kTaskGone:
+      return TaskGone(options.name);
+  }
+  return Error(ErrorCode::kInternal, "fault handler: unknown install outcome");
+}
+
+Result<Step> FaultHandler::Pipeline::Poison(const GuestRegion& region, uint64_t page_offset,
+                                            const Error& why) {
+  const HostVirtAddr host = region.host_addr.UncheckedAdd(page_offset);
+  auto poisoned = uffd.Poison(host, region.page_size);
+  if (poisoned) {
+    switch (poisoned->outcome) {
+      case UffdProgress::Outcome::kDone:
+        MarkServed(region, page_offset, region.page_size);
+        Add(counters.pages_poisoned, region.page_size / kPageSize4K);
+        Log(LogLevel::kError,
+            Where(region, page_offset) + " poisoned (the VM gets SIGBUS there): " + why.ToString());
+        return Step::kDone;
+      case UffdProgress::Outcome::kAgain:
+        return Step::kRetryAfterDrain;
+      case UffdProgress::Outcome::kExists:     // mapped meanwhile: nothing to poison
+      case UffdProgress::Outcome::kNoMapping:  // unmapped meanwhile: nobody to serve
+        (void)uffd.Wake(host, region.page_size);
+        return Step::kDone;
+      case UffdProgress::Outcome::kTaskGone:
+        return TaskGone(options.name);
+    }
   }
   // No UFFDIO_POISON on this uffd: never install zeros where data was expected. Fail the VM.
   Log(LogLevel::kError,
@@ -696,6 +611,7 @@ std::string FaultStats::ToString() const {
                     ", poisoned " + std::to_string(pages_poisoned) + "; read " +
                     std::to_string(bytes_read >> 20) + " MiB; latency p50 " + us(latency_p50_ns) +
                     " p99 " + us(latency_p99_ns) + " max " + us(latency_max_ns);
+  if (faults_stray > 0) out += "; outside regions " + std::to_string(faults_stray);
   if (events_remove + events_unmap + events_remap + events_fork > 0) {
     out += "; events: remove " + std::to_string(events_remove) + ", unmap " +
            std::to_string(events_unmap) + ", remap " + std::to_string(events_remap) + ", fork " +

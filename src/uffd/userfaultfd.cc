@@ -253,6 +253,8 @@ std::string_view UffdOutcomeName(UffdProgress::Outcome outcome) {
       return "again";
     case UffdProgress::Outcome::kTaskGone:
       return "task gone";
+    case UffdProgress::Outcome::kNoMapping:
+      return "no mapping";
   }
   return "unknown";
 }
@@ -372,9 +374,14 @@ Result<UffdProgress> Userfaultfd::Install(unsigned long request, void* arg,
       return UffdProgress{UffdProgress::Outcome::kAgain, bytes};
     case ESRCH:
       return UffdProgress{UffdProgress::Outcome::kTaskGone, bytes};
+    case ENOENT:
+      // UFFDIO_MOVE's ENOENT is about its source (an empty page): an error, not an outcome.
+      if (request == UFFDIO_MOVE) break;
+      return UffdProgress{UffdProgress::Outcome::kNoMapping, bytes};
     default:
-      return PosixError(-rc, std::string(what) + " " + Range(dst, length));
+      break;
   }
+  return PosixError(-rc, std::string(what) + " " + Range(dst, length));
 }
 
 Result<UffdProgress> Userfaultfd::Copy(HostVirtAddr dst, const void* src, uint64_t length,
@@ -452,6 +459,26 @@ Status Userfaultfd::WriteProtect(HostVirtAddr start, uint64_t length, bool prote
                                Range(start, length));
   }
   return OkStatus();
+}
+
+Result<bool> Userfaultfd::OwnerAlive(HostVirtAddr registered_page) const {
+  GM_RETURN_IF_ERROR(
+      CheckRange("UFFDIO_WRITEPROTECT", "probe", registered_page.value(), kPageSize4K));
+  uffdio_writeprotect wp{};
+  wp.range = {registered_page.value(), kPageSize4K};
+  wp.mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE;  // unprotect, and wake nobody
+  const int rc = os_->Ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp);
+  switch (rc < 0 ? -rc : 0) {
+    case 0:
+    case ENOENT:  // not registered for write protection: the kernel found the mm alive
+    case EAGAIN:  // a non-fault event is pending: the mm is alive and changing
+      return true;
+    case ESRCH:
+      return false;
+    default:
+      return PosixError(
+          -rc, "liveness probe UFFDIO_WRITEPROTECT " + Range(registered_page, kPageSize4K));
+  }
 }
 
 Result<size_t> Userfaultfd::ReadEvents(std::vector<UffdEvent>* out, size_t max_events) {

@@ -502,12 +502,12 @@ TEST(UserfaultfdTest, KernelRefusalsAreErrorsThatNameTheRange) {
   ASSERT_TRUE(uffd);
   ASSERT_TRUE(uffd->Register(At(registered), kPage, UffdModes::kMissing).has_value());
   std::vector<uint8_t> content(kPage, 7);
+  // ENOENT: no registered range there. An outcome (the VMM may have unmapped it meanwhile),
+  // and nothing is installed.
   auto copy = uffd->Copy(At(unregistered), content.data(), kPage);
-  ASSERT_FALSE(copy.has_value());
-  EXPECT_EQ(copy.error().code(), ErrorCode::kNotFound);  // ENOENT: no registered range there
-  EXPECT_EQ(copy.error().sys_errno(), ENOENT);
-  EXPECT_NE(copy.error().context().find("UFFDIO_COPY [0x"), std::string::npos)
-      << copy.error().ToString();
+  ASSERT_TRUE(copy.has_value()) << copy.error().ToString();
+  EXPECT_EQ(copy->outcome, Outcome::kNoMapping);
+  EXPECT_EQ(copy->bytes, 0);
   EXPECT_FALSE(Resident(unregistered, 0));
 
   // Copying from memory that is not there fails without installing anything.

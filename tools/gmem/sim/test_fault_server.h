@@ -148,6 +148,7 @@ class TestFaultServer {
       case UffdProgress::Outcome::kTaskGone:
         return Served::kStop;
       case UffdProgress::Outcome::kExists:
+      case UffdProgress::Outcome::kNoMapping:  // unmapped meanwhile: wake whoever waits
         break;
     }
     auto woken = uffd_->Wake(host, length);
