@@ -14,6 +14,7 @@
 #include <chrono>
 #include <fstream>
 #include <random>
+#include <mutex>
 #include <thread>
 
 #include "base/fault_injection_os.h"
@@ -25,108 +26,24 @@
 #include "guestmem/userfaultfd.h"
 #include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
+#include "testutil/test_vm.h"
 
 namespace guestmem {
 namespace {
 
 using testutil::AllZero;
+using testutil::ForkVm;
+using testutil::MapAnonymousVm;
+using testutil::OpenSource;
+using testutil::ReceiveVm;
+using testutil::Serve;
 using testutil::SnapshotFile;
-
-// A VM's guest memory in this process: regions mapped as Firecracker maps them and registered
-// with a uffd, with the layout describing them.
-struct TestVm {
-  std::vector<Mapping> regions;
-  std::vector<uint64_t> region_file_offsets;
-  GuestLayout layout;
-  Userfaultfd uffd;
-
-  uint8_t* PageAt(uint64_t file_page) const {
-    const uint64_t offset = file_page * kPageSize4K;
-    for (size_t i = 0; i < regions.size(); ++i) {
-      if (offset >= region_file_offsets[i] && offset < region_file_offsets[i] + regions[i].size()) {
-        return reinterpret_cast<uint8_t*>(regions[i].bytes() + (offset - region_file_offsets[i]));
-      }
-    }
-    return nullptr;
-  }
-};
-
-// Anonymous private regions of the given sizes (bytes), back to back in the snapshot.
-TestVm MapAnonymousVm(const std::vector<uint64_t>& sizes, uint64_t page_size = kPageSize4K,
-                      uint64_t optional_features = 0) {
-  UffdOptions uffd_options;
-  uffd_options.required_features = kUffdFeatureEventRemove;
-  uffd_options.optional_features = optional_features;
-  auto uffd = Userfaultfd::Create(uffd_options);
-  EXPECT_TRUE(uffd.has_value()) << uffd.error().ToString();
-  std::vector<Mapping> maps;
-  std::vector<GuestRegion> regions;
-  std::vector<uint64_t> offsets;
-  uint64_t file_offset = 0;
-  uint64_t guest = 0;
-  for (uint64_t size : sizes) {
-    int flags = MAP_NORESERVE | (page_size == kHugePageSize2M ? MAP_HUGETLB : 0);
-    auto map = Mapping::Anonymous(size, flags);
-    EXPECT_TRUE(map.has_value()) << map.error().ToString();
-    auto registered = uffd->Register(HostVirtAddr(map->address()), size, UffdModes::kMissing);
-    EXPECT_TRUE(registered.has_value()) << registered.error().ToString();
-    regions.push_back(GuestRegion{GuestPhysAddr(guest), size, FileOffset(file_offset),
-                                  HostVirtAddr(map->address()), page_size});
-    offsets.push_back(file_offset);
-    maps.push_back(std::move(*map));
-    file_offset += size;
-    guest += size + (1 << 30);  // an MMIO-like gap between regions
-  }
-  auto layout = GuestLayout::Create(regions);
-  EXPECT_TRUE(layout.has_value()) << layout.error().ToString();
-  return TestVm{std::move(maps), std::move(offsets), std::move(*layout), std::move(*uffd)};
-}
-
-std::shared_ptr<const PageSource> OpenSource(const SnapshotFile& snapshot, Os* os = nullptr) {
-  auto source = RawFileSource::Open(snapshot.path(), os);
-  EXPECT_TRUE(source.has_value()) << source.error().ToString();
-  return std::shared_ptr<const PageSource>(std::move(*source));
-}
-
-std::unique_ptr<FaultEngine> StartEngine(unsigned workers = 2) {
-  auto engine = FaultEngine::Start({.workers = workers});
-  EXPECT_TRUE(engine.has_value()) << engine.error().ToString();
-  return std::move(*engine);
-}
-
-SpaceId Serve(FaultEngine& engine, TestVm& vm, std::shared_ptr<const PageSource> source,
-              FaultHandlerOptions options = {}) {
-  auto handler =
-      FaultHandler::Create(std::move(vm.uffd), vm.layout, std::move(source), std::move(options));
-  EXPECT_TRUE(handler.has_value()) << handler.error().ToString();
-  auto id = engine.AddSpace(std::move(*handler));
-  EXPECT_TRUE(id.has_value()) << id.error().ToString();
-  return *id;
-}
-
-// The space's statistics once `settled` holds for them. The handler counts an install after
-// the ioctl that already woke the faulting thread, so a test that has just touched memory can be
-// a moment ahead of the counters. Gives the last statistics seen if `settled` never holds in 10 s.
-template <typename Settled>
-FaultStats StatsWhen(const FaultEngine& engine, SpaceId id, Settled settled) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  FaultStats stats = engine.Stats(id).value_or(FaultStats{});
-  while (!settled(stats) && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    stats = engine.Stats(id).value_or(FaultStats{});
-  }
-  return stats;
-}
-
-// Reads every page of the VM and compares it with the snapshot; returns the mismatches.
-int VerifyAll(const TestVm& vm, const SnapshotFile& snapshot) {
-  int bad = 0;
-  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
-    std::string err = snapshot.CheckPage(p, vm.PageAt(p));
-    if (!err.empty() && bad++ < 5) ADD_FAILURE() << err;
-  }
-  return bad;
-}
+using testutil::StartEngine;
+using testutil::StatsWhen;
+using testutil::TestVm;
+using testutil::VerifyAll;
+using testutil::WaitChild;
+using testutil::WaitUntil;
 
 TEST(FaultHandlerTest, CopyServesEveryByteToManyThreads) {
   SnapshotFile snapshot(2048, [](uint64_t p) { return p % 7 == 3; });
@@ -394,91 +311,77 @@ TEST(FaultHandlerTest, RemoveRacingWithFaultsReadsZeroAfterwards) {
 
 // --- a VM in another process, as in production ------------------------------------------------
 
-// Forks a child that maps `pages` anonymous pages, registers them with a uffd, sends the
-// handshake over `sock`, then runs `body(memory)` and exits 0.
-template <typename Body>
-pid_t ForkVm(int sock, uint64_t pages, Body body) {
-  pid_t pid = fork();
-  if (pid != 0) return pid;
-  const uint64_t size = pages * kPageSize4K;
-  void* mem = mmap(nullptr, size, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  auto uffd = Userfaultfd::Create(
-      {.required_features = kUffdFeatureEventRemove, .optional_features = kUffdFeaturePoison});
-  if (mem == MAP_FAILED || !uffd ||
-      !uffd->Register(HostVirtAddr(reinterpret_cast<uint64_t>(mem)), size, UffdModes::kMissing)) {
-    _exit(90);
+// What a space's on_closed callback was told, for tests to wait on.
+class ClosedWatch {
+ public:
+  FaultEngine::ClosedCallback Callback() {
+    return [this](SpaceId, const Status& why, const FaultStats& stats) {
+      std::lock_guard lock(mu_);
+      why_ = why;
+      stats_ = stats;
+      closed_ = true;
+    };
   }
-  HandshakeRegion region{reinterpret_cast<uint64_t>(mem),
-                         size,
-                         0,
-                         kPageSize4K,
-                         kPageSize4K,
-                         std::nullopt,
-                         std::nullopt};
-  int fds[] = {uffd->fd()};
-  if (!SendHandshake(sock, std::span(&region, 1), fds)) _exit(91);
-  body(static_cast<volatile uint8_t*>(mem));
-  _exit(0);
-}
+  bool WaitClosed() {
+    return WaitUntil([&] {
+      std::lock_guard lock(mu_);
+      return closed_;
+    });
+  }
+  Status why() const {
+    std::lock_guard lock(mu_);
+    return why_;
+  }
+  FaultStats stats() const {
+    std::lock_guard lock(mu_);
+    return stats_;
+  }
 
-std::unique_ptr<FaultHandler> ReceiveVm(int sock, std::shared_ptr<const PageSource> source) {
-  auto received = ReceiveHandshake(sock, std::chrono::seconds(10));
-  EXPECT_TRUE(received.has_value()) << received.error().ToString();
-  const HandshakeRegion& r = received->regions.at(0);
-  auto layout =
-      GuestLayout::Create({GuestRegion{GuestPhysAddr(0), r.size, FileOffset(r.offset),
-                                       HostVirtAddr(r.base_host_virt_addr), r.page_size}});
-  auto uffd = Userfaultfd::Adopt(std::move(received->fds.at(0)));
-  EXPECT_TRUE(uffd.has_value());
-  auto handler = FaultHandler::Create(std::move(*uffd), std::move(*layout), std::move(source), {});
-  EXPECT_TRUE(handler.has_value()) << handler.error().ToString();
-  return std::move(*handler);
+ private:
+  mutable std::mutex mu_;
+  bool closed_ = false;
+  Status why_;
+  FaultStats stats_;
+};
+
+// Liveness is checked quickly in these tests, so that a VM's exit is noticed in milliseconds.
+FaultEngineOptions QuickLiveness(unsigned workers = 1) {
+  return FaultEngineOptions{.workers = workers, .liveness_interval = std::chrono::milliseconds(20)};
 }
 
 TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
   SnapshotFile snapshot(64);
   int sv[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-  pid_t child = ForkVm(sv[1], 64, [](volatile uint8_t* mem) {
+  pid_t child = ForkVm(sv[1], 64, [](volatile uint8_t* mem, Userfaultfd&) {
     signal(SIGBUS, SIG_DFL);     // a sanitizer's handler would turn the signal into an exit
     (void)mem[3 * kPageSize4K];  // the source fails here: SIGBUS, not a hang, not zeros
-    _exit(1);
+    return 1;
   });
   close(sv[1]);
   FaultInjectionOs broken;
   broken.FailAlways(FaultInjectionOs::Call::kPread, EIO);
   auto handler = ReceiveVm(sv[0], OpenSource(snapshot, &broken));
-  // Declared before the engine: its callback may run until the engine is gone.
-  std::atomic<bool> closed{false};
-  Status why;
-  FaultStats final_stats;
-  auto engine = StartEngine(1);
-  auto id =
-      engine->AddSpace(std::move(handler), [&](SpaceId, const Status& s, const FaultStats& stats) {
-        why = s;
-        final_stats = stats;
-        closed.store(true);
-      });
+  ClosedWatch watch;  // declared before the engine: its callback may run until the engine is gone
+  auto engine = StartEngine(QuickLiveness());
+  auto id = engine->AddSpace(std::move(handler), watch.Callback());
   ASSERT_TRUE(id.has_value());
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
+  const std::optional<int> status = WaitChild(child);
+  ASSERT_TRUE(status.has_value()) << "the VM hung on a page its source could not supply";
+  // The space ends by itself: the VM's process is gone (SIGBUS), or it was given up.
+  ASSERT_TRUE(watch.WaitClosed());
   auto probe = Userfaultfd::Probe();
   if (probe && (probe->features & kUffdFeaturePoison)) {
-    ASSERT_TRUE(WIFSIGNALED(status)) << "child exit status " << status;
-    EXPECT_EQ(WTERMSIG(status), SIGBUS);
-    // The space ends by itself once the child is gone, or is removed here if it has not yet.
-    auto removed = engine->RemoveSpace(*id);
-    if (!removed) {
-      while (!closed.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    EXPECT_EQ(removed ? removed->pages_poisoned : final_stats.pages_poisoned, 1u);
+    ASSERT_TRUE(WIFSIGNALED(*status)) << "child exit status " << *status;
+    EXPECT_EQ(WTERMSIG(*status), SIGBUS);
+    EXPECT_EQ(watch.why().error().code(), ErrorCode::kPeerGone) << watch.why().error().ToString();
+    EXPECT_EQ(watch.stats().pages_poisoned, 1u);
+    EXPECT_EQ(watch.stats().pages_installed(), 0u);  // never zeros where data was expected
   } else {
     // Without UFFDIO_POISON the space is given up with the source's error.
-    while (!closed.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    EXPECT_EQ(why.error().code(), ErrorCode::kIoError);
-    kill(child, SIGKILL);
+    EXPECT_EQ(watch.why().error().code(), ErrorCode::kIoError);
   }
+  EXPECT_EQ(engine->space_count(), 0u);
   close(sv[0]);
 }
 
@@ -486,27 +389,31 @@ TEST(FaultHandlerTest, VmKilledMidRestoreIsTornDown) {
   SnapshotFile snapshot(8192);
   int sv[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-  pid_t child = ForkVm(sv[1], 8192, [](volatile uint8_t* mem) {
-    for (int round = 0;; ++round) {
+  pid_t child = ForkVm(sv[1], 8192, [](volatile uint8_t* mem, Userfaultfd&) {
+    for (;;) {
       for (uint64_t p = 0; p < 8192; p += 17) (void)mem[p * kPageSize4K];
-      usleep(1000);
     }
+    return 0;
   });
   close(sv[1]);
-  auto engine = StartEngine(1);
-  auto id = engine->AddSpace(ReceiveVm(sv[0], OpenSource(snapshot)));
+  ClosedWatch watch;
+  auto engine = StartEngine(QuickLiveness());
+  FaultHandlerOptions options;
+  options.fault_around_bytes = kPageSize4K;  // one fault per page: the VM is busy for long
+  auto id = engine->AddSpace(ReceiveVm(sv[0], OpenSource(snapshot), options), watch.Callback());
   ASSERT_TRUE(id.has_value());
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (engine->Stats(*id).value_or(FaultStats{}).faults_missing < 20 &&
-         std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  ASSERT_TRUE(WaitUntil([&] { return engine->Stats(*id).value_or(FaultStats{}).faults() >= 20; }))
+      << "the VM never faulted";
   ASSERT_EQ(kill(child, SIGKILL), 0);
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
-  // Whether the space noticed by itself (ESRCH) or not, removing it frees everything.
-  (void)engine->RemoveSpace(*id);
+  const std::optional<int> status = WaitChild(child);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFSIGNALED(*status) && WTERMSIG(*status) == SIGKILL) << *status;
+  // Nobody removes the space: the engine notices by itself that the VM is gone and frees it.
+  ASSERT_TRUE(watch.WaitClosed()) << "the space of a killed VM was never freed";
+  EXPECT_EQ(watch.why().error().code(), ErrorCode::kPeerGone) << watch.why().error().ToString();
+  EXPECT_GE(watch.stats().faults(), 20u);
   EXPECT_EQ(engine->space_count(), 0u);
+  EXPECT_FALSE(engine->RemoveSpace(*id).has_value());
   close(sv[0]);
 }
 
@@ -563,6 +470,114 @@ TEST(FaultHandlerTest, HugePagesAreServedWhole) {
   EXPECT_EQ(stats.pages_zeroed, per_huge);
   EXPECT_LE(stats.faults_missing, 5u);
 }
+
+// A zero run over two huge pages in fault-all: both are installed, by the fill, with nothing
+// copied past the zero source (one fault in all).
+TEST(FaultHandlerTest, FaultAllInstallsZeroRunsOfSeveralHugePages) {
+  HugePageReservation reservation(4);
+  if (!reservation.ok()) GTEST_SKIP() << reservation.why();
+  const uint64_t per_huge = kHugePageSize2M / kPageSize4K;
+  // Huge pages: data, zero, zero, data.
+  SnapshotFile snapshot(4 * per_huge, [&](uint64_t p) { return p / per_huge == 1 || p / per_huge == 2; });
+  TestVm vm = MapAnonymousVm({4 * kHugePageSize2M}, kHugePageSize2M);
+  auto engine = StartEngine(1);
+  FaultHandlerOptions options;
+  options.fault_all = true;
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+  EXPECT_EQ(snapshot.CheckPage(0, vm.PageAt(0)), "");
+  const FaultStats stats =
+      StatsWhen(*engine, id, [](const FaultStats& s) { return s.fill_finished_ns > 0; });
+  EXPECT_EQ(stats.pages_zeroed, 2 * per_huge);
+  EXPECT_EQ(stats.pages_copied, 2 * per_huge);
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  EXPECT_EQ(engine->Stats(id)->faults_missing, 1u);  // everything was there after the first
+}
+
+// The full minor trap over a hugetlbfs guest memory file, on demand and with fault-all: zero runs
+// longer than one huge page are written whole (never from past the zero source), and the file
+// holds exactly the snapshot afterwards.
+class MinorTrapHugetlbTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(MinorTrapHugetlbTest, EveryByteIsTheSnapshots) {
+  const bool fault_all = GetParam();
+  const uint64_t per_huge = kHugePageSize2M / kPageSize4K;
+  constexpr uint64_t kHugePages = 6;
+  HugePageReservation reservation(kHugePages);
+  if (!reservation.ok()) GTEST_SKIP() << reservation.why();
+  // Huge pages: data, zero, zero, zero, data, data.
+  SnapshotFile snapshot(kHugePages * per_huge, [&](uint64_t p) {
+    const uint64_t huge = p / per_huge;
+    return huge >= 1 && huge <= 3;
+  });
+  auto file = MemoryFile::Create(
+      {.size_bytes = kHugePages * kHugePageSize2M, .backend = MemoryBackend::kHugetlb});
+  if (!file && file.error().code() == ErrorCode::kUnsupported) {
+    GTEST_SKIP() << file.error().ToString();
+  }
+  ASSERT_TRUE(file.has_value()) << file.error().ToString();
+  auto mapping = (*file)->Map();
+  ASSERT_TRUE(mapping.has_value()) << mapping.error().ToString();
+  auto uffd = Userfaultfd::Create(
+      {.required_features = kUffdFeatureMinorHugetlbfs | kUffdFeatureMissingHugetlbfs});
+  if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) {
+    GTEST_SKIP() << uffd.error().ToString();
+  }
+  ASSERT_TRUE(uffd.has_value()) << uffd.error().ToString();
+  ASSERT_TRUE(uffd->Register(mapping->host_address(), mapping->size(),
+                             UffdModes::kMissing | UffdModes::kMinor));
+  auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(0), mapping->size(), FileOffset(0),
+                                                 mapping->host_address(), kHugePageSize2M}});
+  ASSERT_TRUE(layout.has_value());
+  FaultHandlerOptions options;
+  options.mode = InstallMode::kMinorTrap;
+  options.memory_file = *file;
+  options.fault_all = fault_all;
+  auto handler =
+      FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot), options);
+  ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
+  auto engine = StartEngine(1);
+  auto id = engine->AddSpace(std::move(*handler));
+  ASSERT_TRUE(id.has_value());
+  auto page = [&](uint64_t p) {
+    return reinterpret_cast<const uint8_t*>(mapping->data()) + p * kPageSize4K;
+  };
+  if (fault_all) {
+    ASSERT_EQ(snapshot.CheckPage(0, page(0)), "");
+    ASSERT_GT(StatsWhen(*engine, *id, [](const FaultStats& s) { return s.fill_finished_ns > 0; })
+                  .fill_finished_ns,
+              0u);
+  }
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t p = static_cast<uint64_t>(t) * 7; p < snapshot.pages(); p += 13) {
+        if (!snapshot.CheckPage(p, page(p)).empty()) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+    ASSERT_EQ(snapshot.CheckPage(p, page(p)), "") << (fault_all ? "fault-all" : "on demand");
+  }
+  // A second mapping, which no uffd watches, sees the same bytes: they are in the file.
+  auto second = (*file)->Map();
+  ASSERT_TRUE(second.has_value()) << second.error().ToString();
+  for (uint64_t p = 0; p < snapshot.pages(); p += per_huge / 2) {
+    const auto* data = reinterpret_cast<const uint8_t*>(second->data()) + p * kPageSize4K;
+    EXPECT_EQ(snapshot.CheckPage(p, data), "");
+  }
+  const FaultStats stats = *engine->Stats(*id);
+  EXPECT_EQ(stats.pages_installed(), snapshot.pages());
+  EXPECT_EQ(stats.pages_zeroed, 3 * per_huge);
+  if (fault_all) {
+    EXPECT_EQ(stats.faults(), 1u);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(OnDemandAndFaultAll, MinorTrapHugetlbTest, ::testing::Bool(),
+                         [](const auto& param) { return param.param ? "fault_all" : "on_demand"; });
 
 }  // namespace
 }  // namespace guestmem

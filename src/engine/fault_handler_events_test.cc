@@ -1,0 +1,515 @@
+// The fault handler against what a VM can do to its own memory while it is being restored —
+// balloon storms racing with fault-around and fault-all, munmap with faults queued, mremap, fork,
+// write protection — and against VMs that misbehave (faults outside their regions, exits nobody
+// reports, a fault-all that must not stall the others). Every byte read is checked.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <linux/userfaultfd.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "guestmem/fault_engine.h"
+#include "guestmem/fault_handler.h"
+#include "guestmem/memory_file.h"
+#include "guestmem/unique_fd.h"
+#include "guestmem/userfaultfd.h"
+#include "testutil/snapshot_file.h"
+#include "testutil/test_vm.h"
+
+namespace guestmem {
+namespace {
+
+using namespace std::chrono_literals;
+using testutil::AllZero;
+using testutil::ChildVmOptions;
+using testutil::ForkVm;
+using testutil::MapAnonymousVm;
+using testutil::OpenSource;
+using testutil::ReceiveVm;
+using testutil::Serve;
+using testutil::SnapshotFile;
+using testutil::StartEngine;
+using testutil::StatsWhen;
+using testutil::TestVm;
+using testutil::VerifyAll;
+using testutil::WaitChild;
+using testutil::WaitUntil;
+
+// What a space's on_closed callback was told.
+class ClosedWatch {
+ public:
+  FaultEngine::ClosedCallback Callback() {
+    return [this](SpaceId, const Status& why, const FaultStats& stats) {
+      std::lock_guard lock(mu_);
+      why_ = why;
+      stats_ = stats;
+      ++closed_;
+    };
+  }
+  bool WaitClosed(int count = 1) {
+    return WaitUntil([&] {
+      std::lock_guard lock(mu_);
+      return closed_ >= count;
+    });
+  }
+  int closed() const {
+    std::lock_guard lock(mu_);
+    return closed_;
+  }
+  Status why() const {
+    std::lock_guard lock(mu_);
+    return why_;
+  }
+  FaultStats stats() const {
+    std::lock_guard lock(mu_);
+    return stats_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  int closed_ = 0;
+  Status why_;
+  FaultStats stats_;
+};
+
+FaultEngineOptions QuickLiveness(unsigned workers = 1) {
+  return FaultEngineOptions{.workers = workers, .liveness_interval = 20ms};
+}
+
+size_t OpenFds() {
+  return static_cast<size_t>(std::distance(std::filesystem::directory_iterator("/proc/self/fd"),
+                                           std::filesystem::directory_iterator{}));
+}
+
+// Sends or waits for one byte: the tests' way of sequencing a child VM.
+void Tell(int sock, char c = 'x') { ASSERT_EQ(write(sock, &c, 1), 1); }
+char Hear(int sock) {
+  char c = 0;
+  return read(sock, &c, 1) == 1 ? c : 0;
+}
+
+struct SocketPair {
+  SocketPair() {
+    int sv[2];
+    EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    parent.reset(sv[0]);
+    child.reset(sv[1]);
+  }
+  UniqueFd parent;
+  UniqueFd child;
+};
+
+// --- the balloon racing with fault-around and fault-all -----------------------------------------
+
+// Guest memory for the balloon race: anonymous memory served by copy, or a shmem guest memory
+// file in the full minor trap.
+struct BalloonVm {
+  std::optional<TestVm> vm;
+  std::shared_ptr<MemoryFile> file;
+  std::optional<MemoryMapping> mapping;
+  uint8_t* base = nullptr;
+};
+
+struct BalloonCase {
+  const char* name;
+  bool fault_all;
+  bool minor_trap;
+};
+
+class BalloonRaceTest : public ::testing::TestWithParam<BalloonCase> {};
+
+// Two threads share each 64 KiB window: one balloons pages 0-7 and reads them, the other
+// balloons pages 8-15 and reads page 15, whose fault-around (or fault-all) covers pages 0-7.
+// Whatever the interleaving of REMOVE events, installs and the kernel's zaps, a removed page reads
+// zero until written: the snapshot's content never comes back.
+TEST_P(BalloonRaceTest, RemovedPagesNeverReadSnapshotBytes) {
+  constexpr uint64_t kWindows = 32;
+  constexpr uint64_t kWindowPages = kDefaultFaultAroundBytes / kPageSize4K;
+  constexpr int kRounds = 600;
+  SnapshotFile snapshot(kWindows * kWindowPages);  // every page is data
+  FaultHandlerOptions options;
+  options.fault_all = GetParam().fault_all;
+  auto engine = StartEngine(2);
+  BalloonVm b;
+  if (GetParam().minor_trap) {
+    auto file = MemoryFile::Create({.size_bytes = snapshot.size()});
+    ASSERT_TRUE(file.has_value()) << file.error().ToString();
+    b.file = *file;
+    auto mapping = b.file->Map();
+    ASSERT_TRUE(mapping.has_value()) << mapping.error().ToString();
+    b.mapping.emplace(std::move(*mapping));
+    auto uffd = Userfaultfd::Create({.required_features = kUffdFeatureEventRemove |
+                                                          kUffdFeatureMinorShmem |
+                                                          kUffdFeatureMissingShmem});
+    if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) {
+      GTEST_SKIP() << uffd.error().ToString();
+    }
+    ASSERT_TRUE(uffd.has_value()) << uffd.error().ToString();
+    ASSERT_TRUE(uffd->Register(b.mapping->host_address(), snapshot.size(),
+                               UffdModes::kMissing | UffdModes::kMinor));
+    auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(0), snapshot.size(),
+                                                   FileOffset(0), b.mapping->host_address()}});
+    ASSERT_TRUE(layout.has_value());
+    options.mode = InstallMode::kMinorTrap;
+    options.memory_file = b.file;
+    auto handler = FaultHandler::Create(std::move(*uffd), std::move(*layout),
+                                        OpenSource(snapshot), options);
+    ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
+    ASSERT_TRUE(engine->AddSpace(std::move(*handler)).has_value());
+    b.base = reinterpret_cast<uint8_t*>(b.mapping->bytes());
+  } else {
+    b.vm.emplace(MapAnonymousVm({snapshot.size()}));
+    b.base = b.vm->PageAt(0);
+    Serve(*engine, *b.vm, OpenSource(snapshot), options);
+  }
+  auto page = [&](uint64_t p) { return b.base + p * kPageSize4K; };
+
+  std::atomic<uint64_t> stale{0};
+  std::atomic<uint64_t> checks{0};
+  std::mutex first_mu;
+  std::string first;
+  auto check_zero = [&](uint64_t p) {
+    checks.fetch_add(1, std::memory_order_relaxed);
+    if (AllZero(page(p), kPageSize4K)) return;
+    if (stale.fetch_add(1) == 0) {
+      std::lock_guard lock(first_mu);
+      first = snapshot.CheckPage(p, page(p)).empty()
+                  ? "page " + std::to_string(p) + " came back with the snapshot's content"
+                  : "page " + std::to_string(p) + " is neither zero nor the snapshot's";
+    }
+  };
+  auto balloon = [&](uint64_t first_page, uint64_t count) {
+    ASSERT_EQ(madvise(page(first_page), count * kPageSize4K, MADV_DONTNEED), 0);
+  };
+  std::thread low([&] {
+    for (int round = 0; round < kRounds; ++round) {
+      for (uint64_t w = 0; w < kWindows; ++w) {
+        balloon(w * kWindowPages, 8);
+        for (uint64_t p = w * kWindowPages; p < w * kWindowPages + 8; ++p) check_zero(p);
+      }
+    }
+  });
+  std::thread high([&] {
+    for (int round = 0; round < kRounds; ++round) {
+      for (uint64_t w = 0; w < kWindows; ++w) {
+        balloon(w * kWindowPages + 8, 8);
+        check_zero(w * kWindowPages + kWindowPages - 1);
+      }
+    }
+  });
+  low.join();
+  high.join();
+  EXPECT_EQ(stale.load(), 0u) << "of " << checks.load() << " checks; first: " << first;
+  EXPECT_EQ(checks.load(), kRounds * kWindows * 9);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, BalloonRaceTest,
+                         ::testing::Values(BalloonCase{"copy", false, false},
+                                           BalloonCase{"copy_fault_all", true, false},
+                                           BalloonCase{"minor_trap", false, true},
+                                           BalloonCase{"minor_trap_fault_all", true, true}),
+                         [](const auto& param) { return std::string(param.param.name); });
+
+// --- munmap, mremap, fork, write protection ------------------------------------------------------
+
+// The VM replaces part of its memory (munmap, here by mapping over it) while a thread's fault
+// there is queued: installing there finds no mapping (ENOENT). The thread is woken (it then finds
+// the new memory) and the rest of the VM goes on being served, byte for byte.
+TEST(FaultHandlerEventsTest, UnmappedWhileAFaultIsQueuedWakesAndServesTheRest) {
+  constexpr uint64_t kPages = 512;
+  SnapshotFile snapshot(kPages, [](uint64_t p) { return p % 11 == 4; });
+  SocketPair sockets;
+  pid_t child = ForkVm(sockets.child.get(), kPages, [&](volatile uint8_t* mem, Userfaultfd& uffd) {
+    // A thread faults on page 10 of the first half; nobody serves yet.
+    std::thread early([&] { (void)mem[10 * kPageSize4K]; });
+    if (!WaitUntil([&] { return uffd.Inspect().value_or(UffdFdInfo{}).pending_faults > 0; })) {
+      return 10;
+    }
+    // The first half goes away (no UNMAP event is asked for, as with Firecracker): fresh memory
+    // that no uffd covers takes its place.
+    void* fresh = mmap(const_cast<uint8_t*>(mem), kPages / 2 * kPageSize4K, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    if (fresh == MAP_FAILED) return 11;
+    Tell(sockets.child.get());  // now serve
+    early.join();
+    // The rest of guest memory is served as if nothing happened.
+    for (uint64_t p = kPages / 2; p < kPages; ++p) {
+      const bool hole = p % 11 == 4;
+      for (uint64_t i = 0; i < kPageSize4K; i += 512) {
+        const uint8_t want = hole ? 0 : testutil::SnapshotByte(p, i);
+        if (mem[p * kPageSize4K + i] != want) return 12;
+      }
+    }
+    return 0;
+  });
+  auto handler = ReceiveVm(sockets.parent.get(), OpenSource(snapshot));
+  ASSERT_NE(handler, nullptr);
+  auto engine = StartEngine(QuickLiveness());
+  ASSERT_EQ(Hear(sockets.parent.get()), 'x');
+  auto id = engine->AddSpace(std::move(handler));
+  ASSERT_TRUE(id.has_value());
+  const std::optional<int> status = WaitChild(child);
+  ASSERT_TRUE(status.has_value()) << "the VM hung: the rest of its memory was not served";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << *status;
+}
+
+TEST(FaultHandlerEventsTest, RemapFollowsARegionThatMovedWhole) {
+  SnapshotFile snapshot(256, [](uint64_t p) { return p % 6 == 0; });
+  TestVm vm = MapAnonymousVm({snapshot.size()}, kPageSize4K, kUffdFeatureEventRemap);
+  if (!vm.uffd.HasFeature(kUffdFeatureEventRemap)) GTEST_SKIP() << "no UFFD_FEATURE_EVENT_REMAP";
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  for (uint64_t p = 0; p < 64; ++p) ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+  // Move the whole region elsewhere; the handler learns it from the REMAP event.
+  auto target = Mapping::Map(snapshot.size(), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_TRUE(target.has_value());
+  void* to = mremap(vm.regions[0].data(), snapshot.size(), snapshot.size(),
+                    MREMAP_MAYMOVE | MREMAP_FIXED, target->data());
+  ASSERT_EQ(to, target->data()) << strerror(errno);
+  vm.regions[0].release();  // its pages now live at `to`, owned by `target`
+  vm.regions[0] = std::move(*target);
+  // Pages served before moved with the region; the others are served at the new address.
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  const FaultStats stats =
+      StatsWhen(*engine, id, [&](const FaultStats& s) { return s.events_remap >= 1; });
+  EXPECT_EQ(stats.events_remap, 1u);
+  EXPECT_EQ(stats.pages_installed(), snapshot.pages());
+}
+
+TEST(FaultHandlerEventsTest, UnmappedRangeComesBackAsZeros) {
+  SnapshotFile snapshot(256);
+  TestVm vm = MapAnonymousVm({snapshot.size()}, kPageSize4K, kUffdFeatureEventUnmap);
+  if (!vm.uffd.HasFeature(kUffdFeatureEventUnmap)) GTEST_SKIP() << "no UFFD_FEATURE_EVENT_UNMAP";
+  UniqueFd uffd_copy(dup(vm.uffd.fd()));
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  uint8_t* range = vm.PageAt(128);
+  ASSERT_EQ(snapshot.CheckPage(128, range), "");
+  // Unmap pages 128..191, then map fresh memory there and register it with the same uffd: the
+  // snapshot's content went with the old mapping, so the new memory reads zero.
+  ASSERT_EQ(munmap(range, 64 * kPageSize4K), 0);
+  ASSERT_EQ(mmap(range, 64 * kPageSize4K, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
+            range);
+  uffdio_register reg{};
+  reg.range = {reinterpret_cast<uint64_t>(range), 64 * kPageSize4K};
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  ASSERT_EQ(ioctl(uffd_copy.get(), UFFDIO_REGISTER, &reg), 0) << strerror(errno);
+  for (uint64_t p = 128; p < 192; ++p) EXPECT_TRUE(AllZero(vm.PageAt(p), kPageSize4K)) << p;
+  for (uint64_t p = 0; p < 128; ++p) EXPECT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+  const FaultStats stats =
+      StatsWhen(*engine, id, [&](const FaultStats& s) { return s.events_unmap >= 1; });
+  EXPECT_EQ(stats.events_unmap, 1u);
+}
+
+TEST(FaultHandlerEventsTest, WriteProtectFaultsAreUnprotected) {
+  SnapshotFile snapshot(64);
+  TestVm vm = MapAnonymousVm({snapshot.size()}, kPageSize4K, kUffdFeaturePagefaultFlagWp,
+                             UffdModes::kMissing | UffdModes::kWriteProtect);
+  if (!vm.uffd.HasFeature(kUffdFeaturePagefaultFlagWp)) GTEST_SKIP() << "no UFFD_FEATURE_WP";
+  UniqueFd uffd_copy(dup(vm.uffd.fd()));
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  ASSERT_EQ(snapshot.CheckPage(3, vm.PageAt(3)), "");
+  uffdio_writeprotect wp{};
+  wp.range = {reinterpret_cast<uint64_t>(vm.PageAt(3)), kPageSize4K};
+  wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+  ASSERT_EQ(ioctl(uffd_copy.get(), UFFDIO_WRITEPROTECT, &wp), 0) << strerror(errno);
+  vm.PageAt(3)[100] = 0xab;  // traps as a write-protect fault; the handler lets it through
+  EXPECT_EQ(vm.PageAt(3)[100], 0xab);
+  const FaultStats stats =
+      StatsWhen(*engine, id, [&](const FaultStats& s) { return s.faults_write_protect >= 1; });
+  EXPECT_EQ(stats.faults_write_protect, 1u);
+}
+
+// A VM that forks (UFFD_FEATURE_EVENT_FORK): the child's copy of guest memory is served by a
+// space of its own, starting from what the parent had; each child verifies its memory; children
+// that exit are freed, spaces and descriptors alike, while the parent lives on.
+TEST(FaultHandlerEventsTest, ForkedChildrenAreServedAndFreedWhenTheyExit) {
+  constexpr uint64_t kPages = 128;
+  constexpr int kChildren = 50;
+  SnapshotFile snapshot(kPages, [](uint64_t p) { return p % 9 == 5; });
+  SocketPair sockets;
+  const int sock = sockets.child.get();
+  ChildVmOptions options;
+  options.features = kUffdFeatureEventRemove | kUffdFeatureEventFork;
+  pid_t vm = ForkVm(
+      sock, kPages,
+      [&](volatile uint8_t* mem, Userfaultfd&) {
+        auto verify = [&](uint64_t first, uint64_t end) {
+          for (uint64_t p = first; p < end; ++p) {
+            for (uint64_t i = 0; i < kPageSize4K; i += 256) {
+              const uint8_t want = p % 9 == 5 ? 0 : testutil::SnapshotByte(p, i);
+              if (mem[p * kPageSize4K + i] != want) return false;
+            }
+          }
+          return true;
+        };
+        if (!verify(0, kPages / 2)) return 20;  // the first half is served before any fork
+        if (Hear(sock) != 'g') return 21;
+        int failed = 0;
+        for (int i = 0; i < kChildren; ++i) {
+          const pid_t child = fork();
+          if (child == 0) _exit(verify(0, kPages) ? 0 : 1);
+          int status = 0;
+          if (waitpid(child, &status, 0) != child || !WIFEXITED(status) ||
+              WEXITSTATUS(status) != 0) {
+            ++failed;
+          }
+        }
+        Tell(sock, failed == 0 ? 'k' : 'f');
+        Hear(sock);  // live on until the test has looked
+        return 0;
+      },
+      options);
+  auto handler = ReceiveVm(sockets.parent.get(), OpenSource(snapshot));
+  ASSERT_NE(handler, nullptr);
+  ClosedWatch children;
+  auto engine = StartEngine(QuickLiveness());
+  ASSERT_TRUE(engine->AddSpace(std::move(handler), children.Callback()).has_value());
+  // Descriptors with only the parent VM's space served.
+  const size_t fds_before = OpenFds();
+  Tell(sockets.parent.get(), 'g');
+  EXPECT_EQ(Hear(sockets.parent.get()), 'k') << "a forked child read a wrong byte";
+  // Every child exited: each of their spaces ends by itself and frees its uffd.
+  EXPECT_TRUE(WaitUntil([&] { return engine->space_count() == 1; }))
+      << engine->space_count() << " spaces left";
+  EXPECT_TRUE(WaitUntil([&] { return OpenFds() <= fds_before; }))
+      << OpenFds() << " descriptors open, " << fds_before << " before the forks";
+  EXPECT_EQ(children.closed(), kChildren);
+  EXPECT_EQ(children.why().error().code(), ErrorCode::kPeerGone);
+  Tell(sockets.parent.get());
+  const std::optional<int> status = WaitChild(vm);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << *status;
+}
+
+// --- VMs that misbehave -----------------------------------------------------------------------
+
+// A VM that faults outside the regions it declared (it registered more than it described): the
+// access gets SIGBUS instead of a wake that would fault again at once, forever; a VM on the same
+// worker is served meanwhile.
+TEST(FaultHandlerEventsTest, AFaultOutsideTheRegionsIsPoisonedNotRetriedForever) {
+  auto probe = Userfaultfd::Probe();
+  SnapshotFile snapshot(64);
+  SocketPair sockets;
+  ChildVmOptions options;
+  options.registered_pages = 128;  // declares 64
+  pid_t child = ForkVm(
+      sockets.child.get(), 64,
+      [](volatile uint8_t* mem, Userfaultfd&) {
+        signal(SIGBUS, SIG_DFL);  // a sanitizer's handler would turn the signal into an exit
+        (void)mem[100 * kPageSize4K];
+        return 1;
+      },
+      options);
+  auto engine = StartEngine(QuickLiveness());
+  ClosedWatch watch;
+  ASSERT_TRUE(engine->AddSpace(ReceiveVm(sockets.parent.get(), OpenSource(snapshot)),
+                               watch.Callback())
+                  .has_value());
+  TestVm neighbour = MapAnonymousVm({snapshot.size()});
+  SpaceId neighbour_id = Serve(*engine, neighbour, OpenSource(snapshot));
+  EXPECT_EQ(VerifyAll(neighbour, snapshot), 0);
+  const std::optional<int> status = WaitChild(child);
+  ASSERT_TRUE(status.has_value()) << "the stray fault was retried forever";
+  EXPECT_TRUE(WIFSIGNALED(*status) && WTERMSIG(*status) == SIGBUS) << *status;
+  ASSERT_TRUE(watch.WaitClosed());
+  EXPECT_GE(watch.stats().faults_stray, 1u);
+  EXPECT_LE(watch.stats().faults_stray, 2u);
+  EXPECT_TRUE(engine->RemoveSpace(neighbour_id).has_value());
+  (void)probe;
+}
+
+// A VM that survives its SIGBUSes and keeps faulting outside its regions is given up after
+// max_stray_faults, and its space freed.
+TEST(FaultHandlerEventsTest, AVmThatKeepsFaultingOutsideItsRegionsIsGivenUp) {
+  SnapshotFile snapshot(64);
+  SocketPair sockets;
+  ChildVmOptions options;
+  options.registered_pages = 128;
+  pid_t child = ForkVm(
+      sockets.child.get(), 64,
+      [](volatile uint8_t* mem, Userfaultfd&) {
+        static sigjmp_buf env;
+        struct sigaction action = {};
+        action.sa_handler = [](int) { siglongjmp(env, 1); };
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGBUS, &action, nullptr);
+        // Each stray page gets SIGBUS, which this VM shrugs off; the handler gives up at the 4th.
+        for (uint64_t p = 64; p < 128; ++p) {
+          if (sigsetjmp(env, 1) == 0) (void)mem[p * kPageSize4K];
+        }
+        return 1;  // never reached: the 4th fault is never answered
+      },
+      options);
+  auto engine = StartEngine(QuickLiveness());
+  ClosedWatch watch;
+  FaultHandlerOptions handler_options;
+  handler_options.max_stray_faults = 3;
+  ASSERT_TRUE(engine
+                  ->AddSpace(ReceiveVm(sockets.parent.get(), OpenSource(snapshot), handler_options),
+                             watch.Callback())
+                  .has_value());
+  ASSERT_TRUE(watch.WaitClosed()) << "the VM was never given up";
+  EXPECT_EQ(watch.why().error().code(), ErrorCode::kProtocolError)
+      << watch.why().error().ToString();
+  EXPECT_NE(watch.why().error().context().find("outside its regions"), std::string::npos);
+  EXPECT_EQ(watch.stats().faults_stray, 4u);
+  EXPECT_EQ(engine->space_count(), 0u);
+  kill(child, SIGKILL);
+  EXPECT_TRUE(WaitChild(child).has_value());
+}
+
+// One worker serves a VM restoring with fault-all (256 MiB, in the background) and a small VM.
+// Both fault before either is served; the small VM's fault is served in the first round of
+// turns, long before the big one's fill is done.
+TEST(FaultHandlerEventsTest, FaultAllDoesNotStallAnotherVmOnTheSameWorker) {
+  const uint64_t big_pages = (uint64_t{256} << 20) / kPageSize4K;
+  // Mostly holes: the fill installs zero pages, which cost no memory.
+  SnapshotFile big_snapshot(big_pages, [](uint64_t p) { return p % 512 != 0; });
+  SnapshotFile small_snapshot(64);
+  TestVm big = MapAnonymousVm({big_snapshot.size()});
+  TestVm small = MapAnonymousVm({small_snapshot.size()});
+  FaultHandlerOptions fault_all;
+  fault_all.fault_all = true;
+  auto big_handler = testutil::MakeHandler(big, OpenSource(big_snapshot), fault_all);
+  auto small_handler = testutil::MakeHandler(small, OpenSource(small_snapshot));
+  // Both VMs fault before anyone serves them.
+  std::thread big_thread([&] { (void)big_snapshot.CheckPage(0, big.PageAt(0)); });
+  std::string small_error;
+  std::thread small_thread([&] { small_error = small_snapshot.CheckPage(1, small.PageAt(1)); });
+  auto engine = StartEngine(1);
+  auto big_id = engine->AddSpace(std::move(big_handler));
+  auto small_id = engine->AddSpace(std::move(small_handler));
+  ASSERT_TRUE(big_id.has_value() && small_id.has_value());
+  big_thread.join();
+  small_thread.join();
+  EXPECT_EQ(small_error, "");
+  const FaultStats big_stats =
+      StatsWhen(*engine, *big_id, [](const FaultStats& s) { return s.fill_finished_ns > 0; });
+  const FaultStats small_stats = *engine->Stats(*small_id);
+  ASSERT_GT(big_stats.fill_finished_ns, 0u) << "fault-all never finished";
+  ASSERT_GT(small_stats.first_fault_served_ns, 0u);
+  EXPECT_LT(small_stats.first_fault_served_ns, big_stats.fill_finished_ns)
+      << "the small VM waited for the whole fault-all of the big one";
+  EXPECT_EQ(big_stats.pages_installed(), big_pages);
+  EXPECT_EQ(big_stats.faults_missing, 1u);
+  EXPECT_EQ(VerifyAll(big, big_snapshot), 0);
+}
+
+}  // namespace
+}  // namespace guestmem
