@@ -65,8 +65,8 @@ TEST(FaultAroundPolicyTest, AlignedWindowClippedToItsRegion) {
 TEST(FillCursorTest, WalksEveryRegionOnceInChunksSkippingServedPages) {
   GuestLayout layout = TwoRegions(10, 6);
   PageTracker tracker(16);
-  tracker.MarkServed(0, 3);    // the start of region 0
-  tracker.MarkServed(12, 4);   // the end of region 1
+  tracker.MarkServed(0, 3);   // the start of region 0
+  tracker.MarkServed(12, 4);  // the end of region 1
   FillCursor cursor;
   std::vector<RegionRange> chunks;
   while (auto chunk = cursor.Next(layout, tracker, 4 * kPage)) {

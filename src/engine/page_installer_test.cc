@@ -149,8 +149,8 @@ struct FileTarget {
       return;
     }
     uffd.emplace(std::move(*u));
-    EXPECT_TRUE(uffd->Register(mapping->host_address(), size,
-                               UffdModes::kMissing | UffdModes::kMinor));
+    EXPECT_TRUE(
+        uffd->Register(mapping->host_address(), size, UffdModes::kMissing | UffdModes::kMinor));
     region = GuestRegion{GuestPhysAddr(0), size, FileOffset(0), mapping->host_address(),
                          file->page_size()};
   }

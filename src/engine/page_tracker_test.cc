@@ -46,8 +46,10 @@ TEST(PageTrackerTest, QueriesAgreeWithAModelOnRandomRanges) {
       const uint64_t b = a + rng() % (pages - a + 1);
       uint64_t want_served = b, want_pending = b, want_count = 0;
       for (uint64_t p = b; p-- > a;) {
-        if (model[p]) want_served = p, ++want_count;
-        else want_pending = p;
+        if (model[p])
+          want_served = p, ++want_count;
+        else
+          want_pending = p;
       }
       ASSERT_EQ(tracker.NextServed(a, b), want_served) << pages << " " << a << " " << b;
       ASSERT_EQ(tracker.NextPending(a, b), want_pending) << pages << " " << a << " " << b;

@@ -64,9 +64,10 @@ struct TestVm {
 // Anonymous private regions of the given sizes (bytes), back to back in the snapshot, with a
 // 1 GiB gap between them in guest addresses.
 inline TestVm MapAnonymousVm(const std::vector<uint64_t>& sizes, uint64_t page_size = kPageSize4K,
-                             uint64_t optional_features = 0, UffdModes modes = UffdModes::kMissing) {
+                             uint64_t optional_features = 0, UffdModes modes = UffdModes::kMissing,
+                             uint64_t required_features = kUffdFeatureEventRemove) {
   UffdOptions uffd_options;
-  uffd_options.required_features = kUffdFeatureEventRemove;
+  uffd_options.required_features = required_features;
   uffd_options.optional_features = optional_features;
   auto uffd = Userfaultfd::Create(uffd_options);
   EXPECT_TRUE(uffd.has_value()) << uffd.error().ToString();
