@@ -138,7 +138,7 @@ class BalloonRaceTest : public ::testing::TestWithParam<BalloonCase> {};
 TEST_P(BalloonRaceTest, RemovedPagesNeverReadSnapshotBytes) {
   constexpr uint64_t kWindows = 32;
   constexpr uint64_t kWindowPages = kDefaultFaultAroundBytes / kPageSize4K;
-  constexpr int kRounds = 600;
+  constexpr int kRounds = 400;
   SnapshotFile snapshot(kWindows * kWindowPages);  // every page is data
   FaultHandlerOptions options;
   options.fault_all = GetParam().fault_all;
