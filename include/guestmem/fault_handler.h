@@ -46,6 +46,7 @@
 #include "guestmem/guest_layout.h"
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
+#include "guestmem/page_tracker.h"
 #include "guestmem/result.h"
 #include "guestmem/userfaultfd.h"
 
@@ -73,6 +74,13 @@ struct FaultHandlerOptions {
   std::shared_ptr<MemoryFile> memory_file;
   // Faults outside the declared regions tolerated before the VM is given up.
   uint64_t max_stray_faults = 10000;
+  // Where served pages are kept; null: a tracker of the handler's own. A shared tracker
+  // (PageTracker::CreateShared) outlives the process, so that a successor can take the VM over
+  // with it. REQUIRES: page_count() covers the layout's file end, in 4 KiB pages.
+  std::shared_ptr<PageTracker> tracker;
+  // Taking over a VM that another handler served (with its tracker): every region is woken at
+  // once, because the faults the previous handler had read but not answered died with it.
+  bool resume = false;
 };
 
 // How much one Serve() call may do before it returns.

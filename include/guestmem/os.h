@@ -45,8 +45,8 @@ class Os {
   virtual int Madvise(void* addr, size_t length, int advice) = 0;
 
   virtual int MemfdCreate(const char* name, unsigned int flags) = 0;
-  virtual int MemfdSecret(unsigned int flags) = 0;   // syscall 447; no glibc wrapper
-  virtual int Userfaultfd(int flags) = 0;            // the syscall, not /dev/userfaultfd
+  virtual int MemfdSecret(unsigned int flags) = 0;  // syscall 447; no glibc wrapper
+  virtual int Userfaultfd(int flags) = 0;           // the syscall, not /dev/userfaultfd
 
   virtual ssize_t Sendmsg(int fd, const struct msghdr* msg, int flags) = 0;
   virtual ssize_t Recvmsg(int fd, struct msghdr* msg, int flags) = 0;

@@ -73,9 +73,9 @@ class [[nodiscard]] Result {
   using value_type = T;
   using error_type = Error;
 
-  Result(const T& value) : storage_(value) {}                     // NOLINT: implicit by design
-  Result(T&& value) : storage_(std::move(value)) {}               // NOLINT
-  Result(Error error) : storage_(std::move(error)) {}             // NOLINT
+  Result(const T& value) : storage_(value) {}          // NOLINT: implicit by design
+  Result(T&& value) : storage_(std::move(value)) {}    // NOLINT
+  Result(Error error) : storage_(std::move(error)) {}  // NOLINT
   template <typename U, typename = std::enable_if_t<std::is_constructible_v<T, U&&> &&
                                                     !std::is_same_v<std::decay_t<U>, Error> &&
                                                     !std::is_same_v<std::decay_t<U>, Result>>>
@@ -85,9 +85,18 @@ class [[nodiscard]] Result {
   explicit operator bool() const { return has_value(); }
 
   // REQUIRES: has_value().
-  T& value() & { assert(has_value()); return std::get<0>(storage_); }
-  const T& value() const& { assert(has_value()); return std::get<0>(storage_); }
-  T&& value() && { assert(has_value()); return std::get<0>(std::move(storage_)); }
+  T& value() & {
+    assert(has_value());
+    return std::get<0>(storage_);
+  }
+  const T& value() const& {
+    assert(has_value());
+    return std::get<0>(storage_);
+  }
+  T&& value() && {
+    assert(has_value());
+    return std::get<0>(std::move(storage_));
+  }
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
   T&& operator*() && { return std::move(*this).value(); }
@@ -100,8 +109,14 @@ class [[nodiscard]] Result {
   }
 
   // REQUIRES: !has_value().
-  const Error& error() const& { assert(!has_value()); return std::get<1>(storage_); }
-  Error&& error() && { assert(!has_value()); return std::get<1>(std::move(storage_)); }
+  const Error& error() const& {
+    assert(!has_value());
+    return std::get<1>(storage_);
+  }
+  Error&& error() && {
+    assert(!has_value());
+    return std::get<1>(std::move(storage_));
+  }
 
  private:
   std::variant<T, Error> storage_;
@@ -121,8 +136,14 @@ class [[nodiscard]] Result<void> {
   void value() const { assert(ok_); }
 
   // REQUIRES: !has_value().
-  const Error& error() const& { assert(!ok_); return error_; }
-  Error&& error() && { assert(!ok_); return std::move(error_); }
+  const Error& error() const& {
+    assert(!ok_);
+    return error_;
+  }
+  Error&& error() && {
+    assert(!ok_);
+    return std::move(error_);
+  }
 
  private:
   Error error_{ErrorCode::kInternal, ""};
@@ -142,18 +163,18 @@ inline Status OkStatus() { return Status(); }
 // NOLINTBEGIN(bugprone-macro-parentheses)
 
 // Returns the error of `expr` (a Result or Status) from the enclosing function.
-#define GM_RETURN_IF_ERROR(expr)                                     \
-  do {                                                               \
-    auto&& gm_status_ = (expr);                                      \
+#define GM_RETURN_IF_ERROR(expr)                                       \
+  do {                                                                 \
+    auto&& gm_status_ = (expr);                                        \
     if (!gm_status_.has_value()) return std::move(gm_status_).error(); \
   } while (0)
 
 // `GM_ASSIGN_OR_RETURN(auto fd, OpenFile(path));` declares/assigns lhs or returns the error.
 #define GM_ASSIGN_OR_RETURN(lhs, expr) \
   GM_ASSIGN_OR_RETURN_IMPL_(GM_CONCAT_(gm_result_, __LINE__), lhs, expr)
-#define GM_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr)       \
-  auto tmp = (expr);                                    \
-  if (!tmp.has_value()) return std::move(tmp).error();  \
+#define GM_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr)      \
+  auto tmp = (expr);                                   \
+  if (!tmp.has_value()) return std::move(tmp).error(); \
   lhs = std::move(tmp).value()
 
 // NOLINTEND(bugprone-macro-parentheses)

@@ -84,7 +84,10 @@ class FaultHandler::Pipeline {
       : uffd(std::move(u)),
         layout(std::move(l)),
         options(std::move(o)),
-        tracker(PageIndex(layout.file_end())),
+        tracker_owner(options.tracker != nullptr
+                          ? options.tracker
+                          : std::make_shared<PageTracker>(PageIndex(layout.file_end()))),
+        tracker(*tracker_owner),
         sequencer(&uffd),
         fault_around(options.fault_around_bytes),
         fetcher(std::move(f)),
@@ -104,7 +107,8 @@ class FaultHandler::Pipeline {
   Userfaultfd uffd;
   GuestLayout layout;
   FaultHandlerOptions options;
-  PageTracker tracker;
+  std::shared_ptr<PageTracker> tracker_owner;
+  PageTracker& tracker;
   EventSequencer sequencer;
   FaultAroundPolicy fault_around;
   std::optional<FillCursor> fill;  // from fault-all's first fault until every page is in
@@ -191,6 +195,19 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
                          " differs from the guest memory file's " +
                          std::to_string(options.memory_file->page_size()));
       }
+    }
+  }
+  if (options.tracker != nullptr && options.tracker->page_count() < PageIndex(layout.file_end())) {
+    return Error(ErrorCode::kInvalidArgument, "fault handler: the page tracker holds " +
+                                                  std::to_string(options.tracker->page_count()) +
+                                                  " pages; the regions need " +
+                                                  std::to_string(PageIndex(layout.file_end())));
+  }
+  if (options.resume) {
+    // Faults the previous handler read died with it: their threads wait for a wake that would
+    // never come. Woken, each retries its access and faults again if its page is still missing.
+    for (const GuestRegion& region : layout.regions()) {
+      GM_RETURN_IF_ERROR(uffd.Wake(region.host_addr, region.size));
     }
   }
   uint64_t staging = std::max(window, kHugePageSize2M);
@@ -430,6 +447,8 @@ Status FaultHandler::Pipeline::ApplyFork(ForkEvent& fork) {
                       Userfaultfd::Adopt(std::move(fork.child_uffd), uffd.features()));
   FaultHandlerOptions child_options = options;
   child_options.name = options.name + " (fork)";
+  child_options.tracker = nullptr;  // the child's memory is a copy: its own tracker
+  child_options.resume = false;
   GM_ASSIGN_OR_RETURN(auto child,
                       FaultHandler::Create(std::move(child_uffd), layout, fetcher->shared_source(),
                                            std::move(child_options)));

@@ -21,9 +21,11 @@
 #include <thread>
 #include <vector>
 
+#include "guestmem/event_sequencer.h"
 #include "guestmem/fault_engine.h"
 #include "guestmem/fault_handler.h"
 #include "guestmem/memory_file.h"
+#include "guestmem/page_tracker.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfaultfd.h"
 #include "testutil/snapshot_file.h"
@@ -417,6 +419,79 @@ TEST(FaultHandlerEventsTest, ForkedChildrenAreServedAndFreedWhenTheyExit) {
   const std::optional<int> status = WaitChild(vm);
   ASSERT_TRUE(status.has_value());
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << *status;
+}
+
+// --- a successor takes a VM over ---------------------------------------------------------------
+
+// A handler dies mid-restore (here: it is removed after it read a fault it never answered); a
+// successor resumes with the dead one's shared tracker and a copy of the uffd. The thread whose
+// fault was lost is woken, ballooned pages stay zero, and nothing served before is read again.
+TEST(FaultHandlerEventsTest, ASuccessorResumesWithTheSharedTracker) {
+  SnapshotFile snapshot(256, [](uint64_t p) { return p % 13 == 7; });
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  UniqueFd kept_uffd(dup(vm.uffd.fd()));  // what a keeper holds across the handler's death
+  auto tracker = PageTracker::CreateShared(snapshot.pages());
+  ASSERT_TRUE(tracker.has_value()) << tracker.error().ToString();
+  UniqueFd kept_tracker(dup((*tracker)->shared_fd()));
+  auto engine = StartEngine(1);
+  FaultHandlerOptions first;
+  first.tracker = std::move(*tracker);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), first);
+  for (uint64_t p = 0; p < 64; ++p) ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+  ASSERT_EQ(madvise(vm.PageAt(16), 16 * kPageSize4K, MADV_DONTNEED), 0);
+  ASSERT_EQ(StatsWhen(*engine, id, [](const FaultStats& s) { return s.events_remove >= 1; })
+                .events_remove,
+            1u);
+  ASSERT_TRUE(engine->RemoveSpace(id).has_value());  // the first handler is gone
+  // A fault that the dying handler read and never answered.
+  std::string late_error;
+  std::atomic<bool> late_done{false};
+  std::thread late([&] {
+    late_error = snapshot.CheckPage(100, vm.PageAt(100));
+    late_done.store(true);
+  });
+  auto rescue = Userfaultfd::Adopt(UniqueFd(dup(kept_uffd.get())));  // unblocks it on failure
+  ASSERT_TRUE(rescue.has_value());
+  {
+    auto dying = Userfaultfd::Adopt(UniqueFd(dup(kept_uffd.get())));
+    ASSERT_TRUE(dying.has_value());
+    EventSequencer reader(&*dying);
+    std::vector<UffdEvent> changes;
+    ASSERT_TRUE(WaitUntil([&] {
+      (void)reader.Read(&changes);
+      return !reader.empty();
+    }));
+  }
+  auto attached = PageTracker::AttachShared(std::move(kept_tracker), snapshot.pages());
+  ASSERT_TRUE(attached.has_value()) << attached.error().ToString();
+  auto uffd = Userfaultfd::Adopt(std::move(kept_uffd));
+  ASSERT_TRUE(uffd.has_value());
+  FaultHandlerOptions successor;
+  successor.tracker = std::move(*attached);
+  successor.resume = true;
+  auto handler = FaultHandler::Create(std::move(*uffd), vm.layout, OpenSource(snapshot), successor);
+  ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
+  auto resumed = engine->AddSpace(std::move(*handler));
+  ASSERT_TRUE(resumed.has_value());
+  EXPECT_TRUE(WaitUntil([&] { return late_done.load(); })) << "the lost fault was never woken";
+  if (!late_done.load())
+    (void)rescue->ZeroPage(
+        HostVirtAddr(vm.layout.regions()[0].host_addr.value() + 100 * kPageSize4K), kPageSize4K);
+  late.join();
+  EXPECT_EQ(late_error, "");
+  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+    if (p >= 16 && p < 32) {
+      EXPECT_TRUE(AllZero(vm.PageAt(p), kPageSize4K)) << "ballooned page " << p << " came back";
+    } else {
+      EXPECT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+    }
+  }
+  const FaultStats stats = StatsWhen(*engine, *resumed, [&](const FaultStats& s) {
+    return s.pages_installed() >= snapshot.pages() - 64;
+  });
+  uint64_t data_after_64 = 0;
+  for (uint64_t p = 64; p < snapshot.pages(); ++p) data_after_64 += snapshot.hole(p) ? 0 : 1;
+  EXPECT_EQ(stats.bytes_read, data_after_64 * kPageSize4K);  // nothing served before read again
 }
 
 // --- VMs that misbehave -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #include "guestmem/page_tracker.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <random>
 #include <thread>
@@ -84,6 +85,35 @@ TEST(PageTrackerTest, ConcurrentMarksAreNeverLost) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(tracker.CountServed(0, tracker.page_count()), tracker.page_count());
+}
+
+TEST(PageTrackerTest, ASharedTrackersStateOutlivesItsFirstOwner) {
+  auto first = PageTracker::CreateShared(1000);
+  ASSERT_TRUE(first.has_value()) << first.error().ToString();
+  ASSERT_GE((*first)->shared_fd(), 0);
+  (*first)->MarkServed(10, 100);
+  (*first)->MarkServed(999, 1);
+  UniqueFd handed_over(dup((*first)->shared_fd()));
+  first->reset();  // the first owner is gone; the memfd keeps the state
+  auto second = PageTracker::AttachShared(std::move(handed_over), 1000);
+  ASSERT_TRUE(second.has_value()) << second.error().ToString();
+  EXPECT_EQ((*second)->CountServed(0, 1000), 101u);
+  EXPECT_TRUE((*second)->IsServed(999));
+  EXPECT_FALSE((*second)->IsServed(9));
+  // Two trackers over one memfd see each other's marks.
+  auto third = PageTracker::AttachShared(UniqueFd(dup((*second)->shared_fd())), 1000);
+  ASSERT_TRUE(third.has_value());
+  (*third)->MarkServed(500, 1);
+  EXPECT_TRUE((*second)->IsServed(500));
+}
+
+TEST(PageTrackerTest, AMemfdOfTheWrongSizeIsRefused) {
+  auto shared = PageTracker::CreateShared(1000);
+  ASSERT_TRUE(shared.has_value());
+  auto wrong = PageTracker::AttachShared(UniqueFd(dup((*shared)->shared_fd())), 100000);
+  ASSERT_FALSE(wrong.has_value());
+  EXPECT_EQ(wrong.error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(PageTracker(10).shared_fd(), -1);
 }
 
 }  // namespace
