@@ -8,6 +8,7 @@
 #include "guestmem/log.h"
 #include "log_format.h"
 #include "serve/handler_server.h"
+#include "serve/keeper.h"
 
 namespace guestmem::cli {
 namespace {
@@ -69,8 +70,7 @@ void RegisterServeCommand(CLI::App& app) {
   auto args = std::make_shared<ServeArgs>();
   CLI::App* cmd = app.add_subcommand(
       "serve", "Serve page faults for VMs restoring from a memory file (Firecracker Uffd backend)");
-  cmd->add_option("socket_path", args->options.socket_path, "Unix socket to listen on")
-      ->required();
+  cmd->add_option("socket_path", args->options.socket_path, "Unix socket to listen on")->required();
   cmd->add_option("mem_file_path", args->options.mem_file_path,
                   "Snapshot memory file (regions back to back; holes are zero pages)")
       ->required()
@@ -96,6 +96,19 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_flag("--log-json", args->json_logs, "Log JSON lines instead of text");
   cmd->add_flag("-v,--verbose", args->verbose, "Log debug messages too");
   cmd->callback([args] { CommandExitCode() = RunServe(*args); });
+
+  // The keeper `gmem serve` starts for itself (see serve/keeper.h); not for people to run.
+  auto path = std::make_shared<std::string>();
+  CLI::App* keeper = app.add_subcommand(
+      "keeper", "Hold the VMs of a gmem serve for its successor (started by gmem serve)");
+  keeper->group("");  // hidden from --help
+  keeper->add_option("path", *path, "Unix socket to listen on")->required();
+  keeper->callback([path] {
+    InstallLogFormat(/*json=*/false, /*verbose=*/false);
+    Status run = RunKeeper(*path);
+    if (!run) Log(LogLevel::kError, "keeper: " + run.error().ToString());
+    CommandExitCode() = run ? 0 : 1;
+  });
 }
 
 }  // namespace guestmem::cli
