@@ -489,10 +489,8 @@ Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
     return Step::kDone;
   }
   if (options.fault_all) StartFill();
-  // While a fill runs it brings the neighbours; the fault needs only its own page.
-  const RegionRange range =
-      fill.has_value() ? RegionRange{hit->region, page_offset, page_offset + region.page_size}
-                       : fault_around.WindowFor(layout, hit->region, page_offset);
+  // A fill in progress may not have reached this part yet: the fault brings its window.
+  const RegionRange range = fault_around.WindowFor(layout, hit->region, page_offset);
   GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write));
   if (step == Step::kDone) served_this_turn_.push_back(range);
   return step;
