@@ -307,8 +307,10 @@ TEST(FaultHandlerEventsTest, RemapFollowsARegionThatMovedWhole) {
   vm.regions[0] = std::move(*target);
   // Pages served before moved with the region; the others are served at the new address.
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
-  const FaultStats stats =
-      StatsWhen(*engine, id, [&](const FaultStats& s) { return s.events_remap >= 1; });
+  // The handler counts an install just after the ioctl that woke the thread: wait for it.
+  const FaultStats stats = StatsWhen(*engine, id, [&](const FaultStats& s) {
+    return s.events_remap >= 1 && s.pages_installed() >= snapshot.pages();
+  });
   EXPECT_EQ(stats.events_remap, 1u);
   EXPECT_EQ(stats.pages_installed(), snapshot.pages());
 }
