@@ -47,6 +47,7 @@ struct BenchArgs {
   uint64_t fault_around_kib = kDefaultFaultAroundBytes / 1024;
   unsigned workers = 1;
   uint64_t seed = 1;
+  bool cold = false;
   bool json = false;
 };
 
@@ -82,6 +83,17 @@ std::optional<double> MedianSpeedup(const Series& base, const Series& contestant
   for (size_t r = 0; r < base.runs.size(); ++r) {
     ratios.push_back(static_cast<double>(base.runs[r].elapsed_ns) /
                      static_cast<double>(std::max<uint64_t>(contestant.runs[r].elapsed_ns, 1)));
+  }
+  return Median(ratios);
+}
+
+// The median over rounds of contestant's time / floor's time: how far from the floor it is.
+std::optional<double> MedianOverFloor(const Series& floor, const Series& contestant) {
+  if (floor.runs.size() != contestant.runs.size() || floor.runs.empty()) return std::nullopt;
+  std::vector<double> ratios;
+  for (size_t r = 0; r < floor.runs.size(); ++r) {
+    ratios.push_back(static_cast<double>(contestant.runs[r].elapsed_ns) /
+                     static_cast<double>(std::max<uint64_t>(floor.runs[r].elapsed_ns, 1)));
   }
   return Median(ratios);
 }
@@ -124,7 +136,8 @@ struct Summary {
   double latency_p50_us = 0;  // 0: not measured (not a guestmem contestant)
   std::optional<double> vs_file;
   std::optional<double> vs_per_page;
-  double fault_all_ns = 0;  // kFaultAll: the time to install everything; else 0
+  std::optional<double> over_floor;  // contestant's time / the floor's, same round
+  double fault_all_ns = 0;           // kFaultAll: the time to install everything; else 0
 };
 
 std::vector<Summary> Summarize(const ConfigResult& result) {
@@ -134,6 +147,7 @@ std::vector<Summary> Summarize(const ConfigResult& result) {
   };
   const Series* file = series_of(Contestant::kFileBackend);
   const Series* per_page = series_of(Contestant::kPerPage);
+  const Series* floor = series_of(Contestant::kFloor);
   std::vector<Summary> summaries;
   for (const auto& [contestant, series] : result.series) {
     Summary s{.contestant = contestant};
@@ -146,6 +160,7 @@ std::vector<Summary> Summarize(const ConfigResult& result) {
         MedianOf(series, [](const bench::RestoreRun& r) { return r.latency_p50_ns / 1e3; });
     if (file != nullptr) s.vs_file = MedianSpeedup(*file, series);
     if (per_page != nullptr) s.vs_per_page = MedianSpeedup(*per_page, series);
+    if (floor != nullptr) s.over_floor = MedianOverFloor(*floor, series);
     s.fault_all_ns =
         MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
     summaries.push_back(std::move(s));
@@ -164,18 +179,18 @@ void PrintConfig(const ConfigResult& result, double memcpy_bytes_per_s, uint64_t
   std::printf("\n%s: %llu accesses, %llu distinct pages\n", result.config.Label().c_str(),
               static_cast<unsigned long long>(result.accesses),
               static_cast<unsigned long long>(result.distinct_pages));
-  std::printf("  %-30s %10s %9s %10s %9s %12s %9s\n", "contestant", "median ms", "faults",
-              "installed", "vs file", "vs per-page", "p50 lat");
+  std::printf("  %-31s %10s %9s %10s %9s %12s %8s %9s\n", "contestant", "median ms", "faults",
+              "installed", "vs file", "vs per-page", "x floor", "p50 lat");
   for (const Summary& s : Summarize(result)) {
     const std::string latency =
         s.latency_p50_us > 0 ? std::to_string(static_cast<int>(s.latency_p50_us)) + "us" : "-";
-    std::printf("  %-30s %10.2f %9.0f %10.0f %9s %12s %9s\n",
+    std::printf("  %-31s %10.2f %9.0f %10.0f %9s %12s %8s %9s\n",
                 std::string(bench::ContestantTitle(s.contestant)).c_str(), s.median_ms, s.faults,
                 s.pages_installed, Speedup(s.vs_file).c_str(), Speedup(s.vs_per_page).c_str(),
-                latency.c_str());
+                Speedup(s.over_floor).c_str(), latency.c_str());
     if (s.fault_all_ns > 0) {
       const double bytes_per_s = static_cast<double>(size) * 1e9 / s.fault_all_ns;
-      std::printf("  %-30s installs everything in %.1f ms: %.2f GB/s, %.0f%% of memcpy\n", "",
+      std::printf("  %-31s installs everything in %.1f ms: %.2f GB/s, %.0f%% of memcpy\n", "",
                   s.fault_all_ns / 1e6, bytes_per_s / 1e9, 100 * bytes_per_s / memcpy_bytes_per_s);
     }
   }
@@ -194,7 +209,8 @@ nlohmann::json ToJson(const ConfigResult& result, uint64_t size) {
                         {"pages_installed", s.pages_installed},
                         {"latency_p50_us", s.latency_p50_us},
                         {"speedup_vs_file", optional(s.vs_file)},
-                        {"speedup_vs_per_page", optional(s.vs_per_page)}};
+                        {"speedup_vs_per_page", optional(s.vs_per_page)},
+                        {"times_the_floor", optional(s.over_floor)}};
     if (s.contestant == Contestant::kFaultAll) {
       c["fault_all_gb_per_s"] =
           s.fault_all_ns > 0 ? static_cast<double>(size) / s.fault_all_ns : 0.0;
@@ -242,10 +258,12 @@ int RunBench(const BenchArgs& args) {
   }
   const double memcpy_bw = bench::MeasureMemcpyBandwidth(*snapshot);
   const bench::RestoreOptions options{.fault_around_bytes = args.fault_around_kib * 1024,
-                                      .workers = args.workers};
+                                      .workers = args.workers,
+                                      .cold = args.cold};
   if (!args.json) {
-    std::printf("gmem bench: %s (%llu MiB), %u rounds after a warm-up, contestants alternating\n",
-                path.c_str(), static_cast<unsigned long long>(snapshot->size() >> 20), args.rounds);
+    std::printf("gmem bench: %s (%llu MiB), %u rounds after a warm-up, contestants alternating%s\n",
+                path.c_str(), static_cast<unsigned long long>(snapshot->size() >> 20), args.rounds,
+                args.cold ? ", page cache cold before each run" : "");
     std::printf("single-thread memcpy of the snapshot: %.2f GB/s\n", memcpy_bw / 1e9);
     std::printf("speed-ups are medians over rounds of (other's time / contestant's time)\n");
     std::fflush(stdout);
@@ -295,7 +313,8 @@ int RunBench(const BenchArgs& args) {
     nlohmann::json j = {
         {"memory_file", path},        {"size_bytes", snapshot->size()},
         {"rounds", args.rounds},      {"fault_around_bytes", options.fault_around_bytes},
-        {"workers", options.workers}, {"memcpy_gb_per_s", memcpy_bw / 1e9}};
+        {"workers", options.workers}, {"memcpy_gb_per_s", memcpy_bw / 1e9},
+        {"cold", args.cold}};
     nlohmann::json configs_json = nlohmann::json::array();
     for (const ConfigResult& r : results) configs_json.push_back(ToJson(r, snapshot->size()));
     j["configs"] = configs_json;
@@ -334,7 +353,7 @@ void RegisterBenchCommand(CLI::App& app) {
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--contestants", args->contestants,
-                  "file, per-page, on-demand, fault-all, minor-trap")
+                  "file, per-page, on-demand, fault-all, minor-trap, floor")
       ->check(CLI::IsMember(AllContestantNames()))
       ->delimiter(',')
       ->capture_default_str();
@@ -346,6 +365,8 @@ void RegisterBenchCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the snapshot and the workloads")
       ->capture_default_str();
+  cmd->add_flag("--cold", args->cold,
+                "Drop the memory file from the page cache before every run (it must be on a disk)");
   cmd->add_flag("--json", args->json, "Print one JSON object instead of tables");
   cmd->callback([args] { CommandExitCode() = RunBench(*args); });
 }

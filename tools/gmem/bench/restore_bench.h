@@ -8,12 +8,18 @@
 //   kOnDemand     guestmem's FaultEngine copying into anonymous memory with fault-around;
 //   kFaultAll     the same engine installing everything on the first fault;
 //   kMinorTrap    guestmem's full minor trap: a shmem guest memory file mapped MAP_SHARED and
-//                 registered MISSING|MINOR; content is written into the file, then CONTINUE.
+//                 registered MISSING|MINOR; content is written into the file, then CONTINUE;
+//   kFloor        the physical limit of userfaultfd, no handler at all: the pages the workload
+//                 touches, installed in bulk before it runs (runs of data pages with one
+//                 UFFDIO_COPY each, runs of zero pages — by content — with one UFFDIO_ZEROPAGE),
+//                 from as many threads as the guest has, each taking one contiguous slice of the
+//                 sorted pages; then the workload runs without a single fault.
 // Every run gets fresh destination memory, made the same way for all (a new mapping, never
-// touched before the timed part). The timed part is the workload's threads touching their pages,
-// from the first thread's start to the last one's end; serving faults happens meanwhile. After
-// it, every page the workload touched is compared with the snapshot (written pages with what was
-// written), untimed.
+// touched before the timed part). With RestoreOptions::cold, the memory file is dropped from the
+// page cache before each run (posix_fadvise DONTNEED), so that each contestant reads it cold. The
+// timed part is the workload's threads touching their pages, from the first thread's start to the
+// last one's end; serving faults happens meanwhile. After it, every page the workload touched is
+// compared with the snapshot (written pages with what was written), untimed.
 //
 // Thread safety: RunRestore starts and joins its own threads; run one at a time.
 #ifndef GUESTMEM_TOOLS_GMEM_BENCH_RESTORE_BENCH_H_
@@ -24,6 +30,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "guestmem/fault_handler.h"
 #include "guestmem/mapping.h"
@@ -34,12 +41,12 @@
 
 namespace guestmem::bench {
 
-enum class Contestant { kFileBackend, kPerPage, kOnDemand, kFaultAll, kMinorTrap };
+enum class Contestant { kFileBackend, kPerPage, kOnDemand, kFaultAll, kMinorTrap, kFloor };
 inline constexpr Contestant kAllContestants[] = {Contestant::kFileBackend, Contestant::kPerPage,
-                                                 Contestant::kOnDemand, Contestant::kFaultAll,
-                                                 Contestant::kMinorTrap};
+                                                 Contestant::kOnDemand,    Contestant::kFaultAll,
+                                                 Contestant::kMinorTrap,   Contestant::kFloor};
 
-// "file", "per-page", "on-demand", "fault-all", "minor-trap": the names --contestants takes.
+// "file", "per-page", "on-demand", "fault-all", "minor-trap", "floor": what --contestants takes.
 std::string_view ContestantName(Contestant contestant);
 // One line for tables: "File backend (MAP_PRIVATE)".
 std::string_view ContestantTitle(Contestant contestant);
@@ -49,8 +56,14 @@ Result<Contestant> ParseContestant(std::string_view name);
 // baseline's copy source, and what verification compares with) and guestmem's page source.
 class RestoreSnapshot {
  public:
-  // Opens `path` and reads it once through, so that its page cache is hot for every contestant.
+  // Opens `path` and reads it once through, so that its page cache is hot for every contestant,
+  // noting which pages hold only zeros.
   static Result<RestoreSnapshot> Open(const std::string& path);
+  // Drops the memory file from the page cache (and this view's mappings of it): the next read of
+  // it goes to the disk.
+  Status Evict() const;
+  // Whether page `page` (4 KiB) of the file holds only zeros.
+  bool zero_page(uint64_t page) const { return zero_pages_[page]; }
 
   const std::string& path() const { return path_; }
   int fd() const { return fd_.get(); }
@@ -60,21 +73,24 @@ class RestoreSnapshot {
 
  private:
   RestoreSnapshot(std::string path, UniqueFd fd, Mapping view,
-                  std::shared_ptr<const PageSource> source)
+                  std::shared_ptr<const PageSource> source, std::vector<bool> zero_pages)
       : path_(std::move(path)),
         fd_(std::move(fd)),
         view_(std::move(view)),
-        source_(std::move(source)) {}
+        source_(std::move(source)),
+        zero_pages_(std::move(zero_pages)) {}
 
   std::string path_;
   UniqueFd fd_;
   Mapping view_;
   std::shared_ptr<const PageSource> source_;
+  std::vector<bool> zero_pages_;
 };
 
 struct RestoreOptions {
   uint64_t fault_around_bytes = kDefaultFaultAroundBytes;  // kOnDemand, kMinorTrap
   unsigned workers = 1;                                    // guestmem engine threads
+  bool cold = false;  // evict the memory file from the page cache before the run
 };
 
 struct RestoreRun {
