@@ -287,6 +287,26 @@ TEST(HandshakeTest, MalformedMessagesAreNamed) {
   ExpectProtocolError(std::string(3 << 20, '['), "larger than 1048576 bytes");
 }
 
+// Regression: the stream scanner refused a byte order mark that the JSON parser skips, and the
+// parser's success was then taken for an error (bad_variant_access).
+TEST(HandshakeTest, AByteOrderMarkOrOtherNonJsonStartIsAProtocolError) {
+  const std::string good = R"([{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":4096}])";
+  ExpectProtocolError("\xEF\xBB\xBF" + good, "UTF-8 byte order mark");
+  ExpectProtocolError("\xEF\xBB\xBF" + good, "UTF-8 byte order mark", true, false);
+  ExpectProtocolError("\v" + good, "not valid JSON");
+  ExpectProtocolError("\f" + good, "not valid JSON");
+  ExpectProtocolError(std::string("\0", 1) + good, "not valid JSON");
+  ExpectProtocolError(" \t\r\n\xEF\xBB\xBF" + good, "not valid JSON");
+  auto parsed = ParseHandshake("\xEF\xBB\xBF" + good);
+  ASSERT_FALSE(parsed.has_value());
+  EXPECT_EQ(parsed.error().code(), ErrorCode::kProtocolError);
+  EXPECT_NE(parsed.error().context().find("byte order mark"), std::string::npos)
+      << parsed.error().ToString();
+  // JSON's own whitespace before the array is fine for both.
+  auto spaced = Feed(" \t\r\n" + good, true, true);
+  EXPECT_TRUE(spaced.has_value()) << spaced.error().ToString();
+}
+
 TEST(HandshakeTest, ParseAcceptsOlderAndExtendedForms) {
   // Older Firecracker: only page_size_kib (in bytes). Unknown fields are ignored.
   auto old = ParseHandshake(

@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "testutil/error_code.h"
+
 namespace guestmem {
 namespace {
 
@@ -128,11 +130,15 @@ TEST_F(UnixSocketTest, BadPathsAreRefusedAndChangeNothing) {
   EXPECT_NE(listen_long.error().context().find("1 to 107 bytes"), std::string::npos)
       << listen_long.error().ToString();
   EXPECT_FALSE(std::filesystem::exists(too_long.substr(0, 107)));
-  EXPECT_EQ(ConnectUnix(too_long).error().code(), ErrorCode::kInvalidArgument);
-  EXPECT_EQ(ListenUnix("").error().code(), ErrorCode::kInvalidArgument);
+  auto connect_long = ConnectUnix(too_long);
+  ASSERT_FALSE(connect_long.has_value());
+  EXPECT_EQ(connect_long.error().code(), ErrorCode::kInvalidArgument);
+  auto listen_empty = ListenUnix("");
+  ASSERT_FALSE(listen_empty.has_value());
+  EXPECT_EQ(listen_empty.error().code(), ErrorCode::kInvalidArgument);
 
-  EXPECT_EQ(ConnectUnix(dir_ + "/nobody").error().code(), ErrorCode::kNotFound);
-  EXPECT_EQ(ListenUnix(dir_ + "/missing-dir/s").error().code(), ErrorCode::kNotFound);
+  EXPECT_EQ(testutil::ErrorCodeOf(ConnectUnix(dir_ + "/nobody")), ErrorCode::kNotFound);
+  EXPECT_EQ(testutil::ErrorCodeOf(ListenUnix(dir_ + "/missing-dir/s")), ErrorCode::kNotFound);
 }
 
 TEST_F(UnixSocketTest, PeerCredentialsOfANonSocketFail) {

@@ -12,6 +12,7 @@
 
 #include "base/fault_injection_os.h"
 #include "guestmem/page_source.h"
+#include "testutil/error_code.h"
 
 namespace guestmem {
 namespace {
@@ -69,7 +70,8 @@ TEST_F(RawFileSourceTest, FindsHolesAtStartMiddleAndEnd) {
   expect(10 * kPage, 2 * kPage, ExtentKind::kData);
   expect(12 * kPage, 4 * kPage, ExtentKind::kZero);
   expect(16 * kPage - 1, 1, ExtentKind::kZero);
-  EXPECT_EQ((*source)->ExtentAt(FileOffset(16 * kPage)).error().code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(testutil::ErrorCodeOf((*source)->ExtentAt(FileOffset(16 * kPage))),
+            ErrorCode::kOutOfRange);
 }
 
 TEST_F(RawFileSourceTest, ReadsBytesAndZeroHoles) {
@@ -95,8 +97,9 @@ TEST_F(RawFileSourceTest, ReadPastEndAndTruncationAreErrors) {
   EXPECT_NE(past.error().context().find("read of 0x2000 bytes at 0x3000"), std::string::npos)
       << past.error().ToString();
   EXPECT_EQ(buf[0], std::byte{0xee});  // nothing was written
-  EXPECT_EQ((*source)->ReadAt(FileOffset(UINT64_MAX - 10), buf).error().code(),
-            ErrorCode::kOutOfRange);
+  Status overflowing = (*source)->ReadAt(FileOffset(UINT64_MAX - 10), buf);
+  ASSERT_FALSE(overflowing.has_value());
+  EXPECT_EQ(overflowing.error().code(), ErrorCode::kOutOfRange);
   EXPECT_EQ(buf[0], std::byte{0xee});
   // Up to the last byte is fine.
   ASSERT_TRUE((*source)->ReadAt(FileOffset(2 * kPage), buf));
@@ -188,7 +191,7 @@ TEST_F(RawFileSourceTest, EmptyAndAllHoleFiles) {
   auto empty = RawFileSource::Open(path_);
   ASSERT_TRUE(empty.has_value());
   EXPECT_EQ((*empty)->size(), 0u);
-  EXPECT_EQ((*empty)->ExtentAt(FileOffset(0)).error().code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(testutil::ErrorCodeOf((*empty)->ExtentAt(FileOffset(0))), ErrorCode::kOutOfRange);
   std::vector<std::byte> none;
   EXPECT_TRUE((*empty)->ReadAt(FileOffset(0), none));
   Write(512, {});  // 2 MiB, all hole
@@ -203,8 +206,12 @@ TEST_F(RawFileSourceTest, EmptyAndAllHoleFiles) {
 }
 
 TEST_F(RawFileSourceTest, OpenErrors) {
-  EXPECT_EQ(RawFileSource::Open(dir_ + "/missing").error().code(), ErrorCode::kNotFound);
-  EXPECT_EQ(RawFileSource::Open(dir_).error().code(), ErrorCode::kInvalidArgument);
+  auto missing = RawFileSource::Open(dir_ + "/missing");
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().code(), ErrorCode::kNotFound);
+  auto directory = RawFileSource::Open(dir_);
+  ASSERT_FALSE(directory.has_value());
+  EXPECT_EQ(directory.error().code(), ErrorCode::kInvalidArgument);
 }
 
 TEST_F(RawFileSourceTest, ConcurrentReads) {

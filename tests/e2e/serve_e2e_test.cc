@@ -207,6 +207,13 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   };
   std::vector<Case> cases = {
       {"garbage", "JSON", [&](int s) { SendRaw(s, "this is not json", memory.uffd->fd()); }},
+      {"byte order mark", "byte order mark",
+       [&](int s) {
+         SendRaw(
+             s,
+             "\xEF\xBB\xBF" + EncodeHandshake(std::vector{region(memory.base(), 1 << 20, 0, 4096)}),
+             memory.uffd->fd());
+       }},
       {"truncated", "truncated",
        [&](int s) {
          SendRaw(s, R"([{"base_host_virt_addr":1234,"size":4096)", memory.uffd->fd());
