@@ -283,5 +283,42 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
 }
 
+// Regression: the page-state map of a secret-hiding VM was sized from the guest memory file the
+// client sent, so a file ftruncate'd to 2^62 bytes aborted the daemon (bad_alloc) and one of 2^40
+// cost 64 MiB per connection. The file must cover the regions and be no larger than the snapshot.
+TEST_F(ServeE2eTest, GuestMemoryFileSizeIsCheckedAgainstTheSnapshot) {
+  StartServer();
+  BadClientMemory memory;
+  struct Case {
+    std::string name;
+    uint64_t file_bytes;
+    std::string expected_reason;
+  };
+  const std::vector<Case> cases = {
+      {"2^62 bytes", uint64_t{1} << 62, "larger than the snapshot"},
+      {"2^40 bytes", uint64_t{1} << 40, "larger than the snapshot"},
+      {"one page more than the snapshot", snapshot_->size() + 4096, "larger than the snapshot"},
+      {"shorter than the regions", 4096, "does not cover"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    UniqueFd guest_memfd(memfd_create("hostile-guest-memory", MFD_CLOEXEC));
+    UniqueFd bitmap(memfd_create("hostile-bitmap", MFD_CLOEXEC));
+    ASSERT_TRUE(guest_memfd.valid() && bitmap.valid());
+    ASSERT_EQ(ftruncate(guest_memfd.get(), static_cast<off_t>(c.file_bytes)), 0);
+    ASSERT_EQ(ftruncate(bitmap.get(), 4096), 0);
+    HandshakeRegion r{memory.base(), 1 << 20, 0, 4096, 4096, 0, true};
+    auto sock = ConnectUnix(socket_);
+    ASSERT_TRUE(sock.has_value()) << sock.error().ToString();
+    int fds[] = {memory.uffd->fd(), guest_memfd.get(), bitmap.get()};
+    ASSERT_TRUE(SendHandshake(sock->get(), std::span(&r, 1), fds));
+    char byte;
+    EXPECT_EQ(recv(sock->get(), &byte, 1, 0), 0) << "connection not closed";
+    EXPECT_NE(server_->WaitForLine({"rejected", c.expected_reason}, 20s), "") << server_->Output();
+    ASSERT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon died\n" << server_->Output();
+  }
+  ExpectVmVerifies({"--secret-hiding", "--workload", "random", "--threads", "2", "--verify"});
+}
+
 }  // namespace
 }  // namespace guestmem

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -267,9 +268,33 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
       return Error(ErrorCode::kProtocolError,
                    "is_guest_memfd is set but no guest memory file descriptor was attached");
     }
+    const int guest_memfd_fd = handshake.fds[1].get();
+    struct stat st {};
+    if (fstat(guest_memfd_fd, &st) != 0) return PosixError(errno, "fstat of the guest memory file");
+    // Firecracker's guest_memfd is exactly the regions back to back: it covers every region and
+    // is no larger than the snapshot. Checked before anything is sized from it.
+    const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+    uint64_t regions_end = 0;
+    for (const HandshakeRegion& r : handshake.regions) {
+      regions_end = std::max(regions_end, r.offset + r.size);  // validated: no overflow
+    }
+    if (file_size < regions_end) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "the guest memory file (" + std::to_string(file_size) +
+                       " bytes) does not cover the regions, which end at byte " +
+                       std::to_string(regions_end));
+    }
+    if (file_size > source->size()) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "the guest memory file (" + std::to_string(file_size) +
+                       " bytes) is larger than the snapshot (" + std::to_string(source->size()) +
+                       " bytes); it must be the regions back to back");
+    }
     MemoryFileOptions file_options;
     file_options.name = name;
-    GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(handshake.fds[1].get()));
+    file_options.size_bytes = file_size;
+    file_options.max_size_bytes = source->size();
+    GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(guest_memfd_fd));
     GM_ASSIGN_OR_RETURN(auto memory_file,
                         MemoryFile::Adopt(std::move(handshake.fds[1]), file_options));
     handler_options.mode = InstallMode::kMinorTrap;
