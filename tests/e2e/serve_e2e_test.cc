@@ -18,53 +18,15 @@
 #include "guestmem/handshake.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
+#include "serve_fixture.h"
 #include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/subprocess.h"
 
-namespace guestmem {
+namespace guestmem::e2e {
 namespace {
 
-using namespace std::chrono_literals;
-using testutil::Subprocess;
-
-class ServeE2eTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    ASSERT_FALSE(dir_.empty());
-    // 32 MiB snapshot, every 5th page a hole.
-    snapshot_ =
-        std::make_unique<testutil::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
-  }
-  void TearDown() override { server_.reset(); }
-
-  void StartServer(std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {GMEM_BINARY, "serve", socket_, snapshot_->path()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    server_ = std::make_unique<Subprocess>(argv, dir_ + "/serve.log");
-    ASSERT_TRUE(server_->WaitForOutput("serving ")) << server_->Output();
-  }
-
-  std::unique_ptr<Subprocess> StartVm(const std::string& name, std::vector<std::string> extra) {
-    std::vector<std::string> argv = {GMEM_BINARY, "vmm-sim",    "--socket",
-                                     socket_,     "--mem-file", snapshot_->path()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    return std::make_unique<Subprocess>(argv, dir_ + "/" + name + ".log");
-  }
-
-  void ExpectVmVerifies(std::vector<std::string> extra, const std::string& name = "vm") {
-    auto vm = StartVm(name, extra);
-    EXPECT_EQ(vm->ExitCode(120s), 0) << "vmm-sim output:\n"
-                                     << vm->Output() << "\nserve log:\n"
-                                     << server_->Output();
-  }
-
-  TempDir temp_;
-  const std::string dir_ = temp_.path();
-  const std::string socket_ = temp_.File("uffd.sock");
-  std::unique_ptr<testutil::SnapshotFile> snapshot_;
-  std::unique_ptr<Subprocess> server_;
-};
+using ServeE2eTest = ServeTest;
 
 TEST_F(ServeE2eTest, SocketIsOwnerOnlyByDefault) {
   StartServer();
@@ -157,40 +119,6 @@ TEST_F(ServeE2eTest, SigtermShutsDownGracefully) {
 }
 
 // --- bad clients -------------------------------------------------------------------------------
-
-// A uffd with real registered memory, for handshakes that are wrong in other ways.
-struct BadClientMemory {
-  BadClientMemory() {
-    mem = mmap(nullptr, 4 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    auto u = Userfaultfd::Create({});
-    EXPECT_TRUE(u.has_value());
-    uffd = std::make_unique<Userfaultfd>(std::move(*u));
-    EXPECT_TRUE(uffd->Register(HostVirtAddr(reinterpret_cast<uint64_t>(mem)), 4 << 20,
-                               UffdModes::kMissing));
-  }
-  ~BadClientMemory() { munmap(mem, 4 << 20); }
-  uint64_t base() const { return reinterpret_cast<uint64_t>(mem); }
-  void* mem;
-  std::unique_ptr<Userfaultfd> uffd;
-};
-
-void SendRaw(int sock, const std::string& bytes, int fd = -1) {
-  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-  if (fd >= 0) {
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
-  }
-  ASSERT_EQ(sendmsg(sock, &msg, 0), static_cast<ssize_t>(bytes.size()));
-}
 
 TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   StartServer({"--handshake-timeout-ms", "1500"});
@@ -321,4 +249,4 @@ TEST_F(ServeE2eTest, GuestMemoryFileSizeIsCheckedAgainstTheSnapshot) {
 }
 
 }  // namespace
-}  // namespace guestmem
+}  // namespace guestmem::e2e
