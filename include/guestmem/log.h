@@ -55,6 +55,8 @@ class RateLimitedLog {
   void Log(LogLevel level, std::string_view message);
   void Flush(bool force = false);
 
+  // Whether a count of folded lines waits to be logged.
+  bool has_pending() const;
   // Lines logged and lines folded so far (for tests and statistics).
   uint64_t logged() const;
   uint64_t folded() const;

@@ -117,6 +117,11 @@ void RateLimitedLog::Flush(bool force) {
   if (force || now - window_start_ >= window_) EmitCountLocked(now);
 }
 
+bool RateLimitedLog::has_pending() const {
+  std::lock_guard lock(mu_);
+  return repeats_ > 0;
+}
+
 uint64_t RateLimitedLog::logged() const {
   std::lock_guard lock(mu_);
   return logged_;

@@ -5,10 +5,17 @@
 // secret-hiding variant with the guest memory file and a bitmap as well). Each handshake is
 // validated; a bad one is logged with its reason and only that connection is closed. A good one
 // becomes a space of the fault engine, served until the VM hangs up (its socket closes when
-// Firecracker exits) or its process is gone, then freed and logged with its statistics.
+// Firecracker exits) or its space ends by itself (the VM's process is gone, or it can no longer
+// be served), then freed and logged with its statistics.
 //
-// Handshakes are read in their own threads with a timeout, so a client that connects and says
-// nothing delays nobody.
+// One thread, Run()'s, owns every connection: an epoll loop accepts, reads handshakes from
+// non-blocking sockets (each connection a small state machine with its own deadline and a buffer
+// that grows only with what arrived, at most the handshake limit), admits VMs and notices
+// hang-ups. The fault engine's workers serve the faults. Nothing a client does decides how many
+// threads run: connections waiting for their handshake are bounded (beyond the bound they are
+// accepted and closed), and so are VMs served at once. Out of descriptors (EMFILE), the server
+// sheds the pending connection with a reserve descriptor and stops accepting for a moment
+// instead of spinning; repeated log lines are folded (RateLimitedLog).
 //
 // Thread safety: Start() from one thread; Stop() from any thread or a signal handler
 // (async-signal-safe); Run() from one thread.
@@ -18,6 +25,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -39,13 +47,18 @@ struct ServeOptions {
   std::optional<uid_t> socket_owner;
   std::optional<gid_t> socket_group;
   std::chrono::milliseconds handshake_timeout{5000};
+  // Connections accepted whose handshake is not complete yet; more are accepted and closed.
+  size_t max_pending_handshakes = 256;
+  // VMs served at once; a handshake beyond it is rejected.
+  size_t max_active_vms = 1024;
   int max_vms = 0;  // exit after this many VMs have come and gone (0: serve forever)
-  // Told when a served VM has gone, with its final statistics (from the serving thread).
+  // Told when a served VM has gone, with its final statistics (from Run()'s thread).
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
 
 class HandlerServer {
  public:
+  // Opens the memory file and listens on the socket.
   static Result<std::unique_ptr<HandlerServer>> Start(const ServeOptions& options);
   ~HandlerServer();
 
