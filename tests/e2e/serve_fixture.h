@@ -34,8 +34,14 @@ class ServeTest : public ::testing::Test {
   }
   void TearDown() override { server_.reset(); }
 
-  void StartServer(std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {GMEM_BINARY, "serve", socket_, snapshot_->path()};
+  // Starts `gmem serve` on the snapshot, `prefix` before it on the command line (a wrapper such
+  // as prlimit), `extra` after it.
+  void StartServer(std::vector<std::string> extra = {}, std::vector<std::string> prefix = {}) {
+    std::vector<std::string> argv = prefix;
+    for (const std::string& a :
+         {std::string(GMEM_BINARY), std::string("serve"), socket_, snapshot_->path()}) {
+      argv.push_back(a);
+    }
     argv.insert(argv.end(), extra.begin(), extra.end());
     server_ = std::make_unique<Subprocess>(argv, dir_ + "/serve.log");
     ASSERT_TRUE(server_->WaitForOutput("serving ")) << server_->Output();

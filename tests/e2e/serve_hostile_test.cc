@@ -6,12 +6,16 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "guestmem/handshake.h"
@@ -135,6 +139,71 @@ TEST_F(ServeHostileTest, ASpaceThatEndsAtOnceIsLoggedWithItsStatisticsAndItsConn
     EXPECT_NE(line.find("uffd reports an error"), std::string::npos) << line;
   }
   ExpectVmVerifies({"--workload", "sequential", "--verify"});
+}
+
+// CPU time (user + system) the process has used so far, in seconds.
+double CpuSeconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Fields after the command name (which may hold spaces) start after its closing parenthesis;
+  // utime and stime are the 14th and 15th fields, the 12th and 13th after it.
+  std::istringstream rest(text.substr(text.rfind(')') + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 1; i <= 13 && rest >> field; ++i) {
+    if (i >= 12) ticks += std::stod(field);
+  }
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// Regression: at EMFILE the listener stayed readable and accept failed at once, again and again:
+// 100% CPU and 4.4 million identical log lines in 18 s. Now a reserve descriptor lets the daemon
+// shed the waiting connection, the listener rests, and the log line is folded.
+TEST_F(ServeHostileTest, OutOfDescriptorsTheDaemonShedsConnectionsWithoutSpinning) {
+  if (access("/usr/bin/prlimit", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/prlimit (util-linux)";
+  constexpr int kConnections = 200;
+  constexpr int kShedToWaitFor = 10;  // at a 100 ms rest per shed connection: about a second
+  RaiseDescriptorLimit(kConnections + 200);
+  if (HasFatalFailure() || IsSkipped()) return;
+  StartServer({"--handshake-timeout-ms", "60000"}, {"/usr/bin/prlimit", "--nofile=64:64", "--"});
+  const pid_t daemon = server_->pid();
+  std::vector<UniqueFd> clients;
+  for (int i = 0; i < kConnections; ++i) {
+    UniqueFd sock(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    ASSERT_TRUE(sock.valid());
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, socket_.c_str(), sizeof(addr.sun_path) - 1);
+    if (connect(sock.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) {
+      clients.push_back(std::move(sock));
+    }
+  }
+  ASSERT_GE(clients.size(), 64u) << "more connections than the daemon can hold are needed";
+  ASSERT_NE(server_->WaitForLine({"accept: "}, 20s), "") << server_->Output().substr(0, 3000);
+  const auto wall_start = std::chrono::steady_clock::now();
+  const double cpu_start = CpuSeconds(daemon);
+  // Beyond what the daemon can hold, waiting connections are closed one by one.
+  size_t shed = 0;
+  const auto deadline = wall_start + 30s;
+  while (shed < kShedToWaitFor && std::chrono::steady_clock::now() < deadline) {
+    shed = 0;
+    for (const UniqueFd& c : clients) shed += ClosedByPeer(c.get(), 0ms);
+    std::this_thread::sleep_for(10ms);
+  }
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  const double cpu = CpuSeconds(daemon) - cpu_start;
+  EXPECT_GE(shed, static_cast<size_t>(kShedToWaitFor)) << server_->Output().substr(0, 3000);
+  EXPECT_LT(cpu, 0.5 * wall) << "the daemon used " << cpu << " s of CPU in " << wall << " s";
+  const std::string log = server_->Output();
+  EXPECT_LE(CountLines(log, "out of descriptors"), 3u) << log.substr(0, 3000);
+  EXPECT_LT(CountLines(log, ""), 100u) << log.substr(0, 3000);
+
+  // Once the clients go, the daemon serves a VM with the descriptors it has.
+  clients.clear();
+  ASSERT_NE(server_->WaitForLine({"closed before its handshake"}, 20s), "") << log;
+  ExpectVmVerifies({"--workload", "random", "--threads", "2", "--verify"});
+  EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
 }
 
 }  // namespace
