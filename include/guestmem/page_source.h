@@ -52,6 +52,9 @@ class PageSource {
 
 class RawFileSource final : public PageSource {
  public:
+  // Opens a regular file or a block device (its size from lseek). ERRORS: kInvalidArgument for
+  // anything else (a FIFO, a directory, a character device), found without waiting for a FIFO's
+  // writer; the PosixError of open(2) (kNotFound for a missing file).
   static Result<std::unique_ptr<RawFileSource>> Open(const std::string& path, Os* os = nullptr);
 
   uint64_t size() const override { return size_; }

@@ -37,19 +37,41 @@ Result<std::vector<Extent>> MapDataExtents(int fd, uint64_t size, const std::str
   return data;
 }
 
+std::string FileTypeName(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISLNK(mode)) return "a symbolic link";
+  return "of an unknown file type";
+}
+
 }  // namespace
 
 Result<std::unique_ptr<RawFileSource>> RawFileSource::Open(const std::string& path, Os* os) {
   if (os == nullptr) os = Os::Default();
-  const int raw = os->Open(path.c_str(), O_RDONLY | O_CLOEXEC, 0);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+  const int raw = os->Open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
   if (raw < 0) return PosixError(-raw, "opening memory file " + path);
   UniqueFd fd(raw);
   struct stat st {};
   if (fstat(fd.get(), &st) != 0) return PosixError(errno, "fstat " + path);
-  if (!S_ISREG(st.st_mode)) {
-    return Error(ErrorCode::kInvalidArgument, "memory file " + path + " is not a regular file");
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    return Error(ErrorCode::kInvalidArgument, "memory file " + path + " is " +
+                                                  FileTypeName(st.st_mode) +
+                                                  ", not a regular file or a block device");
   }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  // Reads of regular files and block devices never wait anyway; clear the flag all the same.
+  const int flags = fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    return PosixError(errno, "fcntl " + path);
+  }
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (S_ISBLK(st.st_mode)) {  // st_size is 0: the device tells its size through lseek
+    const off_t end = os->Lseek(fd.get(), 0, SEEK_END);
+    if (end < 0) return PosixError(static_cast<int>(-end), "size of block device " + path);
+    size = static_cast<uint64_t>(end);
+  }
   GM_ASSIGN_OR_RETURN(std::vector<Extent> data, MapDataExtents(fd.get(), size, path, os));
   return std::unique_ptr<RawFileSource>(
       new RawFileSource(path, std::move(fd), size, std::move(data), os));

@@ -1,10 +1,12 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -203,6 +205,47 @@ TEST_F(RawFileSourceTest, EmptyAndAllHoleFiles) {
   EXPECT_EQ(e->length, 512 * kPage);
   EXPECT_NE((*holes)->Describe().find("snapshot.mem (2 MiB, 100% holes)"), std::string::npos)
       << (*holes)->Describe();
+}
+
+// Regression: open(2) of a FIFO for reading waited for a writer, so `gmem serve` given a FIFO
+// never started and never said why.
+TEST_F(RawFileSourceTest, OnlyRegularFilesAndBlockDevicesAreOpenedAndNothingWaits) {
+  const std::string fifo = dir_ + "/memory.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  auto from_fifo = RawFileSource::Open(fifo);
+  ASSERT_FALSE(from_fifo.has_value());
+  EXPECT_EQ(from_fifo.error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(from_fifo.error().context().find("is a FIFO, not a regular file or a block device"),
+            std::string::npos)
+      << from_fifo.error().ToString();
+  auto from_char = RawFileSource::Open("/dev/zero");
+  ASSERT_FALSE(from_char.has_value());
+  EXPECT_NE(from_char.error().context().find("a character device"), std::string::npos)
+      << from_char.error().ToString();
+}
+
+TEST_F(RawFileSourceTest, ABlockDeviceIsReadWithItsSizeFromLseek) {
+  Write(64, {0, 1, 2, 63});
+  std::string device;
+  if (FILE* p = popen(("losetup -f --show " + path_ + " 2>/dev/null").c_str(), "r")) {
+    char line[256] = {};
+    if (fgets(line, sizeof(line), p) != nullptr) device = line;
+    pclose(p);
+  }
+  while (!device.empty() && device.back() == '\n') device.pop_back();
+  if (device.empty()) GTEST_SKIP() << "no loop device (losetup -f failed)";
+  struct Detach {
+    std::string device;
+    ~Detach() { (void)!system(("losetup -d " + device).c_str()); }
+  } detach{device};
+  auto source = RawFileSource::Open(device);
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  EXPECT_EQ((*source)->size(), 64 * kPage);
+  std::vector<std::byte> page(kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(63 * kPage), page));
+  EXPECT_EQ(page[0], std::byte{64});
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(10 * kPage), page));
+  EXPECT_EQ(page[0], std::byte{0});
 }
 
 TEST_F(RawFileSourceTest, OpenErrors) {

@@ -43,7 +43,11 @@ class ServeTest : public ::testing::Test {
       argv.push_back(a);
     }
     argv.insert(argv.end(), extra.begin(), extra.end());
-    server_ = std::make_unique<Subprocess>(argv, dir_ + "/serve.log");
+    // A log of its own per start, so that waiting for its first line cannot find an earlier one.
+    const std::string log =
+        dir_ + (servers_started_++ == 0 ? "/serve.log"
+                                        : "/serve-" + std::to_string(servers_started_) + ".log");
+    server_ = std::make_unique<Subprocess>(argv, log);
     ASSERT_TRUE(server_->WaitForOutput("serving ")) << server_->Output();
   }
 
@@ -66,6 +70,7 @@ class ServeTest : public ::testing::Test {
   const std::string socket_ = temp_.File("uffd.sock");
   std::unique_ptr<testutil::SnapshotFile> snapshot_;
   std::unique_ptr<Subprocess> server_;
+  int servers_started_ = 0;
 };
 
 // --- bad clients ---------------------------------------------------------------------------

@@ -160,7 +160,34 @@ struct HandlerServer::Impl {
   std::optional<Clock::time_point> NextWake() const;
 };
 
+Status ValidateServeOptions(const ServeOptions& options) {
+  auto invalid = [](const std::string& what) { return Error(ErrorCode::kInvalidArgument, what); };
+  if (options.socket_path.empty()) return invalid("the socket path is empty");
+  if (options.mem_file_path.empty()) return invalid("the memory file path is empty");
+  const uint64_t window = options.fault_around_bytes;
+  if (!IsPowerOfTwo(window) || window < kMinFaultAroundBytes || window > kMaxFaultAroundBytes) {
+    return invalid("--fault-around-kib " + std::to_string(window / 1024) +
+                   (window % 1024 != 0 ? " (" + std::to_string(window) + " bytes)" : "") +
+                   ": must be a power of two from " + std::to_string(kMinFaultAroundBytes / 1024) +
+                   " to " + std::to_string(kMaxFaultAroundBytes / 1024) + " KiB");
+  }
+  if (options.handshake_timeout.count() <= 0) {
+    return invalid("--handshake-timeout-ms " + std::to_string(options.handshake_timeout.count()) +
+                   ": must be at least 1 ms");
+  }
+  if (options.workers > kMaxWorkers) {
+    return invalid("--workers " + std::to_string(options.workers) + ": at most " +
+                   std::to_string(kMaxWorkers) + " (0: one per CPU)");
+  }
+  if (options.max_pending_handshakes == 0) {
+    return invalid("--max-pending-handshakes 0: at least one connection must be able to wait");
+  }
+  if (options.max_active_vms == 0) return invalid("--max-active-vms 0: at least one VM");
+  return OkStatus();
+}
+
 Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& options) {
+  GM_RETURN_IF_ERROR(ValidateServeOptions(options));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source,

@@ -56,9 +56,22 @@ struct ServeOptions {
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
 
+// The fault-around windows a FaultHandler takes: powers of two from one page to 1 GiB.
+inline constexpr uint64_t kMinFaultAroundBytes = 4096;
+inline constexpr uint64_t kMaxFaultAroundBytes = uint64_t{1} << 30;
+// Fault-serving threads the server starts at most.
+inline constexpr unsigned kMaxWorkers = 256;
+
+// Checks what does not depend on the machine, so that a daemon that could serve no VM never
+// starts: paths not empty, fault_around_bytes a power of two from kMinFaultAroundBytes to
+// kMaxFaultAroundBytes, handshake_timeout > 0, workers <= kMaxWorkers, both bounds > 0.
+// ERRORS: kInvalidArgument naming the command-line option.
+Status ValidateServeOptions(const ServeOptions& options);
+
 class HandlerServer {
  public:
-  // Opens the memory file and listens on the socket.
+  // Validates the options, opens the memory file (a regular file or a block device: a FIFO or
+  // anything else is refused without waiting for a writer) and listens on the socket.
   static Result<std::unique_ptr<HandlerServer>> Start(const ServeOptions& options);
   ~HandlerServer();
 
