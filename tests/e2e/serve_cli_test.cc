@@ -57,6 +57,8 @@ TEST_F(ServeCliTest, BadOptionsFailAtStartWithAClearMessage) {
       {{"--socket-owner=-1"}, "--socket-owner"},
       {{"--socket-owner", "root"}, "--socket-owner"},
       {{"--socket-group", "99999999999"}, "--socket-group"},
+      {{"--allow-uid", "4294967296"}, "--allow-uid"},
+      {{"--allow-gid", "x"}, "--allow-gid"},
       {{"--fault-around-kib", "3"}, "--fault-around-kib"},
       {{"--fault-around-kib", "0"}, "--fault-around-kib"},
       {{"--fault-around-kib", "4194304"}, "--fault-around-kib"},

@@ -1,16 +1,20 @@
 // End-to-end: what hostile or broken clients can make `gmem serve` do. Nothing a client does may
 // crash or hang the daemon, decide how many threads it runs or how much memory it holds beyond
 // fixed bounds, or keep it from serving other VMs.
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <sstream>
@@ -204,6 +208,70 @@ TEST_F(ServeHostileTest, OutOfDescriptorsTheDaemonShedsConnectionsWithoutSpinnin
   ASSERT_NE(server_->WaitForLine({"closed before its handshake"}, 20s), "") << log;
   ExpectVmVerifies({"--workload", "random", "--threads", "2", "--verify"});
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
+}
+
+// Connects to `socket` as uid/gid 65534 (with `groups` as its supplementary groups) from a child
+// process, sends bytes that are no handshake, and returns whether the daemon then closed the
+// connection; the child's pid is stored in *pid.
+bool ConnectAsNobody(const std::string& socket, const std::vector<gid_t>& groups, pid_t* pid) {
+  const pid_t child = fork();
+  if (child == 0) {
+    if (setgroups(groups.size(), groups.data()) != 0 || setgid(65534) != 0 || setuid(65534) != 0) {
+      _exit(3);
+    }
+    auto sock = ConnectUnix(socket);
+    if (!sock) _exit(4);
+    // A refused connection may be closed before the byte goes out.
+    (void)send(sock->get(), "x", 1, MSG_NOSIGNAL);
+    _exit(ClosedByPeer(sock->get(), 20s) ? 0 : 6);
+  }
+  *pid = child;
+  int status = 0;
+  return child > 0 && waitpid(child, &status, 0) == child && WIFEXITED(status) &&
+         WEXITSTATUS(status) == 0;
+}
+
+// Before, anyone the socket file's mode let in could read the whole memory file. With
+// --allow-uid/--allow-gid, SO_PEERCRED must name an allowed uid, or an allowed primary or
+// supplementary gid; others are refused, logged with their pid, uid and gid.
+TEST_F(ServeHostileTest, PeersNotAllowedAreRefusedAndLogged) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to connect as another user";
+  ASSERT_EQ(chmod(dir_.c_str(), 0711), 0);  // uid 65534 reaches the socket; the mode lets it in
+  StartServer({"--socket-mode", "0666", "--allow-uid", "65534", "--allow-gid", "12345"});
+  // We are root, neither allowed by uid nor by group: refused before any handshake is read.
+  auto sock = ConnectUnix(socket_);
+  ASSERT_TRUE(sock.has_value()) << sock.error().ToString();
+  EXPECT_TRUE(ClosedByPeer(sock->get(), 20s)) << server_->Output();
+  const std::string refused = server_->WaitForLine(
+      {"refused", "pid " + std::to_string(getpid()), "uid 0", "gid 0", "--allow-uid"}, 20s);
+  EXPECT_NE(refused, "") << server_->Output();
+  // uid 65534 is allowed: its connection goes on to the handshake, which is what fails.
+  pid_t nobody = 0;
+  EXPECT_TRUE(ConnectAsNobody(socket_, {}, &nobody));
+  EXPECT_NE(
+      server_->WaitForLine({"pid " + std::to_string(nobody), "uid 65534", "rejected", "JSON"}, 20s),
+      "")
+      << server_->Output();
+  // So is the supplementary group 12345, whoever the uid.
+  ASSERT_EQ(chmod(dir_.c_str(), 0711), 0);
+  server_.reset();
+  std::filesystem::remove(socket_);
+  StartServer({"--socket-mode", "0666", "--allow-uid", "4242", "--allow-gid", "12345"});
+  pid_t member = 0;
+  EXPECT_TRUE(ConnectAsNobody(socket_, {12345}, &member));
+  EXPECT_NE(server_->WaitForLine({"pid " + std::to_string(member), "rejected", "JSON"}, 20s), "")
+      << server_->Output();
+  pid_t stranger = 0;
+  EXPECT_TRUE(ConnectAsNobody(socket_, {}, &stranger));
+  EXPECT_NE(server_->WaitForLine({"refused", "pid " + std::to_string(stranger), "uid 65534"}, 20s),
+            "")
+      << server_->Output();
+  EXPECT_EQ(server_->FindLine({"pid " + std::to_string(stranger), "rejected"}), "");
+  // Root by gid: a VM is served.
+  server_.reset();
+  std::filesystem::remove(socket_);
+  StartServer({"--allow-gid", "0"});
+  ExpectVmVerifies({"--workload", "random", "--threads", "2", "--verify"});
 }
 
 }  // namespace

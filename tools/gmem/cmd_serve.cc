@@ -32,6 +32,8 @@ struct ServeArgs {
   std::string socket_mode = "0600";
   std::string owner;
   std::string group;
+  std::vector<std::string> allow_uids;
+  std::vector<std::string> allow_gids;
   std::string handshake_timeout_ms = "5000";
   std::string workers = "0";
   std::string max_pending_handshakes = "256";
@@ -94,6 +96,14 @@ Status ParseArgs(ServeArgs& args) {
   }
   if (!args.group.empty()) {
     GM_ASSIGN_OR_RETURN(options.socket_group, ParseId("--socket-group", args.group));
+  }
+  for (const std::string& uid : args.allow_uids) {
+    GM_ASSIGN_OR_RETURN(const uint32_t id, ParseId("--allow-uid", uid));
+    options.allow_uids.push_back(id);
+  }
+  for (const std::string& gid : args.allow_gids) {
+    GM_ASSIGN_OR_RETURN(const uint32_t id, ParseId("--allow-gid", gid));
+    options.allow_gids.push_back(id);
   }
   GM_ASSIGN_OR_RETURN(const uint64_t timeout_ms,
                       ParseNumber("--handshake-timeout-ms", args.handshake_timeout_ms, 1,
@@ -167,6 +177,11 @@ void RegisterServeCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--socket-owner", args->owner, "Socket file owner (a uid)");
   cmd->add_option("--socket-group", args->group, "Socket file group (a gid)");
+  cmd->add_option("--allow-uid", args->allow_uids,
+                  "Allow peers with this uid (SO_PEERCRED; repeatable). With neither --allow-uid "
+                  "nor --allow-gid, whoever the socket's mode lets in");
+  cmd->add_option("--allow-gid", args->allow_gids,
+                  "Allow peers with this primary or supplementary gid (repeatable)");
   cmd->add_option("--handshake-timeout-ms", args->handshake_timeout_ms,
                   "How long a new connection may take to send its handshake")
       ->capture_default_str();

@@ -75,6 +75,19 @@ void Drain(int fd) {
   (void)rc;
 }
 
+// "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
+std::string AccessNote(const ServeOptions& options) {
+  if (options.allow_uids.empty() && options.allow_gids.empty()) return "";
+  auto join = [](const char* what, const auto& ids) {
+    std::string out;
+    for (auto id : ids) out += (out.empty() ? std::string(what) + " " : ", ") + std::to_string(id);
+    return out;
+  };
+  const std::string uids = join("uid", options.allow_uids);
+  const std::string gids = join("gid", options.allow_gids);
+  return "; peers allowed: " + uids + (!uids.empty() && !gids.empty() ? "; " : "") + gids;
+}
+
 int TimeoutMs(Clock::time_point now, std::optional<Clock::time_point> wake) {
   if (!wake) return -1;
   if (*wake <= now) return 0;
@@ -133,6 +146,7 @@ struct HandlerServer::Impl {
   Clock::time_point listener_resumes;
   RateLimitedLog accept_log{kLogFoldWindow};
   RateLimitedLog refused_log{kLogFoldWindow};
+  RateLimitedLog denied_log{kLogFoldWindow};
 
   // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
   std::unique_ptr<FaultEngine> engine;
@@ -142,6 +156,7 @@ struct HandlerServer::Impl {
   void ResumeListenerIfDue(Clock::time_point now);
   void AcceptReady(Clock::time_point now);
   void ShedOnePendingConnection(int err, Clock::time_point now);
+  bool Allowed(const std::optional<PeerCredentials>& peer) const;
   void AddConnection(UniqueFd socket, Clock::time_point now);
   void ConnectionReady(uint64_t vm, uint32_t events);
   void HandshakeReady(Connection& c);
@@ -223,7 +238,7 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
           "; at most " + std::to_string(options.max_pending_handshakes) +
           " connections waiting for their handshake (" +
           std::to_string(options.handshake_timeout.count()) + " ms each) and " +
-          std::to_string(options.max_active_vms) + " VMs served at once");
+          std::to_string(options.max_active_vms) + " VMs served at once" + AccessNote(options));
   return std::unique_ptr<HandlerServer>(new HandlerServer(std::move(impl)));
 }
 
@@ -252,7 +267,7 @@ std::optional<Clock::time_point> HandlerServer::Impl::NextWake() const {
   if (!deadlines.empty()) consider(deadlines.begin()->first);
   if (!listener_watched) consider(listener_resumes);
   // Folded lines are reported once their window has passed, even when nothing else happens.
-  if (accept_log.has_pending() || refused_log.has_pending()) {
+  if (accept_log.has_pending() || refused_log.has_pending() || denied_log.has_pending()) {
     consider(Clock::now() + kLogFoldWindow);
   }
   return wake;
@@ -296,6 +311,7 @@ Status HandlerServer::Run() {
       s.ResumeListenerIfDue(now);
       s.accept_log.Flush();
       s.refused_log.Flush();
+      s.denied_log.Flush();
     } catch (const std::exception& e) {
       Log(LogLevel::kError, std::string("serve: ") + e.what() + " in the server loop");
     }
@@ -327,6 +343,7 @@ Status HandlerServer::Run() {
   }
   s.accept_log.Flush(/*force=*/true);
   s.refused_log.Flush(/*force=*/true);
+  s.denied_log.Flush(/*force=*/true);
   return OkStatus();
 }
 
@@ -390,9 +407,30 @@ void HandlerServer::Impl::ShedOnePendingConnection(int err, Clock::time_point no
   accept_log.Log(LogLevel::kWarning, line);
 }
 
+bool HandlerServer::Impl::Allowed(const std::optional<PeerCredentials>& peer) const {
+  if (options.allow_uids.empty() && options.allow_gids.empty()) return true;
+  if (!peer) return false;
+  auto listed = [](const auto& list, auto id) {
+    return std::find(list.begin(), list.end(), id) != list.end();
+  };
+  if (listed(options.allow_uids, peer->uid) || listed(options.allow_gids, peer->gid)) return true;
+  return std::any_of(peer->groups.begin(), peer->groups.end(),
+                     [&](gid_t g) { return listed(options.allow_gids, g); });
+}
+
 void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) {
   std::optional<PeerCredentials> peer;
-  if (auto creds = GetPeerCredentials(socket.get())) peer = *creds;
+  if (auto creds = GetPeerCredentials(socket.get())) peer = std::move(*creds);
+  if (!Allowed(peer)) {
+    denied_log.Log(
+        LogLevel::kWarning,
+        "refused a connection from " +
+            (peer ? "pid " + std::to_string(peer->pid) + " (uid " + std::to_string(peer->uid) +
+                        ", gid " + std::to_string(peer->gid) + ")"
+                  : std::string("a peer whose credentials are unknown")) +
+            ": not allowed by --allow-uid/--allow-gid");
+    return;  // closes it
+  }
   if (pending_handshakes >= options.max_pending_handshakes) {
     refused_log.Log(LogLevel::kWarning,
                     "refused a connection: " + std::to_string(pending_handshakes) +

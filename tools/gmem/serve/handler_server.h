@@ -31,6 +31,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "guestmem/fault_handler.h"
 #include "guestmem/result.h"
@@ -46,6 +47,11 @@ struct ServeOptions {
   mode_t socket_mode = 0600;
   std::optional<uid_t> socket_owner;
   std::optional<gid_t> socket_group;
+  // Peers allowed to connect, by SO_PEERCRED, on top of the socket file's mode: a peer whose uid
+  // is in allow_uids, or whose primary or a supplementary gid is in allow_gids. Both empty:
+  // whoever the mode lets in.
+  std::vector<uid_t> allow_uids;
+  std::vector<gid_t> allow_gids;
   std::chrono::milliseconds handshake_timeout{5000};
   // Connections accepted whose handshake is not complete yet; more are accepted and closed.
   size_t max_pending_handshakes = 256;
