@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +15,7 @@
 
 #include "base/fault_injection_os.h"
 #include "guestmem/page_source.h"
+#include "guestmem/unique_fd.h"
 #include "testutil/error_code.h"
 
 namespace guestmem {
@@ -246,6 +248,55 @@ TEST_F(RawFileSourceTest, ABlockDeviceIsReadWithItsSizeFromLseek) {
   EXPECT_EQ(page[0], std::byte{64});
   ASSERT_TRUE((*source)->ReadAt(FileOffset(10 * kPage), page));
   EXPECT_EQ(page[0], std::byte{0});
+}
+
+// Regression: the holes found at open were trusted for as long as the source lived, whatever
+// happened to the file since.
+TEST_F(RawFileSourceTest, WhatChangedSeesEveryChangeOfTheFile) {
+  using std::chrono::nanoseconds;
+  Write(16, {1, 2});
+  auto source = RawFileSource::Open(path_, nullptr, nanoseconds(0));
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  auto same = (*source)->WhatChanged();
+  ASSERT_TRUE(same.has_value()) << same.error().ToString();
+  EXPECT_EQ(*same, "");
+  // Grown in place.
+  {
+    UniqueFd fd(open(path_.c_str(), O_WRONLY | O_CLOEXEC));
+    std::vector<uint8_t> page(kPage, 7);
+    ASSERT_EQ(pwrite(fd.get(), page.data(), kPage, 16 * kPage), static_cast<ssize_t>(kPage));
+  }
+  auto grown = (*source)->WhatChanged();
+  ASSERT_TRUE(grown.has_value()) << grown.error().ToString();
+  EXPECT_NE(grown->find("size 65536 -> 69632"), std::string::npos) << *grown;
+  // Another file renamed over the path.
+  source = RawFileSource::Open(path_, nullptr, nanoseconds(0));
+  ASSERT_TRUE(source.has_value());
+  const std::string other = dir_ + "/other.mem";
+  { UniqueFd fd(open(other.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600)); }
+  ASSERT_EQ(rename(other.c_str(), path_.c_str()), 0);
+  auto replaced = (*source)->WhatChanged();
+  ASSERT_TRUE(replaced.has_value()) << replaced.error().ToString();
+  EXPECT_NE(replaced->find("is another file now"), std::string::npos) << *replaced;
+  // Gone.
+  ASSERT_EQ(unlink(path_.c_str()), 0);
+  auto gone = (*source)->WhatChanged();
+  EXPECT_EQ(testutil::ErrorCodeOf(gone), ErrorCode::kNotFound);
+  // The source itself still reads what it opened.
+  std::vector<std::byte> page(kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(kPage), page));
+  EXPECT_EQ(page[0], std::byte{2});
+}
+
+TEST_F(RawFileSourceTest, AFileWrittenJustBeforeItWasOpenedIsNeverTakenToBeUnchanged) {
+  // A write within the same tick of a coarse clock could leave every time stamp as it was.
+  Write(16, {3});
+  auto source = RawFileSource::Open(path_);
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  auto changed = (*source)->WhatChanged();
+  ASSERT_TRUE(changed.has_value()) << changed.error().ToString();
+  EXPECT_NE(changed->find("written less than 2 s before it was opened"), std::string::npos)
+      << *changed;
 }
 
 TEST_F(RawFileSourceTest, OpenErrors) {

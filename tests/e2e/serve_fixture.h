@@ -5,9 +5,11 @@
 #define GUESTMEM_TESTS_E2E_SERVE_FIXTURE_H_
 
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -74,6 +76,16 @@ class ServeTest : public ::testing::Test {
 };
 
 // --- bad clients ---------------------------------------------------------------------------
+
+// Whether the daemon has closed `fd`, waiting at most `timeout`: EOF, or ECONNRESET when the
+// daemon closed it with bytes of ours still unread.
+inline bool ClosedByPeer(int fd, std::chrono::milliseconds timeout) {
+  pollfd pfd{fd, POLLIN, 0};
+  if (poll(&pfd, 1, static_cast<int>(timeout.count())) != 1) return false;
+  char byte;
+  const ssize_t n = recv(fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
+  return n == 0 || (n < 0 && errno == ECONNRESET);
+}
 
 // A uffd with real registered memory, for handshakes that are wrong in other ways.
 struct BadClientMemory {

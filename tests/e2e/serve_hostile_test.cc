@@ -48,14 +48,6 @@ size_t CountLines(const std::string& text, const std::string& fragment) {
   return n;
 }
 
-// Whether the daemon has closed `fd` (EOF readable), waiting at most `timeout`.
-bool ClosedByPeer(int fd, std::chrono::milliseconds timeout) {
-  pollfd pfd{fd, POLLIN, 0};
-  if (poll(&pfd, 1, static_cast<int>(timeout.count())) != 1) return false;
-  char byte;
-  return recv(fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK) == 0;
-}
-
 void RaiseDescriptorLimit(rlim_t want) {
   rlimit limit{};
   ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &limit), 0);

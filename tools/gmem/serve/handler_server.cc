@@ -124,7 +124,8 @@ struct HandlerServer::Impl {
   };
 
   ServeOptions options;
-  std::shared_ptr<const PageSource> source;
+  // The memory file as new VMs see it; VMs being served keep the source they started with.
+  std::shared_ptr<const RawFileSource> source;
   UniqueFd listener;
   UniqueFd epoll;
   UniqueFd stop_fd;    // eventfd: Stop() was called
@@ -161,6 +162,7 @@ struct HandlerServer::Impl {
   void ConnectionReady(uint64_t vm, uint32_t events);
   void HandshakeReady(Connection& c);
   Result<SpaceId> Admit(Connection& c, ReceivedHandshake& handshake);
+  Result<std::shared_ptr<const RawFileSource>> CurrentSource();
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
   void HandleNotices();
@@ -505,7 +507,8 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
     return Error(ErrorCode::kResourceExhausted, "already serving " + std::to_string(active_vms) +
                                                     " VMs, the most allowed (--max-active-vms)");
   }
-  GM_RETURN_IF_ERROR(ValidateHandshake(handshake.regions, source->size()));
+  GM_ASSIGN_OR_RETURN(const std::shared_ptr<const RawFileSource> snapshot, CurrentSource());
+  GM_RETURN_IF_ERROR(ValidateHandshake(handshake.regions, snapshot->size()));
   if (handshake.fds.empty()) {
     return Error(ErrorCode::kProtocolError, "no userfaultfd attached to the handshake");
   }
@@ -546,24 +549,24 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
                        " bytes) does not cover the regions, which end at byte " +
                        std::to_string(regions_end));
     }
-    if (file_size > source->size()) {
+    if (file_size > snapshot->size()) {
       return Error(ErrorCode::kInvalidArgument,
                    "the guest memory file (" + std::to_string(file_size) +
-                       " bytes) is larger than the snapshot (" + std::to_string(source->size()) +
+                       " bytes) is larger than the snapshot (" + std::to_string(snapshot->size()) +
                        " bytes); it must be the regions back to back");
     }
     MemoryFileOptions file_options;
     file_options.name = c.name;
     file_options.size_bytes = file_size;
-    file_options.max_size_bytes = source->size();
+    file_options.max_size_bytes = snapshot->size();
     GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(guest_memfd_fd));
     GM_ASSIGN_OR_RETURN(auto memory_file,
                         MemoryFile::Adopt(std::move(handshake.fds[1]), file_options));
     handler_options.mode = InstallMode::kMinorTrap;
     handler_options.memory_file = std::move(memory_file);
   }
-  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout), source,
-                                                         std::move(handler_options)));
+  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout),
+                                                         snapshot, std::move(handler_options)));
   // The connection's record exists before the space does: whenever the space ends, its notice
   // finds the record.
   const uint64_t vm = c.vm;
@@ -571,6 +574,28 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
                           [this, vm](SpaceId id, const Status& why, const FaultStats& stats) {
                             OnSpaceClosed(vm, id, why, stats);
                           });
+}
+
+Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
+  auto changed = source->WhatChanged();
+  if (!changed) {
+    return std::move(changed).error().WithContext("the memory file " + options.mem_file_path +
+                                                  " cannot be checked");
+  }
+  if (changed->empty()) return source;
+  auto reopened = RawFileSource::Open(options.mem_file_path);
+  if (!reopened) {
+    return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
+                                                   ") and cannot be opened again");
+  }
+  const bool identity_changed = (*reopened)->identity() != source->identity();
+  source = std::move(*reopened);
+  // A file only written shortly before it was opened is opened again for each new VM until its
+  // last write is old enough: logged only when it did change.
+  Log(identity_changed ? LogLevel::kInfo : LogLevel::kDebug,
+      "memory file " + options.mem_file_path + " changed (" + *changed +
+          "): opened again for new VMs, " + source->Describe());
+  return source;
 }
 
 void HandlerServer::Impl::ServingReady(Connection& c, uint32_t events) {
