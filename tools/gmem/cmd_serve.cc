@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <string>
@@ -124,8 +125,7 @@ Status ParseArgs(ServeArgs& args) {
   return ValidateServeOptions(options);
 }
 
-int RunServe(ServeArgs& args) {
-  InstallLogFormat(args.json_logs, args.verbose);
+int Serve(ServeArgs& args) {
   if (Status parsed = ParseArgs(args); !parsed) {
     Log(LogLevel::kError, "cannot serve: " + parsed.error().context());
     return 2;
@@ -151,6 +151,19 @@ int RunServe(ServeArgs& args) {
   }
   Log(LogLevel::kInfo, "stopped");
   return 0;
+}
+
+int RunServe(ServeArgs& args) {
+  InstallLogFormat(args.json_logs, args.verbose);
+  // The server turns failures while serving into errors of one VM; what is left (memory running
+  // out while starting or stopping) ends the daemon with a message, never an abort.
+  try {
+    return Serve(args);
+  } catch (const std::exception& e) {
+    g_server = nullptr;
+    Log(LogLevel::kError, std::string("gmem serve: ") + e.what());
+    return 1;
+  }
 }
 
 }  // namespace

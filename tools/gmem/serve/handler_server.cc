@@ -156,7 +156,7 @@ struct HandlerServer::Impl {
   void PauseListener(Clock::time_point now);
   void ResumeListenerIfDue(Clock::time_point now);
   void AcceptReady(Clock::time_point now);
-  void ShedOnePendingConnection(int err, Clock::time_point now);
+  void ShedOnePendingConnection(int err);
   bool Allowed(const std::optional<PeerCredentials>& peer) const;
   void AddConnection(UniqueFd socket, Clock::time_point now);
   void ConnectionReady(uint64_t vm, uint32_t events);
@@ -379,7 +379,7 @@ void HandlerServer::Impl::AcceptReady(Clock::time_point now) {
     if (err == EAGAIN || err == EWOULDBLOCK) return;
     if (err == EINTR || err == ECONNABORTED) continue;
     if (err == EMFILE || err == ENFILE) {
-      ShedOnePendingConnection(err, now);
+      ShedOnePendingConnection(err);
     } else {
       accept_log.Log(LogLevel::kError, "accept: " + PosixError(err, "").ToString() +
                                            "; not accepting for " +
@@ -392,8 +392,7 @@ void HandlerServer::Impl::AcceptReady(Clock::time_point now) {
   }
 }
 
-void HandlerServer::Impl::ShedOnePendingConnection(int err, Clock::time_point now) {
-  (void)now;
+void HandlerServer::Impl::ShedOnePendingConnection(int err) {
   std::string line = "accept: out of descriptors (" + PosixError(err, "").ToString() + "); ";
   if (reserve) {
     // The reserve descriptor makes room to take the connection that waits and close it, so that
