@@ -11,14 +11,17 @@
 // descriptors: the uffd, the guest memory file (guest_memfd) and a bitmap memfd.
 //
 // This header offers both sides: encode/send (the VMM's, used by `gmem vmm-sim` and tests) and
-// receive/parse/validate (the handler's).
+// receive/parse/validate (the handler's), blocking (ReceiveHandshake) or incrementally from an
+// event loop (HandshakeReader); both share one scanner and one parser.
 //
-// Thread safety: free functions; no shared state.
+// Thread safety: free functions with no shared state; a HandshakeReader belongs to one thread.
 #ifndef GUESTMEM_HANDSHAKE_H_
 #define GUESTMEM_HANDSHAKE_H_
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -69,12 +72,54 @@ struct ReceivedHandshake {
   std::string raw_json;
 };
 
-// The handler's side: reads until the JSON array is complete (a message may take several reads),
-// collecting descriptors from every part (received close-on-exec; those beyond `max_fds` are
-// closed). The whole handshake must arrive within `timeout`, so this never blocks longer.
-// kProtocolError: EOF before the array completes ("truncated handshake after N bytes"), more than
-// 1 MiB, bytes after the array, no descriptor attached, truncated control data, nothing complete
-// within `timeout`, or anything ParseHandshake rejects. kPeerGone: hang-up before any byte.
+// The largest handshake accepted (Firecracker's is about 170 bytes per region).
+inline constexpr size_t kMaxHandshakeBytes = size_t{1} << 20;
+
+// HandshakeReader: the handler's side, incrementally, for an event loop that serves many
+// connections from one thread. Call ReadFrom() whenever the socket is readable: it takes what
+// the socket holds with non-blocking recvmsg calls and never waits. It collects descriptors from
+// every part of the message (received close-on-exec; those beyond `max_fds` are closed at once).
+// Its buffer grows only with the bytes received, up to kMaxHandshakeBytes. Once the JSON array
+// is complete it stops reading, so whatever follows on the socket (Firecracker's second message
+// and its framed requests) is left there for the next reader.
+//
+// Thread safety: one thread at a time.
+class HandshakeReader {
+ public:
+  enum class Progress {
+    kNeedMore,  // nothing more to read now: call again when the socket is readable
+    kComplete,  // Take() the handshake
+  };
+
+  explicit HandshakeReader(size_t max_fds = 3, Os* os = nullptr);
+  ~HandshakeReader();
+  HandshakeReader(HandshakeReader&&) noexcept;
+  HandshakeReader& operator=(HandshakeReader&&) noexcept;
+
+  // Reads what `socket_fd` holds now, at most 256 KiB per call (the socket stays readable when
+  // more is waiting, so one busy peer cannot keep its caller). ERRORS: kProtocolError for EOF
+  // before the array completes ("truncated handshake after N bytes"), more than
+  // kMaxHandshakeBytes, bytes after the array, no descriptor attached, truncated control data,
+  // or anything ParseHandshake rejects; kPeerGone for a hang-up before any byte; recvmsg's own
+  // errors as PosixError. After an error, or once complete, the reader reads no more
+  // (kFailedPrecondition).
+  // REQUIRES: `socket_fd` is a connected Unix stream socket (blocking or not).
+  Result<Progress> ReadFrom(int socket_fd);
+
+  // Bytes received so far (for a timeout's message).
+  size_t bytes_received() const;
+
+  // The complete handshake. REQUIRES: ReadFrom returned kComplete; call once.
+  ReceivedHandshake Take();
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+// The handler's side, blocking: a HandshakeReader fed until the JSON array is complete. The whole
+// handshake must arrive within `timeout`, so this never blocks longer. Errors as
+// HandshakeReader::ReadFrom's, and kProtocolError when nothing complete arrived within `timeout`.
 // REQUIRES: `socket_fd` is a connected Unix stream socket (blocking or not).
 Result<ReceivedHandshake> ReceiveHandshake(int socket_fd, std::chrono::milliseconds timeout,
                                            size_t max_fds = 3, Os* os = nullptr);

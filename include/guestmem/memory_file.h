@@ -88,6 +88,10 @@ Result<MemoryBackend> IdentifyBackend(int fd);
 
 struct MemoryFileOptions {
   uint64_t size_bytes = 0;  // a multiple of the backend's page size, > 0
+  // Adopt only: the largest file taken (0: no bound). A descriptor received from a client can
+  // name a file of any size, and the page-state map is sized from it: bound it by what the
+  // caller can serve (e.g. the snapshot's size) before anything is allocated.
+  uint64_t max_size_bytes = 0;
   MemoryBackend backend = MemoryBackend::kShmem;
   std::string name = "guestmem";  // the memfd's name (shows in /proc/<pid>/maps)
   bool mmap_allowed = true;       // the owner's say on mmap
@@ -124,6 +128,9 @@ class MemoryFile : public std::enable_shared_from_this<MemoryFile> {
   // VMM). Its size is options.size_bytes when non-zero (which must not exceed the file's), else
   // the file's size. Pages where the file holds data (SEEK_DATA) start kAllocated, holes kAbsent;
   // where the file cannot tell, every page starts kAllocated.
+  // ERRORS: kOutOfRange when the file (or size_bytes) is larger than options.max_size_bytes
+  // (checked before anything is allocated) or size_bytes is larger than the file;
+  // kResourceExhausted when the page-state map cannot be allocated (never an exception).
   // REQUIRES: options.backend != kAnonymous.
   static Result<std::shared_ptr<MemoryFile>> Adopt(UniqueFd fd, const MemoryFileOptions& options);
 

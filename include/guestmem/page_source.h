@@ -6,12 +6,15 @@
 //
 // RawFileSource reads Firecracker's memory file as it is. Its holes are found once, when it is
 // opened, with SEEK_DATA/SEEK_HOLE (never by scanning the content), so the fault path makes no
-// lseek calls.
+// lseek calls. A file written after that may hold data where its map says hole: WhatChanged()
+// tells whether the file may have changed since, and an owner that serves new VMs over a long
+// time opens a fresh source for them when it has.
 //
 // Thread safety: ReadAt and ExtentAt are safe from many threads at once.
 #ifndef GUESTMEM_PAGE_SOURCE_H_
 #define GUESTMEM_PAGE_SOURCE_H_
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -50,9 +53,31 @@ class PageSource {
   virtual std::string Describe() const = 0;
 };
 
+// What stat(2) says of a file that changes when its content does: which file it is (dev, ino),
+// its size (a block device's from lseek) and its last modification and status change.
+struct FileIdentity {
+  uint64_t dev = 0;
+  uint64_t ino = 0;
+  uint64_t size = 0;
+  int64_t mtime_ns = 0;
+  int64_t ctime_ns = 0;
+  bool operator==(const FileIdentity&) const = default;
+};
+
+// The identity of the file at `path` (following symbolic links), or of an open descriptor.
+Result<FileIdentity> IdentifyFile(const std::string& path);
+Result<FileIdentity> IdentifyFile(int fd);
+
 class RawFileSource final : public PageSource {
  public:
+  // Opens a regular file or a block device (its size from lseek). ERRORS: kInvalidArgument for
+  // anything else (a FIFO, a directory, a character device), found without waiting for a FIFO's
+  // writer; the PosixError of open(2) (kNotFound for a missing file).
   static Result<std::unique_ptr<RawFileSource>> Open(const std::string& path, Os* os = nullptr);
+  // As above; a file last written less than `recent_write` before it is opened is never taken to
+  // be unchanged by WhatChanged() (kRecentWrite for the other overload).
+  static Result<std::unique_ptr<RawFileSource>> Open(const std::string& path, Os* os,
+                                                     std::chrono::nanoseconds recent_write);
 
   uint64_t size() const override { return size_; }
   Status ReadAt(FileOffset offset, std::span<std::byte> out) const override;
@@ -62,15 +87,37 @@ class RawFileSource final : public PageSource {
   // The data extents found at open, sorted (everything else is a hole).
   const std::vector<Extent>& data_extents() const { return data_; }
   uint64_t hole_bytes() const;
+  const std::string& path() const { return path_; }
+
+  // The file's identity when it was opened, taken before its holes were mapped.
+  const FileIdentity& identity() const { return identity_; }
+
+  // Why the file may no longer be what was opened and mapped, or "" if it cannot have changed:
+  // its path names another file now, the path's or the open file's size or time stamps differ
+  // from identity(), or the file had been written less than kRecentWrite before it was opened
+  // (a write soon after could keep the time stamps of the same coarse clock tick, so such a file
+  // is never taken to be unchanged). ERRORS: the PosixError of stat(2) (kNotFound: the path is
+  // gone).
+  Result<std::string> WhatChanged() const;
+  static constexpr std::chrono::seconds kRecentWrite{2};
 
  private:
-  RawFileSource(std::string path, UniqueFd fd, uint64_t size, std::vector<Extent> data, Os* os)
-      : path_(std::move(path)), fd_(std::move(fd)), size_(size), data_(std::move(data)), os_(os) {}
+  RawFileSource(std::string path, UniqueFd fd, uint64_t size, std::vector<Extent> data,
+                FileIdentity identity, bool recently_written, Os* os)
+      : path_(std::move(path)),
+        fd_(std::move(fd)),
+        size_(size),
+        data_(std::move(data)),
+        identity_(identity),
+        recently_written_(recently_written),
+        os_(os) {}
 
   std::string path_;
   UniqueFd fd_;
   uint64_t size_;
   std::vector<Extent> data_;
+  FileIdentity identity_;
+  bool recently_written_;
   Os* os_;
 };
 

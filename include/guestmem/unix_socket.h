@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "guestmem/result.h"
 #include "guestmem/unique_fd.h"
@@ -39,9 +40,11 @@ struct PeerCredentials {
   pid_t pid = 0;
   uid_t uid = 0;
   gid_t gid = 0;
+  std::vector<gid_t> groups;  // supplementary groups; empty where SO_PEERGROUPS is missing
 };
 
-// SO_PEERCRED: who is on the other end of a connected socket.
+// SO_PEERCRED (and SO_PEERGROUPS): who is on the other end of a connected socket, as of when it
+// connected.
 Result<PeerCredentials> GetPeerCredentials(int socket_fd);
 
 }  // namespace guestmem

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <utility>
 
 namespace guestmem {
 namespace {
@@ -28,10 +29,14 @@ void DefaultSink(LogLevel level, std::string_view message) {
 
 std::string_view LogLevelName(LogLevel level) {
   switch (level) {
-    case LogLevel::kDebug: return "debug";
-    case LogLevel::kInfo: return "info";
-    case LogLevel::kWarning: return "warning";
-    case LogLevel::kError: return "error";
+    case LogLevel::kDebug:
+      return "debug";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kWarning:
+      return "warning";
+    case LogLevel::kError:
+      return "error";
   }
   return "?";
 }
@@ -60,6 +65,71 @@ void Log(LogLevel level, std::string_view message) {
   } else {
     DefaultSink(level, message);
   }
+}
+
+RateLimitedLog::RateLimitedLog(std::chrono::milliseconds window,
+                               std::function<Clock::time_point()> now)
+    : window_(window), now_(now ? std::move(now) : [] { return Clock::now(); }) {}
+
+RateLimitedLog::~RateLimitedLog() { Flush(/*force=*/true); }
+
+void RateLimitedLog::EmitCountLocked(Clock::time_point now) {
+  if (repeats_ == 0) return;
+  const double seconds = std::chrono::duration<double>(now - window_start_).count();
+  char suffix[96];
+  (void)std::snprintf(suffix, sizeof(suffix), " (repeated %llu %s in the last %.1f s)",
+                      static_cast<unsigned long long>(repeats_), repeats_ == 1 ? "time" : "times",
+                      seconds);
+  guestmem::Log(last_level_, last_ + suffix);
+  ++logged_;
+  repeats_ = 0;
+  window_start_ = now;
+}
+
+void RateLimitedLog::Log(LogLevel level, std::string_view message) {
+  if (!LogEnabled(level)) return;
+  std::lock_guard lock(mu_);
+  const Clock::time_point now = now_();
+  if (logged_ > 0 && message == last_ && level == last_level_) {
+    if (now - window_start_ >= window_ && repeats_ == 0) {
+      // Quiet for a whole window: nothing to fold into.
+      window_start_ = now;
+      guestmem::Log(level, message);
+      ++logged_;
+      return;
+    }
+    ++repeats_;
+    ++folded_;
+    if (now - window_start_ >= window_) EmitCountLocked(now);
+    return;
+  }
+  EmitCountLocked(now);
+  last_.assign(message);
+  last_level_ = level;
+  window_start_ = now;
+  guestmem::Log(level, message);
+  ++logged_;
+}
+
+void RateLimitedLog::Flush(bool force) {
+  std::lock_guard lock(mu_);
+  const Clock::time_point now = now_();
+  if (force || now - window_start_ >= window_) EmitCountLocked(now);
+}
+
+bool RateLimitedLog::has_pending() const {
+  std::lock_guard lock(mu_);
+  return repeats_ > 0;
+}
+
+uint64_t RateLimitedLog::logged() const {
+  std::lock_guard lock(mu_);
+  return logged_;
+}
+
+uint64_t RateLimitedLog::folded() const {
+  std::lock_guard lock(mu_);
+  return folded_;
 }
 
 }  // namespace guestmem

@@ -11,6 +11,7 @@
 #include "base/fault_injection_os.h"
 #include "guestmem/mapping.h"
 #include "guestmem/unique_fd.h"
+#include "testutil/error_code.h"
 
 namespace guestmem {
 namespace {
@@ -67,7 +68,7 @@ TEST(MappingTest, ReportsMmapFailure) {
   auto m = Mapping::Anonymous(4096, 0, &os);
   ASSERT_FALSE(m.has_value());
   EXPECT_EQ(m.error().code(), ErrorCode::kResourceExhausted);
-  EXPECT_EQ(Mapping::Anonymous(0).error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(testutil::ErrorCodeOf(Mapping::Anonymous(0)), ErrorCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -4,13 +4,13 @@
 #include <sys/socket.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "base/hex.h"
 #include "guestmem/address.h"
@@ -18,8 +18,6 @@
 
 namespace guestmem {
 namespace {
-
-constexpr size_t kMaxHandshakeBytes = size_t{1} << 20;
 
 std::string Index(size_t i) { return std::to_string(i); }
 
@@ -46,6 +44,21 @@ Result<uint64_t> UnsignedField(const nlohmann::json& obj, const char* name, size
   return Protocol(where + "\"" + name + "\" must be a non-negative integer, not " + Show(*it));
 }
 
+// The whitespace JSON allows around a value (RFC 8259), and nothing else: not \v or \f, which
+// std::isspace would also skip.
+bool IsJsonSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+constexpr std::string_view kUtf8ByteOrderMark = "\xEF\xBB\xBF";
+
+// A byte as an error message shows it: 'x' when printable, else 0x1b.
+std::string ShowByte(char c) {
+  const auto u = static_cast<unsigned char>(c);
+  if (u >= 0x20 && u < 0x7f) return std::string("'") + c + "'";
+  char buf[8];
+  (void)std::snprintf(buf, sizeof(buf), "0x%02x", u);
+  return buf;
+}
+
 // Follows the bytes of a handshake as they arrive and finds where its top-level JSON array ends
 // (brackets inside strings do not count). Each byte is looked at once across calls.
 class ArrayScanner {
@@ -56,7 +69,7 @@ class ArrayScanner {
     for (; pos_ < data.size(); ++pos_) {
       const char c = data[pos_];
       if (depth_ == 0) {
-        if (std::isspace(static_cast<unsigned char>(c))) continue;
+        if (IsJsonSpace(c)) continue;
         if (c != '[') {
           not_an_array_ = true;
           return pos_ = data.size();
@@ -90,6 +103,19 @@ class ArrayScanner {
   bool in_string_ = false;
   bool escaped_ = false;
 };
+
+// The error for a handshake whose first byte after JSON whitespace is not '[': the parser names
+// what it is. Should the parser ever accept what the scanner refused, the first byte is named
+// instead: a parse result is never taken for an error.
+Error NotAnArray(std::string_view data) {
+  auto parsed = ParseHandshake(data);
+  if (!parsed) return std::move(parsed).error();
+  const size_t first = data.find_first_not_of(" \t\r\n");
+  return Protocol(
+      "handshake must start with '[' (a JSON array), found " +
+      (first == std::string_view::npos ? std::string("nothing") : ShowByte(data[first])) +
+      " at byte " + std::to_string(first == std::string_view::npos ? 0 : first));
+}
 
 // The first two regions (in `order`, sorted by `start`) whose [start, start + size) overlap.
 std::optional<std::pair<size_t, size_t>> FirstOverlap(std::span<const HandshakeRegion> regions,
@@ -151,6 +177,13 @@ std::string EncodeHandshake(std::span<const HandshakeRegion> regions) {
 }
 
 Result<std::vector<HandshakeRegion>> ParseHandshake(std::string_view json) {
+  // nlohmann::json skips a leading byte order mark; Firecracker never sends one, and the stream
+  // scanner that finds where the array ends does not skip it either: both must refuse it.
+  if (json.substr(0, kUtf8ByteOrderMark.size()) == kUtf8ByteOrderMark) {
+    return Protocol(
+        "handshake starts with a UTF-8 byte order mark (0xef 0xbb 0xbf); a JSON array must start "
+        "with '['");
+  }
   nlohmann::json doc;
   try {
     doc = nlohmann::json::parse(json);
@@ -265,37 +298,63 @@ Status SendHandshake(int socket_fd, std::span<const HandshakeRegion> regions,
   return SendAll(os, socket_fd, json, control);
 }
 
-Result<ReceivedHandshake> ReceiveHandshake(int socket_fd, std::chrono::milliseconds timeout,
-                                           size_t max_fds, Os* os) {
-  if (os == nullptr) os = Os::Default();
-  using Clock = std::chrono::steady_clock;
-  const Clock::time_point deadline = Clock::now() + timeout;
+// Room for more descriptors than anybody should send, so a few extra are closed rather than
+// reported as truncated control data.
+constexpr size_t kControlFds = 16;
+// What one ReadFrom call takes at most: one read of a full buffer, four times over.
+constexpr size_t kReadBytes = 64 * 1024;
+constexpr int kReadsPerCall = 4;
+
+struct HandshakeReader::State {
+  State(size_t max, Os* o)
+      : max_fds(max),
+        os(o == nullptr ? Os::Default() : o),
+        control(CMSG_SPACE(sizeof(int) * std::max(max, kControlFds))) {}
+
+  const size_t max_fds;
+  Os* const os;
+  std::vector<char> control;  // for the SCM_RIGHTS of each read
   ReceivedHandshake out;
   ArrayScanner scanner;
-  // Room for more descriptors than anybody should send, so a few extra are closed rather than
-  // reported as truncated control data.
-  std::vector<char> control(CMSG_SPACE(sizeof(int) * std::max<size_t>(max_fds, 16)));
-  std::vector<char> buf(64 * 1024);
-  while (true) {
-    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
-    pollfd pfd{socket_fd, POLLIN, 0};
-    const int ready = left.count() <= 0 ? 0 : poll(&pfd, 1, static_cast<int>(left.count()));
-    if (ready < 0 && errno == EINTR) continue;
-    if (ready < 0) return PosixError(errno, "receive_handshake: poll");
-    if (ready == 0) {
-      return Protocol("receive_handshake: no complete handshake within " +
-                      std::to_string(timeout.count()) + " ms (" +
-                      std::to_string(out.raw_json.size()) + " bytes received)");
-    }
-    iovec iov{buf.data(), std::min(buf.size(), kMaxHandshakeBytes + 1 - out.raw_json.size())};
+  bool done = false;  // complete or failed: nothing more is read
+};
+
+HandshakeReader::HandshakeReader(size_t max_fds, Os* os)
+    : s_(std::make_unique<State>(max_fds, os)) {}
+HandshakeReader::~HandshakeReader() = default;
+HandshakeReader::HandshakeReader(HandshakeReader&&) noexcept = default;
+HandshakeReader& HandshakeReader::operator=(HandshakeReader&&) noexcept = default;
+
+size_t HandshakeReader::bytes_received() const { return s_->out.raw_json.size(); }
+
+ReceivedHandshake HandshakeReader::Take() { return std::move(s_->out); }
+
+Result<HandshakeReader::Progress> HandshakeReader::ReadFrom(int socket_fd) {
+  State& s = *s_;
+  if (s.done) {
+    return Error(ErrorCode::kFailedPrecondition,
+                 "receive_handshake: the handshake was complete or refused already");
+  }
+  // Whatever happens below ends the reading, except a read that leaves the array incomplete.
+  s.done = true;
+  ReceivedHandshake& out = s.out;
+  const size_t control_fds = std::max(s.max_fds, kControlFds);
+  char buf[kReadBytes];
+  for (int reads = 0; reads < kReadsPerCall;) {
+    iovec iov{buf, std::min(sizeof(buf), kMaxHandshakeBytes + 1 - out.raw_json.size())};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
-    const ssize_t n = os->Recvmsg(socket_fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    if (n == -EAGAIN || n == -EWOULDBLOCK || n == -EINTR) continue;
+    msg.msg_control = s.control.data();
+    msg.msg_controllen = s.control.size();
+    const ssize_t n = s.os->Recvmsg(socket_fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n == -EINTR) continue;
+    if (n == -EAGAIN || n == -EWOULDBLOCK) {
+      s.done = false;
+      return Progress::kNeedMore;
+    }
     if (n < 0) return PosixError(static_cast<int>(-n), "receive_handshake: recvmsg");
+    ++reads;
     for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
       if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
       const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -303,12 +362,13 @@ Result<ReceivedHandshake> ReceiveHandshake(int socket_fd, std::chrono::milliseco
         int fd;
         std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
         UniqueFd owned(fd);  // one beyond max_fds is closed right here
-        if (out.fds.size() < max_fds) out.fds.push_back(std::move(owned));
+        if (out.fds.size() < s.max_fds) out.fds.push_back(std::move(owned));
       }
     }
     if ((msg.msg_flags & MSG_CTRUNC) != 0) {
       return Protocol("receive_handshake: control data truncated (more than " +
-                      std::to_string(std::max<size_t>(max_fds, 16)) + " descriptors attached)");
+                      std::to_string(control_fds) +
+                      " descriptors attached, or the receiver is out of descriptors)");
     }
     if (n == 0) {
       if (out.raw_json.empty()) {
@@ -318,15 +378,14 @@ Result<ReceivedHandshake> ReceiveHandshake(int socket_fd, std::chrono::milliseco
       return Protocol("truncated handshake after " + std::to_string(out.raw_json.size()) +
                       " bytes (the peer closed the connection)");
     }
-    out.raw_json.append(buf.data(), static_cast<size_t>(n));
+    out.raw_json.append(buf, static_cast<size_t>(n));
     if (out.raw_json.size() > kMaxHandshakeBytes) {
       return Protocol("receive_handshake: handshake larger than " +
                       std::to_string(kMaxHandshakeBytes) + " bytes");
     }
-    const size_t end = scanner.Feed(out.raw_json);
+    const size_t end = s.scanner.Feed(out.raw_json);
     if (end == 0) continue;
-    // Not an array at all: the parser names what it is.
-    if (scanner.not_an_array()) return ParseHandshake(out.raw_json).error();
+    if (s.scanner.not_an_array()) return NotAnArray(out.raw_json);
     const std::string_view rest = std::string_view(out.raw_json).substr(end);
     if (rest.find_first_not_of(" \t\r\n") != std::string_view::npos) {
       GM_RETURN_IF_ERROR(ParseHandshake(std::string_view(out.raw_json).substr(0, end)));
@@ -337,7 +396,36 @@ Result<ReceivedHandshake> ReceiveHandshake(int socket_fd, std::chrono::milliseco
     if (out.fds.empty()) {
       return Protocol("receive_handshake: no userfaultfd descriptor attached (SCM_RIGHTS)");
     }
-    return out;
+    return Progress::kComplete;
+  }
+  s.done = false;  // more may be waiting: the socket is still readable
+  return Progress::kNeedMore;
+}
+
+Result<ReceivedHandshake> ReceiveHandshake(int socket_fd, std::chrono::milliseconds timeout,
+                                           size_t max_fds, Os* os) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point deadline = Clock::now() + timeout;
+  HandshakeReader reader(max_fds, os);
+  while (true) {
+    GM_ASSIGN_OR_RETURN(HandshakeReader::Progress progress, reader.ReadFrom(socket_fd));
+    if (progress == HandshakeReader::Progress::kComplete) return reader.Take();
+    int ready = 0;
+    do {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) {
+        ready = 0;
+        break;
+      }
+      pollfd pfd{socket_fd, POLLIN, 0};
+      ready = poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX)));
+    } while (ready < 0 && errno == EINTR);
+    if (ready < 0) return PosixError(errno, "receive_handshake: poll");
+    if (ready == 0) {
+      return Protocol("receive_handshake: no complete handshake within " +
+                      std::to_string(timeout.count()) + " ms (" +
+                      std::to_string(reader.bytes_received()) + " bytes received)");
+    }
   }
 }
 

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -287,6 +288,26 @@ TEST(HandshakeTest, MalformedMessagesAreNamed) {
   ExpectProtocolError(std::string(3 << 20, '['), "larger than 1048576 bytes");
 }
 
+// Regression: the stream scanner refused a byte order mark that the JSON parser skips, and the
+// parser's success was then taken for an error (bad_variant_access).
+TEST(HandshakeTest, AByteOrderMarkOrOtherNonJsonStartIsAProtocolError) {
+  const std::string good = R"([{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":4096}])";
+  ExpectProtocolError("\xEF\xBB\xBF" + good, "UTF-8 byte order mark");
+  ExpectProtocolError("\xEF\xBB\xBF" + good, "UTF-8 byte order mark", true, false);
+  ExpectProtocolError("\v" + good, "not valid JSON");
+  ExpectProtocolError("\f" + good, "not valid JSON");
+  ExpectProtocolError(std::string("\0", 1) + good, "not valid JSON");
+  ExpectProtocolError(" \t\r\n\xEF\xBB\xBF" + good, "not valid JSON");
+  auto parsed = ParseHandshake("\xEF\xBB\xBF" + good);
+  ASSERT_FALSE(parsed.has_value());
+  EXPECT_EQ(parsed.error().code(), ErrorCode::kProtocolError);
+  EXPECT_NE(parsed.error().context().find("byte order mark"), std::string::npos)
+      << parsed.error().ToString();
+  // JSON's own whitespace before the array is fine for both.
+  auto spaced = Feed(" \t\r\n" + good, true, true);
+  EXPECT_TRUE(spaced.has_value()) << spaced.error().ToString();
+}
+
 TEST(HandshakeTest, ParseAcceptsOlderAndExtendedForms) {
   // Older Firecracker: only page_size_kib (in bytes). Unknown fields are ignored.
   auto old = ParseHandshake(
@@ -375,6 +396,101 @@ TEST(HandshakeTest, SystemCallFailuresComeThroughTheOsSeam) {
     ASSERT_TRUE(got.has_value()) << got.error().ToString();
     EXPECT_EQ(os.calls(FaultInjectionOs::Call::kRecvmsg), calls + 2);
   }
+}
+
+// --- HandshakeReader: the same reading, fed by an event loop --------------------------------
+
+TEST(HandshakeReaderTest, ReadsWhatIsThereAndNeverWaits) {
+  SocketPair s;
+  const HandshakeRegion r = Region(0x7f0000000000, 1 << 20, 0);
+  const std::string json = EncodeHandshake(std::span(&r, 1));
+  UniqueFd fd = Memfd();
+  HandshakeReader reader;
+  // Nothing yet: no wait, no error.
+  auto progress = reader.ReadFrom(s.handler.get());
+  ASSERT_TRUE(progress.has_value()) << progress.error().ToString();
+  EXPECT_EQ(*progress, HandshakeReader::Progress::kNeedMore);
+  // Byte by byte, the descriptor with the first: the buffer holds exactly what arrived.
+  int fds[] = {fd.get()};
+  for (size_t i = 0; i < json.size(); ++i) {
+    ASSERT_EQ(SendRaw(s.vmm.get(), json.substr(i, 1),
+                      i == 0 ? std::span<const int>(fds) : std::span<const int>()),
+              1);
+    progress = reader.ReadFrom(s.handler.get());
+    ASSERT_TRUE(progress.has_value()) << progress.error().ToString();
+    EXPECT_EQ(reader.bytes_received(), i + 1);
+    EXPECT_EQ(*progress, i + 1 == json.size() ? HandshakeReader::Progress::kComplete
+                                              : HandshakeReader::Progress::kNeedMore);
+  }
+  ReceivedHandshake got = reader.Take();
+  ASSERT_EQ(got.regions.size(), 1u);
+  EXPECT_EQ(got.raw_json, json);
+  ASSERT_EQ(got.fds.size(), 1u);
+  EXPECT_EQ(Inode(got.fds[0].get()), Inode(fd.get()));
+  // Complete: it reads no more.
+  auto again = reader.ReadFrom(s.handler.get());
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code(), ErrorCode::kFailedPrecondition);
+}
+
+TEST(HandshakeReaderTest, LeavesWhatFollowsTheHandshakeOnTheSocket) {
+  // Firecracker's second message follows the first on the same socket: it is the next reader's.
+  SocketPair s;
+  const HandshakeRegion r = Region(0x7f0000000000, 1 << 20, 0);
+  UniqueFd fd = Memfd();
+  int fds[] = {fd.get()};
+  ASSERT_TRUE(SendHandshake(s.vmm.get(), std::span(&r, 1), fds));
+  ASSERT_EQ(SendRaw(s.vmm.get(), "no_exitless_apf"), 15);
+  HandshakeReader reader;
+  auto progress = reader.ReadFrom(s.handler.get());
+  ASSERT_TRUE(progress.has_value()) << progress.error().ToString();
+  ASSERT_EQ(*progress, HandshakeReader::Progress::kComplete);
+  char rest[64];
+  ASSERT_EQ(recv(s.handler.get(), rest, sizeof(rest), MSG_DONTWAIT), 15);
+  EXPECT_EQ(std::string_view(rest, 15), "no_exitless_apf");
+}
+
+TEST(HandshakeReaderTest, TakesAtMostABudgetPerCall) {
+  SocketPair s;
+  std::vector<HandshakeRegion> regions;
+  for (uint64_t i = 0; i < 8000; ++i) {
+    regions.push_back(Region(0x7f0000000000 + i * 0x200000, 4096, i * 4096));
+  }
+  const std::string json = EncodeHandshake(regions);
+  ASSERT_GT(json.size(), 3 * 256u * 1024);
+  ASSERT_LT(json.size(), kMaxHandshakeBytes);
+  UniqueFd fd = Memfd();
+  std::thread vmm([&] {
+    int fds[] = {fd.get()};
+    EXPECT_TRUE(SendHandshake(s.vmm.get(), regions, fds));
+  });
+  HandshakeReader reader;
+  size_t calls = 0;
+  while (true) {
+    pollfd pfd{s.handler.get(), POLLIN, 0};
+    ASSERT_EQ(poll(&pfd, 1, 10000), 1);
+    const size_t before = reader.bytes_received();
+    auto progress = reader.ReadFrom(s.handler.get());
+    ASSERT_TRUE(progress.has_value()) << progress.error().ToString();
+    EXPECT_LE(reader.bytes_received() - before, 256u * 1024);
+    ++calls;
+    if (*progress == HandshakeReader::Progress::kComplete) break;
+  }
+  vmm.join();
+  EXPECT_GE(calls, 3u);
+  EXPECT_EQ(reader.Take().regions.size(), 8000u);
+}
+
+TEST(HandshakeReaderTest, AnErrorEndsTheReading) {
+  SocketPair s;
+  ASSERT_EQ(SendRaw(s.vmm.get(), "{}"), 2);
+  HandshakeReader reader;
+  auto progress = reader.ReadFrom(s.handler.get());
+  ASSERT_FALSE(progress.has_value());
+  EXPECT_EQ(progress.error().code(), ErrorCode::kProtocolError);
+  auto again = reader.ReadFrom(s.handler.get());
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code(), ErrorCode::kFailedPrecondition);
 }
 
 TEST(HandshakeTest, ValidationNamesTheRegion) {

@@ -9,6 +9,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace guestmem {
 namespace {
@@ -122,7 +124,20 @@ Result<PeerCredentials> GetPeerCredentials(int socket_fd) {
     return PosixError(errno,
                       "get_peer_credentials: SO_PEERCRED on fd " + std::to_string(socket_fd));
   }
-  return PeerCredentials{cred.pid, cred.uid, cred.gid};
+  PeerCredentials peer{cred.pid, cred.uid, cred.gid, {}};
+  // The supplementary groups (Linux 4.13); the kernel says how much room they need.
+  std::vector<gid_t> groups(16);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    socklen_t bytes = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (getsockopt(socket_fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &bytes) == 0) {
+      groups.resize(bytes / sizeof(gid_t));
+      peer.groups = std::move(groups);
+      break;
+    }
+    if (errno != ERANGE) break;  // ENOPROTOOPT: an older kernel; the primary gid is all
+    groups.resize(bytes / sizeof(gid_t) + 1);
+  }
+  return peer;
 }
 
 }  // namespace guestmem

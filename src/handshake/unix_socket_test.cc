@@ -1,13 +1,19 @@
 #include "guestmem/unix_socket.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <vector>
+
+#include "testutil/error_code.h"
 
 namespace guestmem {
 namespace {
@@ -51,6 +57,12 @@ TEST_F(UnixSocketTest, ListensOwnerOnlyAndKnowsThePeer) {
   EXPECT_EQ(peer->pid, getpid());
   EXPECT_EQ(peer->uid, getuid());
   EXPECT_EQ(peer->gid, getgid());
+  std::vector<gid_t> ours(static_cast<size_t>(getgroups(0, nullptr)));
+  ASSERT_EQ(getgroups(static_cast<int>(ours.size()), ours.data()), static_cast<int>(ours.size()));
+  std::vector<gid_t> theirs = peer->groups;
+  std::sort(ours.begin(), ours.end());
+  std::sort(theirs.begin(), theirs.end());
+  EXPECT_EQ(theirs, ours);
   // The connection works both ways.
   ASSERT_EQ(write(client->get(), "ping", 4), 4);
   char buf[4];
@@ -128,11 +140,38 @@ TEST_F(UnixSocketTest, BadPathsAreRefusedAndChangeNothing) {
   EXPECT_NE(listen_long.error().context().find("1 to 107 bytes"), std::string::npos)
       << listen_long.error().ToString();
   EXPECT_FALSE(std::filesystem::exists(too_long.substr(0, 107)));
-  EXPECT_EQ(ConnectUnix(too_long).error().code(), ErrorCode::kInvalidArgument);
-  EXPECT_EQ(ListenUnix("").error().code(), ErrorCode::kInvalidArgument);
+  auto connect_long = ConnectUnix(too_long);
+  ASSERT_FALSE(connect_long.has_value());
+  EXPECT_EQ(connect_long.error().code(), ErrorCode::kInvalidArgument);
+  auto listen_empty = ListenUnix("");
+  ASSERT_FALSE(listen_empty.has_value());
+  EXPECT_EQ(listen_empty.error().code(), ErrorCode::kInvalidArgument);
 
-  EXPECT_EQ(ConnectUnix(dir_ + "/nobody").error().code(), ErrorCode::kNotFound);
-  EXPECT_EQ(ListenUnix(dir_ + "/missing-dir/s").error().code(), ErrorCode::kNotFound);
+  EXPECT_EQ(testutil::ErrorCodeOf(ConnectUnix(dir_ + "/nobody")), ErrorCode::kNotFound);
+  EXPECT_EQ(testutil::ErrorCodeOf(ListenUnix(dir_ + "/missing-dir/s")), ErrorCode::kNotFound);
+}
+
+TEST_F(UnixSocketTest, PeerGroupsBeyondTheFirstGuessAreAllRead) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to set supplementary groups";
+  const pid_t child = fork();
+  if (child == 0) {
+    // In a child: 40 supplementary groups, more than the first buffer holds.
+    std::vector<gid_t> groups;
+    for (gid_t g = 50000; g < 50040; ++g) groups.push_back(g);
+    if (setgroups(groups.size(), groups.data()) != 0) _exit(2);
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) _exit(3);
+    auto peer = GetPeerCredentials(sv[0]);
+    if (!peer) _exit(4);
+    std::vector<gid_t> got = peer->groups;
+    std::sort(got.begin(), got.end());
+    _exit(got == groups ? 0 : 5);
+  }
+  ASSERT_GT(child, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 TEST_F(UnixSocketTest, PeerCredentialsOfANonSocketFail) {

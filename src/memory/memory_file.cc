@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -105,8 +106,17 @@ Result<std::shared_ptr<MemoryFile>> MemoryFile::Finish(const MemoryFileOptions& 
                                                        Mapping anonymous) {
   Os* os = options.os == nullptr ? Os::Default() : options.os;
   BackendCapabilities caps = memory_internal::DescribeBackend(options.backend, fd.get(), os);
-  return std::make_shared<MemoryFile>(PassKey{}, options, std::move(caps), size, std::move(fd),
-                                      std::move(vm_fd), std::move(anonymous));
+  const uint64_t pages = size / caps.page_size;
+  try {
+    return std::make_shared<MemoryFile>(PassKey{}, options, std::move(caps), size, std::move(fd),
+                                        std::move(vm_fd), std::move(anonymous));
+  } catch (const std::bad_alloc&) {
+    // The page-state map is the only allocation that grows with the file.
+    return Error(ErrorCode::kResourceExhausted,
+                 std::string(MemoryBackendName(options.backend)) + " memory file \"" +
+                     options.name + "\" of " + Hex(size) + " bytes: no memory for the state of " +
+                     std::to_string(pages) + " pages");
+  }
 }
 
 Result<std::shared_ptr<MemoryFile>> MemoryFile::Create(const MemoryFileOptions& options) {
@@ -130,6 +140,17 @@ Result<std::shared_ptr<MemoryFile>> MemoryFile::Adopt(UniqueFd fd,
   Os* os = options.os == nullptr ? Os::Default() : options.os;
   const off_t end = os->Lseek(fd.get(), 0, SEEK_END);
   uint64_t size = options.size_bytes;
+  const uint64_t max = options.max_size_bytes;
+  if (max != 0 && end >= 0 && static_cast<uint64_t>(end) > max) {
+    return Error(ErrorCode::kOutOfRange, what + ": the file is " + Hex(static_cast<uint64_t>(end)) +
+                                             " bytes, more than the most allowed (" + Hex(max) +
+                                             " bytes)");
+  }
+  if (max != 0 && size > max) {
+    return Error(
+        ErrorCode::kOutOfRange,
+        what + ": size " + Hex(size) + " is more than the most allowed (" + Hex(max) + " bytes)");
+  }
   if (end >= 0 && size > static_cast<uint64_t>(end)) {
     return Error(ErrorCode::kOutOfRange, what + ": size " + Hex(size) +
                                              " is larger than the file (" +

@@ -680,6 +680,46 @@ TEST(MemoryFileTest, AdoptRefusesWhatItCannotTake) {
   ASSERT_TRUE(Fails(too_big, ErrorCode::kOutOfRange, "larger than the file"));
 }
 
+// Regression: the page-state map was sized from whatever the adopted file's size was; a client's
+// memfd ftruncate'd to 2^62 bytes made the daemon throw bad_alloc.
+TEST(MemoryFileTest, AdoptRefusesAFileLargerThanTheBoundBeforeAllocating) {
+  const int raw = memfd_create("huge", MFD_CLOEXEC);
+  ASSERT_GE(raw, 0);
+  ASSERT_EQ(ftruncate(raw, off_t{1} << 62), 0);
+  MemoryFileOptions options;
+  options.max_size_bytes = 16 * kPageSize4K;
+  auto huge = MemoryFile::Adopt(UniqueFd(raw), options);
+  ASSERT_TRUE(Fails(huge, ErrorCode::kOutOfRange, "more than the most allowed (0x10000 bytes)"));
+
+  // size_bytes beyond the bound is refused too, however large the file.
+  const int big = memfd_create("big", MFD_CLOEXEC);
+  ASSERT_GE(big, 0);
+  ASSERT_EQ(ftruncate(big, 64 * kPageSize4K), 0);
+  options.size_bytes = 32 * kPageSize4K;
+  auto sized = MemoryFile::Adopt(UniqueFd(big), options);
+  ASSERT_TRUE(Fails(sized, ErrorCode::kOutOfRange, "more than the most allowed"));
+
+  // Within the bound it is taken as it is.
+  const int fits = memfd_create("fits", MFD_CLOEXEC);
+  ASSERT_GE(fits, 0);
+  ASSERT_EQ(ftruncate(fits, 16 * kPageSize4K), 0);
+  options.size_bytes = 0;
+  auto taken = MemoryFile::Adopt(UniqueFd(fits), options);
+  ASSERT_TRUE(taken.has_value()) << taken.error().ToString();
+  EXPECT_EQ((*taken)->size_bytes(), 16 * kPageSize4K);
+}
+
+TEST(MemoryFileTest, AdoptWithoutABoundReportsAnUnallocatableMapAsAnError) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "sanitizer allocators abort on an impossible allocation instead of throwing";
+#endif
+  const int raw = memfd_create("huge", MFD_CLOEXEC);
+  ASSERT_GE(raw, 0);
+  ASSERT_EQ(ftruncate(raw, off_t{1} << 62), 0);
+  auto huge = MemoryFile::Adopt(UniqueFd(raw), MemoryFileOptions{});
+  ASSERT_TRUE(Fails(huge, ErrorCode::kResourceExhausted, "no memory for the state of"));
+}
+
 TEST_P(BackendTest, IdentifyBackendNamesTheFilesBackend) {
   if (backend() == MemoryBackend::kAnonymous) GTEST_SKIP() << "anonymous memory has no file";
   auto file = Make();

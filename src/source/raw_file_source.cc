@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <ctime>
 
 #include "base/hex.h"
 #include "guestmem/os.h"
@@ -37,22 +39,127 @@ Result<std::vector<Extent>> MapDataExtents(int fd, uint64_t size, const std::str
   return data;
 }
 
+std::string FileTypeName(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISLNK(mode)) return "a symbolic link";
+  return "of an unknown file type";
+}
+
+int64_t Nanoseconds(const timespec& t) {
+  return static_cast<int64_t>(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
+}
+
+FileIdentity IdentityOf(const struct stat& st, uint64_t size) {
+  return FileIdentity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), size,
+                      Nanoseconds(st.st_mtim), Nanoseconds(st.st_ctim)};
+}
+
+// A block device's size: st_size is 0 for it.
+Result<uint64_t> BlockDeviceSize(int fd, const std::string& what) {
+  const off_t end = lseek(fd, 0, SEEK_END);
+  if (end < 0) return PosixError(errno, "size of block device " + what);
+  return static_cast<uint64_t>(end);
+}
+
+// What differs between two identities of one file: "size 4096 -> 8192, mtime +1.250 s".
+std::string DescribeChange(const FileIdentity& was, const FileIdentity& now) {
+  std::string out;
+  auto add = [&](const std::string& part) { out += (out.empty() ? "" : ", ") + part; };
+  if (was.size != now.size)
+    add("size " + std::to_string(was.size) + " -> " + std::to_string(now.size));
+  auto stamp = [&](const char* name, int64_t a, int64_t b) {
+    if (a == b) return;
+    char buf[64];
+    (void)std::snprintf(buf, sizeof(buf), "%s %+.3f s", name, static_cast<double>(b - a) / 1e9);
+    add(buf);
+  };
+  stamp("mtime", was.mtime_ns, now.mtime_ns);
+  stamp("ctime", was.ctime_ns, now.ctime_ns);
+  return out;
+}
+
 }  // namespace
 
+Result<FileIdentity> IdentifyFile(int fd) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0) return PosixError(errno, "fstat fd " + std::to_string(fd));
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (S_ISBLK(st.st_mode)) {
+    GM_ASSIGN_OR_RETURN(size, BlockDeviceSize(fd, "fd " + std::to_string(fd)));
+  }
+  return IdentityOf(st, size);
+}
+
+Result<FileIdentity> IdentifyFile(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) return PosixError(errno, "stat " + path);
+  if (!S_ISBLK(st.st_mode)) return IdentityOf(st, static_cast<uint64_t>(st.st_size));
+  UniqueFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!fd) return PosixError(errno, "opening block device " + path);
+  return IdentifyFile(fd.get());
+}
+
+Result<std::string> RawFileSource::WhatChanged() const {
+  GM_ASSIGN_OR_RETURN(const FileIdentity at_path, IdentifyFile(path_));
+  if (at_path.dev != identity_.dev || at_path.ino != identity_.ino) {
+    return path_ + " is another file now (inode " + std::to_string(identity_.ino) + " -> " +
+           std::to_string(at_path.ino) + ")";
+  }
+  GM_ASSIGN_OR_RETURN(const FileIdentity open_file, IdentifyFile(fd_.get()));
+  for (const FileIdentity& now : {at_path, open_file}) {
+    if (now != identity_) return DescribeChange(identity_, now);
+  }
+  if (recently_written_) {
+    return "written less than " + std::to_string(kRecentWrite.count()) +
+           " s before it was opened: its time stamps cannot tell a write since";
+  }
+  return std::string();
+}
+
 Result<std::unique_ptr<RawFileSource>> RawFileSource::Open(const std::string& path, Os* os) {
+  return Open(path, os, kRecentWrite);
+}
+
+Result<std::unique_ptr<RawFileSource>> RawFileSource::Open(const std::string& path, Os* os,
+                                                           std::chrono::nanoseconds recent_write) {
   if (os == nullptr) os = Os::Default();
-  const int raw = os->Open(path.c_str(), O_RDONLY | O_CLOEXEC, 0);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+  const int raw = os->Open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
   if (raw < 0) return PosixError(-raw, "opening memory file " + path);
   UniqueFd fd(raw);
   struct stat st {};
   if (fstat(fd.get(), &st) != 0) return PosixError(errno, "fstat " + path);
-  if (!S_ISREG(st.st_mode)) {
-    return Error(ErrorCode::kInvalidArgument, "memory file " + path + " is not a regular file");
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    return Error(ErrorCode::kInvalidArgument, "memory file " + path + " is " +
+                                                  FileTypeName(st.st_mode) +
+                                                  ", not a regular file or a block device");
   }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  // Reads of regular files and block devices never wait anyway; clear the flag all the same.
+  const int flags = fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    return PosixError(errno, "fcntl " + path);
+  }
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (S_ISBLK(st.st_mode)) {  // st_size is 0: the device tells its size through lseek
+    const off_t end = os->Lseek(fd.get(), 0, SEEK_END);
+    if (end < 0) return PosixError(static_cast<int>(-end), "size of block device " + path);
+    size = static_cast<uint64_t>(end);
+  }
+  // The identity before the holes are mapped: a write while they are makes it differ later.
+  const FileIdentity identity = IdentityOf(st, size);
+  const int64_t now_ns = Nanoseconds([] {
+    timespec t{};
+    clock_gettime(CLOCK_REALTIME, &t);
+    return t;
+  }());
+  const bool recently_written =
+      std::max(identity.mtime_ns, identity.ctime_ns) > now_ns - recent_write.count();
   GM_ASSIGN_OR_RETURN(std::vector<Extent> data, MapDataExtents(fd.get(), size, path, os));
-  return std::unique_ptr<RawFileSource>(
-      new RawFileSource(path, std::move(fd), size, std::move(data), os));
+  return std::unique_ptr<RawFileSource>(new RawFileSource(
+      path, std::move(fd), size, std::move(data), identity, recently_written, os));
 }
 
 Status RawFileSource::ReadAt(FileOffset offset, std::span<std::byte> out) const {

@@ -1,10 +1,13 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -12,6 +15,8 @@
 
 #include "base/fault_injection_os.h"
 #include "guestmem/page_source.h"
+#include "guestmem/unique_fd.h"
+#include "testutil/error_code.h"
 
 namespace guestmem {
 namespace {
@@ -69,7 +74,8 @@ TEST_F(RawFileSourceTest, FindsHolesAtStartMiddleAndEnd) {
   expect(10 * kPage, 2 * kPage, ExtentKind::kData);
   expect(12 * kPage, 4 * kPage, ExtentKind::kZero);
   expect(16 * kPage - 1, 1, ExtentKind::kZero);
-  EXPECT_EQ((*source)->ExtentAt(FileOffset(16 * kPage)).error().code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(testutil::ErrorCodeOf((*source)->ExtentAt(FileOffset(16 * kPage))),
+            ErrorCode::kOutOfRange);
 }
 
 TEST_F(RawFileSourceTest, ReadsBytesAndZeroHoles) {
@@ -95,8 +101,9 @@ TEST_F(RawFileSourceTest, ReadPastEndAndTruncationAreErrors) {
   EXPECT_NE(past.error().context().find("read of 0x2000 bytes at 0x3000"), std::string::npos)
       << past.error().ToString();
   EXPECT_EQ(buf[0], std::byte{0xee});  // nothing was written
-  EXPECT_EQ((*source)->ReadAt(FileOffset(UINT64_MAX - 10), buf).error().code(),
-            ErrorCode::kOutOfRange);
+  Status overflowing = (*source)->ReadAt(FileOffset(UINT64_MAX - 10), buf);
+  ASSERT_FALSE(overflowing.has_value());
+  EXPECT_EQ(overflowing.error().code(), ErrorCode::kOutOfRange);
   EXPECT_EQ(buf[0], std::byte{0xee});
   // Up to the last byte is fine.
   ASSERT_TRUE((*source)->ReadAt(FileOffset(2 * kPage), buf));
@@ -188,7 +195,7 @@ TEST_F(RawFileSourceTest, EmptyAndAllHoleFiles) {
   auto empty = RawFileSource::Open(path_);
   ASSERT_TRUE(empty.has_value());
   EXPECT_EQ((*empty)->size(), 0u);
-  EXPECT_EQ((*empty)->ExtentAt(FileOffset(0)).error().code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(testutil::ErrorCodeOf((*empty)->ExtentAt(FileOffset(0))), ErrorCode::kOutOfRange);
   std::vector<std::byte> none;
   EXPECT_TRUE((*empty)->ReadAt(FileOffset(0), none));
   Write(512, {});  // 2 MiB, all hole
@@ -202,9 +209,103 @@ TEST_F(RawFileSourceTest, EmptyAndAllHoleFiles) {
       << (*holes)->Describe();
 }
 
+// Regression: open(2) of a FIFO for reading waited for a writer, so `gmem serve` given a FIFO
+// never started and never said why.
+TEST_F(RawFileSourceTest, OnlyRegularFilesAndBlockDevicesAreOpenedAndNothingWaits) {
+  const std::string fifo = dir_ + "/memory.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  auto from_fifo = RawFileSource::Open(fifo);
+  ASSERT_FALSE(from_fifo.has_value());
+  EXPECT_EQ(from_fifo.error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(from_fifo.error().context().find("is a FIFO, not a regular file or a block device"),
+            std::string::npos)
+      << from_fifo.error().ToString();
+  auto from_char = RawFileSource::Open("/dev/zero");
+  ASSERT_FALSE(from_char.has_value());
+  EXPECT_NE(from_char.error().context().find("a character device"), std::string::npos)
+      << from_char.error().ToString();
+}
+
+TEST_F(RawFileSourceTest, ABlockDeviceIsReadWithItsSizeFromLseek) {
+  Write(64, {0, 1, 2, 63});
+  std::string device;
+  if (FILE* p = popen(("losetup -f --show " + path_ + " 2>/dev/null").c_str(), "r")) {
+    char line[256] = {};
+    if (fgets(line, sizeof(line), p) != nullptr) device = line;
+    pclose(p);
+  }
+  while (!device.empty() && device.back() == '\n') device.pop_back();
+  if (device.empty()) GTEST_SKIP() << "no loop device (losetup -f failed)";
+  struct Detach {
+    std::string device;
+    ~Detach() { (void)!system(("losetup -d " + device).c_str()); }
+  } detach{device};
+  auto source = RawFileSource::Open(device);
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  EXPECT_EQ((*source)->size(), 64 * kPage);
+  std::vector<std::byte> page(kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(63 * kPage), page));
+  EXPECT_EQ(page[0], std::byte{64});
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(10 * kPage), page));
+  EXPECT_EQ(page[0], std::byte{0});
+}
+
+// Regression: the holes found at open were trusted for as long as the source lived, whatever
+// happened to the file since.
+TEST_F(RawFileSourceTest, WhatChangedSeesEveryChangeOfTheFile) {
+  using std::chrono::nanoseconds;
+  Write(16, {1, 2});
+  auto source = RawFileSource::Open(path_, nullptr, nanoseconds(0));
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  auto same = (*source)->WhatChanged();
+  ASSERT_TRUE(same.has_value()) << same.error().ToString();
+  EXPECT_EQ(*same, "");
+  // Grown in place.
+  {
+    UniqueFd fd(open(path_.c_str(), O_WRONLY | O_CLOEXEC));
+    std::vector<uint8_t> page(kPage, 7);
+    ASSERT_EQ(pwrite(fd.get(), page.data(), kPage, 16 * kPage), static_cast<ssize_t>(kPage));
+  }
+  auto grown = (*source)->WhatChanged();
+  ASSERT_TRUE(grown.has_value()) << grown.error().ToString();
+  EXPECT_NE(grown->find("size 65536 -> 69632"), std::string::npos) << *grown;
+  // Another file renamed over the path.
+  source = RawFileSource::Open(path_, nullptr, nanoseconds(0));
+  ASSERT_TRUE(source.has_value());
+  const std::string other = dir_ + "/other.mem";
+  { UniqueFd fd(open(other.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600)); }
+  ASSERT_EQ(rename(other.c_str(), path_.c_str()), 0);
+  auto replaced = (*source)->WhatChanged();
+  ASSERT_TRUE(replaced.has_value()) << replaced.error().ToString();
+  EXPECT_NE(replaced->find("is another file now"), std::string::npos) << *replaced;
+  // Gone.
+  ASSERT_EQ(unlink(path_.c_str()), 0);
+  auto gone = (*source)->WhatChanged();
+  EXPECT_EQ(testutil::ErrorCodeOf(gone), ErrorCode::kNotFound);
+  // The source itself still reads what it opened.
+  std::vector<std::byte> page(kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(kPage), page));
+  EXPECT_EQ(page[0], std::byte{2});
+}
+
+TEST_F(RawFileSourceTest, AFileWrittenJustBeforeItWasOpenedIsNeverTakenToBeUnchanged) {
+  // A write within the same tick of a coarse clock could leave every time stamp as it was.
+  Write(16, {3});
+  auto source = RawFileSource::Open(path_);
+  ASSERT_TRUE(source.has_value()) << source.error().ToString();
+  auto changed = (*source)->WhatChanged();
+  ASSERT_TRUE(changed.has_value()) << changed.error().ToString();
+  EXPECT_NE(changed->find("written less than 2 s before it was opened"), std::string::npos)
+      << *changed;
+}
+
 TEST_F(RawFileSourceTest, OpenErrors) {
-  EXPECT_EQ(RawFileSource::Open(dir_ + "/missing").error().code(), ErrorCode::kNotFound);
-  EXPECT_EQ(RawFileSource::Open(dir_).error().code(), ErrorCode::kInvalidArgument);
+  auto missing = RawFileSource::Open(dir_ + "/missing");
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().code(), ErrorCode::kNotFound);
+  auto directory = RawFileSource::Open(dir_);
+  ASSERT_FALSE(directory.has_value());
+  EXPECT_EQ(directory.error().code(), ErrorCode::kInvalidArgument);
 }
 
 TEST_F(RawFileSourceTest, ConcurrentReads) {

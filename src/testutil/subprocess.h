@@ -90,6 +90,29 @@ class Subprocess {
     return false;
   }
 
+  // The first line of the output that contains every one of `fragments`, or "" if none does.
+  std::string FindLine(const std::vector<std::string>& fragments) const {
+    std::istringstream lines(Output());
+    for (std::string line; std::getline(lines, line);) {
+      bool all = true;
+      for (const std::string& f : fragments) all = all && line.find(f) != std::string::npos;
+      if (all) return line;
+    }
+    return "";
+  }
+
+  // Waits until one line of the output contains every one of `fragments`; returns that line, or
+  // "" at the deadline.
+  std::string WaitForLine(const std::vector<std::string>& fragments,
+                          std::chrono::milliseconds timeout = std::chrono::seconds(20)) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+      std::string line = FindLine(fragments);
+      if (!line.empty() || std::chrono::steady_clock::now() >= deadline) return line;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
  private:
   std::string log_path_;
   pid_t pid_ = -1;

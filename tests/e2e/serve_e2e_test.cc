@@ -1,5 +1,6 @@
 // End-to-end: the real `gmem serve` daemon and real `gmem vmm-sim` processes (which map, register
 // and hand over guest memory exactly as Firecracker does), plus hand-made bad clients.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -18,53 +19,15 @@
 #include "guestmem/handshake.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
+#include "serve_fixture.h"
 #include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/subprocess.h"
 
-namespace guestmem {
+namespace guestmem::e2e {
 namespace {
 
-using namespace std::chrono_literals;
-using testutil::Subprocess;
-
-class ServeE2eTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    ASSERT_FALSE(dir_.empty());
-    // 32 MiB snapshot, every 5th page a hole.
-    snapshot_ =
-        std::make_unique<testutil::SnapshotFile>(8192, [](uint64_t p) { return p % 5 == 2; });
-  }
-  void TearDown() override { server_.reset(); }
-
-  void StartServer(std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {GMEM_BINARY, "serve", socket_, snapshot_->path()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    server_ = std::make_unique<Subprocess>(argv, dir_ + "/serve.log");
-    ASSERT_TRUE(server_->WaitForOutput("serving ")) << server_->Output();
-  }
-
-  std::unique_ptr<Subprocess> StartVm(const std::string& name, std::vector<std::string> extra) {
-    std::vector<std::string> argv = {GMEM_BINARY, "vmm-sim",    "--socket",
-                                     socket_,     "--mem-file", snapshot_->path()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    return std::make_unique<Subprocess>(argv, dir_ + "/" + name + ".log");
-  }
-
-  void ExpectVmVerifies(std::vector<std::string> extra, const std::string& name = "vm") {
-    auto vm = StartVm(name, extra);
-    EXPECT_EQ(vm->ExitCode(120s), 0) << "vmm-sim output:\n"
-                                     << vm->Output() << "\nserve log:\n"
-                                     << server_->Output();
-  }
-
-  TempDir temp_;
-  const std::string dir_ = temp_.path();
-  const std::string socket_ = temp_.File("uffd.sock");
-  std::unique_ptr<testutil::SnapshotFile> snapshot_;
-  std::unique_ptr<Subprocess> server_;
-};
+using ServeE2eTest = ServeTest;
 
 TEST_F(ServeE2eTest, SocketIsOwnerOnlyByDefault) {
   StartServer();
@@ -127,12 +90,20 @@ TEST_F(ServeE2eTest, ManyVmsAtOnce) {
 
 TEST_F(ServeE2eTest, KilledVmIsCleanedUpAndOthersGoOn) {
   StartServer();
-  auto doomed = StartVm("doomed", {"--workload", "random", "--pages", "1000000", "--threads", "2"});
-  ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
-  std::this_thread::sleep_for(200ms);
+  // The VM restores and verifies everything, then stays alive (memory mapped, socket open) until
+  // it is killed: whatever the machine's speed, the kill finds it connected.
+  auto doomed = StartVm(
+      "doomed", {"--workload", "random", "--threads", "2", "--verify", "--hold-ms", "600000"});
+  const std::string pid = "pid " + std::to_string(doomed->pid());
+  ASSERT_NE(server_->WaitForLine({pid, "connected: "}, 60s), "") << server_->Output();
+  ASSERT_TRUE(doomed->WaitForOutput("every byte matches", 60s)) << doomed->Output();
+  EXPECT_EQ(doomed->Wait(0ms), std::nullopt) << "the VM must still be alive\n" << doomed->Output();
+  EXPECT_EQ(server_->FindLine({pid, "faults="}), "") << server_->Output();
   doomed->Signal(SIGKILL);
   EXPECT_EQ(doomed->ExitCode(10s), -SIGKILL);
-  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  // The daemon notices the hang-up and logs the VM's end with its statistics.
+  const std::string end = server_->WaitForLine({pid, "disconnected", "faults="}, 30s);
+  EXPECT_NE(end, "") << server_->Output();
   ExpectVmVerifies({"--workload", "sequential", "--verify"}, "survivor");
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
 }
@@ -147,41 +118,61 @@ TEST_F(ServeE2eTest, SigtermShutsDownGracefully) {
   EXPECT_FALSE(std::filesystem::exists(socket_));
 }
 
-// --- bad clients -------------------------------------------------------------------------------
-
-// A uffd with real registered memory, for handshakes that are wrong in other ways.
-struct BadClientMemory {
-  BadClientMemory() {
-    mem = mmap(nullptr, 4 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    auto u = Userfaultfd::Create({});
-    EXPECT_TRUE(u.has_value());
-    uffd = std::make_unique<Userfaultfd>(std::move(*u));
-    EXPECT_TRUE(uffd->Register(HostVirtAddr(reinterpret_cast<uint64_t>(mem)), 4 << 20,
-                               UffdModes::kMissing));
+// Regression: the memory file's holes were found once, at start-up, so after the file was filled
+// in, or truncated and written anew, new VMs read zeros where data now was. Each new VM finds the
+// file as it is; a file shrunk below a VM's regions fails that VM's handshake.
+TEST_F(ServeE2eTest, NewVmsSeeTheMemoryFileAsItIsNow) {
+  StartServer();
+  ExpectVmVerifies({"--workload", "sequential", "--verify"}, "before");
+  const std::string path = snapshot_->path();
+  std::vector<uint8_t> page(kPageSize4K);
+  {
+    // Fill every hole with data, in place.
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.valid());
+    for (uint64_t p = 0; p < snapshot_->pages(); ++p) {
+      if (!snapshot_->hole(p)) continue;
+      testutil::FillSnapshotPage(p, page.data());
+      ASSERT_EQ(pwrite(fd.get(), page.data(), page.size(), static_cast<off_t>(p * kPageSize4K)),
+                static_cast<ssize_t>(page.size()));
+    }
   }
-  ~BadClientMemory() { munmap(mem, 4 << 20); }
-  uint64_t base() const { return reinterpret_cast<uint64_t>(mem); }
-  void* mem;
-  std::unique_ptr<Userfaultfd> uffd;
-};
-
-void SendRaw(int sock, const std::string& bytes, int fd = -1) {
-  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-  if (fd >= 0) {
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+  ExpectVmVerifies({"--workload", "sequential", "--verify"}, "filled");
+  EXPECT_NE(server_->WaitForLine({"memory file", "changed"}, 20s), "") << server_->Output();
+  {
+    // Truncate and grow it again, with data where the first holes were and holes elsewhere.
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.valid());
+    ASSERT_EQ(ftruncate(fd.get(), 0), 0);
+    ASSERT_EQ(ftruncate(fd.get(), static_cast<off_t>(snapshot_->size())), 0);
+    for (uint64_t p = 0; p < snapshot_->pages(); p += 3) {
+      testutil::FillSnapshotPage(p, page.data());
+      ASSERT_EQ(pwrite(fd.get(), page.data(), page.size(), static_cast<off_t>(p * kPageSize4K)),
+                static_cast<ssize_t>(page.size()));
+    }
   }
-  ASSERT_EQ(sendmsg(sock, &msg, 0), static_cast<ssize_t>(bytes.size()));
+  ExpectVmVerifies({"--workload", "random", "--threads", "2", "--verify"}, "regrown");
+  {
+    // Shrunk to half: a VM laid out for the whole file is refused, one for the half is served.
+    UniqueFd fd(open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.valid());
+    ASSERT_EQ(ftruncate(fd.get(), static_cast<off_t>(snapshot_->size() / 2)), 0);
+  }
+  BadClientMemory memory;
+  const HandshakeRegion whole{memory.base(), snapshot_->size(), 0,           4096,
+                              4096,          std::nullopt,      std::nullopt};
+  auto sock = ConnectUnix(socket_);
+  ASSERT_TRUE(sock.has_value()) << sock.error().ToString();
+  int fds[] = {memory.uffd->fd()};
+  ASSERT_TRUE(SendHandshake(sock->get(), std::span(&whole, 1), fds));
+  EXPECT_TRUE(ClosedByPeer(sock->get(), 20s)) << "connection not closed";
+  EXPECT_NE(server_->WaitForLine({"rejected", "beyond the end of the memory file"}, 20s), "")
+      << server_->Output();
+  ExpectVmVerifies({"--workload", "sequential", "--verify"}, "half");
+  EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
 }
+
+// --- bad clients -------------------------------------------------------------------------------
 
 TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   StartServer({"--handshake-timeout-ms", "1500"});
@@ -198,6 +189,13 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   };
   std::vector<Case> cases = {
       {"garbage", "JSON", [&](int s) { SendRaw(s, "this is not json", memory.uffd->fd()); }},
+      {"byte order mark", "byte order mark",
+       [&](int s) {
+         SendRaw(
+             s,
+             "\xEF\xBB\xBF" + EncodeHandshake(std::vector{region(memory.base(), 1 << 20, 0, 4096)}),
+             memory.uffd->fd());
+       }},
       {"truncated", "truncated",
        [&](int s) {
          SendRaw(s, R"([{"base_host_virt_addr":1234,"size":4096)", memory.uffd->fd());
@@ -246,8 +244,7 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
     c.send(sock->get());
     if (c.name != "truncated" && c.name != "silent") {
       // The daemon closes the connection: we see EOF.
-      char byte;
-      EXPECT_EQ(recv(sock->get(), &byte, 1, 0), 0) << "connection not closed";
+      EXPECT_TRUE(ClosedByPeer(sock->get(), 20s)) << "connection not closed";
     }
   }
   EXPECT_EQ(good->ExitCode(120s), 0) << good->Output() << "\nserve log:\n" << server_->Output();
@@ -267,5 +264,41 @@ TEST_F(ServeE2eTest, MalformedHandshakesAreRejectedWhileAGoodVmCompletes) {
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
 }
 
+// Regression: the page-state map of a secret-hiding VM was sized from the guest memory file the
+// client sent, so a file ftruncate'd to 2^62 bytes aborted the daemon (bad_alloc) and one of 2^40
+// cost 64 MiB per connection. The file must cover the regions and be no larger than the snapshot.
+TEST_F(ServeE2eTest, GuestMemoryFileSizeIsCheckedAgainstTheSnapshot) {
+  StartServer();
+  BadClientMemory memory;
+  struct Case {
+    std::string name;
+    uint64_t file_bytes;
+    std::string expected_reason;
+  };
+  const std::vector<Case> cases = {
+      {"2^62 bytes", uint64_t{1} << 62, "larger than the snapshot"},
+      {"2^40 bytes", uint64_t{1} << 40, "larger than the snapshot"},
+      {"one page more than the snapshot", snapshot_->size() + 4096, "larger than the snapshot"},
+      {"shorter than the regions", 4096, "does not cover"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    UniqueFd guest_memfd(memfd_create("hostile-guest-memory", MFD_CLOEXEC));
+    UniqueFd bitmap(memfd_create("hostile-bitmap", MFD_CLOEXEC));
+    ASSERT_TRUE(guest_memfd.valid() && bitmap.valid());
+    ASSERT_EQ(ftruncate(guest_memfd.get(), static_cast<off_t>(c.file_bytes)), 0);
+    ASSERT_EQ(ftruncate(bitmap.get(), 4096), 0);
+    HandshakeRegion r{memory.base(), 1 << 20, 0, 4096, 4096, 0, true};
+    auto sock = ConnectUnix(socket_);
+    ASSERT_TRUE(sock.has_value()) << sock.error().ToString();
+    int fds[] = {memory.uffd->fd(), guest_memfd.get(), bitmap.get()};
+    ASSERT_TRUE(SendHandshake(sock->get(), std::span(&r, 1), fds));
+    EXPECT_TRUE(ClosedByPeer(sock->get(), 20s)) << "connection not closed";
+    EXPECT_NE(server_->WaitForLine({"rejected", c.expected_reason}, 20s), "") << server_->Output();
+    ASSERT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon died\n" << server_->Output();
+  }
+  ExpectVmVerifies({"--secret-hiding", "--workload", "random", "--threads", "2", "--verify"});
+}
+
 }  // namespace
-}  // namespace guestmem
+}  // namespace guestmem::e2e

@@ -2,7 +2,13 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <cstdio>
+#include <exception>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "commands.h"
 #include "guestmem/log.h"
@@ -19,29 +25,113 @@ void OnSignal(int) {
   if (g_server != nullptr) g_server->Stop();
 }
 
+// Options are taken as text and parsed here, so that every bad value is refused with a message
+// naming it instead of being wrapped, truncated or thrown about.
 struct ServeArgs {
   ServeOptions options;
   std::string mode = "on-demand";
-  uint64_t fault_around_kib = kDefaultFaultAroundBytes / 1024;
+  std::string fault_around_kib = std::to_string(kDefaultFaultAroundBytes / 1024);
   std::string socket_mode = "0600";
-  int64_t owner = -1;
-  int64_t group = -1;
-  uint64_t handshake_timeout_ms = 5000;
+  std::string owner;
+  std::string group;
+  std::vector<std::string> allow_uids;
+  std::vector<std::string> allow_gids;
+  std::string handshake_timeout_ms = "5000";
+  std::string workers = "0";
+  std::string max_pending_handshakes = "256";
+  std::string max_active_vms = "1024";
+  std::string max_vms = "0";
   bool json_logs = false;
   bool verbose = false;
 };
 
-int RunServe(ServeArgs& args) {
-  InstallLogFormat(args.json_logs, args.verbose);
+Error Bad(const std::string& option, const std::string& value, const std::string& why) {
+  return Error(ErrorCode::kInvalidArgument, option + " '" + value + "': " + why);
+}
+
+// A decimal number from `min` to `max`: digits only (no sign, no spaces, no suffix).
+Result<uint64_t> ParseNumber(const std::string& option, const std::string& value, uint64_t min,
+                             uint64_t max) {
+  const std::string range =
+      "expected a decimal number from " + std::to_string(min) + " to " + std::to_string(max);
+  if (value.empty() || value.size() > 20) return Bad(option, value, range);
+  uint64_t n = 0;
+  for (const char c : value) {
+    if (c < '0' || c > '9') return Bad(option, value, range);
+    const uint64_t digit = static_cast<uint64_t>(c - '0');
+    if (n > (std::numeric_limits<uint64_t>::max() - digit) / 10) return Bad(option, value, range);
+    n = n * 10 + digit;
+  }
+  if (n < min || n > max) return Bad(option, value, range);
+  return n;
+}
+
+// Permission bits in octal, as chmod(1) takes them: 1 to 4 octal digits (0660, 660, 1770).
+Result<mode_t> ParseMode(const std::string& option, const std::string& value) {
+  const std::string expected = "expected permission bits in octal, 1 to 4 digits 0-7 (e.g. 0660)";
+  if (value.empty() || value.size() > 4) return Bad(option, value, expected);
+  mode_t mode = 0;
+  for (const char c : value) {
+    if (c < '0' || c > '7') return Bad(option, value, expected);
+    mode = static_cast<mode_t>(mode * 8 + static_cast<mode_t>(c - '0'));
+  }
+  return mode;
+}
+
+// A uid or gid as a number. (uid_t)-1 means "unchanged" to chown(2), so it is no id.
+Result<uint32_t> ParseId(const std::string& option, const std::string& value) {
+  GM_ASSIGN_OR_RETURN(uint64_t id,
+                      ParseNumber(option, value, 0, std::numeric_limits<uint32_t>::max() - 1));
+  return static_cast<uint32_t>(id);
+}
+
+Status ParseArgs(ServeArgs& args) {
   ServeOptions& options = args.options;
   options.fault_all = args.mode == "fault-all";
-  options.fault_around_bytes = args.fault_around_kib * 1024;
-  options.socket_mode = static_cast<mode_t>(std::stoul(args.socket_mode, nullptr, 8));
-  if (args.owner >= 0) options.socket_owner = static_cast<uid_t>(args.owner);
-  if (args.group >= 0) options.socket_group = static_cast<gid_t>(args.group);
-  options.handshake_timeout = std::chrono::milliseconds(args.handshake_timeout_ms);
+  GM_ASSIGN_OR_RETURN(const uint64_t kib,
+                      ParseNumber("--fault-around-kib", args.fault_around_kib,
+                                  kMinFaultAroundBytes / 1024, kMaxFaultAroundBytes / 1024));
+  options.fault_around_bytes = kib * 1024;
+  GM_ASSIGN_OR_RETURN(options.socket_mode, ParseMode("--socket-mode", args.socket_mode));
+  if (!args.owner.empty()) {
+    GM_ASSIGN_OR_RETURN(options.socket_owner, ParseId("--socket-owner", args.owner));
+  }
+  if (!args.group.empty()) {
+    GM_ASSIGN_OR_RETURN(options.socket_group, ParseId("--socket-group", args.group));
+  }
+  for (const std::string& uid : args.allow_uids) {
+    GM_ASSIGN_OR_RETURN(const uint32_t id, ParseId("--allow-uid", uid));
+    options.allow_uids.push_back(id);
+  }
+  for (const std::string& gid : args.allow_gids) {
+    GM_ASSIGN_OR_RETURN(const uint32_t id, ParseId("--allow-gid", gid));
+    options.allow_gids.push_back(id);
+  }
+  GM_ASSIGN_OR_RETURN(const uint64_t timeout_ms,
+                      ParseNumber("--handshake-timeout-ms", args.handshake_timeout_ms, 1,
+                                  std::numeric_limits<int32_t>::max()));
+  options.handshake_timeout = std::chrono::milliseconds(timeout_ms);
+  GM_ASSIGN_OR_RETURN(const uint64_t workers,
+                      ParseNumber("--workers", args.workers, 0, kMaxWorkers));
+  options.workers = static_cast<unsigned>(workers);
+  GM_ASSIGN_OR_RETURN(
+      options.max_pending_handshakes,
+      ParseNumber("--max-pending-handshakes", args.max_pending_handshakes, 1, 1'000'000));
+  GM_ASSIGN_OR_RETURN(options.max_active_vms,
+                      ParseNumber("--max-active-vms", args.max_active_vms, 1, 1'000'000));
+  GM_ASSIGN_OR_RETURN(const uint64_t max_vms, ParseNumber("--max-vms", args.max_vms, 0,
+                                                          std::numeric_limits<int32_t>::max()));
+  options.max_vms = static_cast<int>(max_vms);
+  // A power of two is the last check: the parsers above already named a value out of range.
+  return ValidateServeOptions(options);
+}
 
-  auto server = HandlerServer::Start(options);
+int Serve(ServeArgs& args) {
+  if (Status parsed = ParseArgs(args); !parsed) {
+    Log(LogLevel::kError, "cannot serve: " + parsed.error().context());
+    return 2;
+  }
+  auto server = HandlerServer::Start(args.options);
   if (!server) {
     Log(LogLevel::kError, "cannot serve: " + server.error().ToString());
     return 1;
@@ -64,6 +154,19 @@ int RunServe(ServeArgs& args) {
   return 0;
 }
 
+int RunServe(ServeArgs& args) {
+  InstallLogFormat(args.json_logs, args.verbose);
+  // The server turns failures while serving into errors of one VM; what is left (memory running
+  // out while starting or stopping) ends the daemon with a message, never an abort.
+  try {
+    return Serve(args);
+  } catch (const std::exception& e) {
+    g_server = nullptr;
+    Log(LogLevel::kError, std::string("gmem serve: ") + e.what());
+    return 1;
+  }
+}
+
 }  // namespace
 
 void RegisterServeCommand(CLI::App& app) {
@@ -72,25 +175,37 @@ void RegisterServeCommand(CLI::App& app) {
       "serve", "Serve page faults for VMs restoring from a memory file (Firecracker Uffd backend)");
   cmd->add_option("socket_path", args->options.socket_path, "Unix socket to listen on")->required();
   cmd->add_option("mem_file_path", args->options.mem_file_path,
-                  "Snapshot memory file (regions back to back; holes are zero pages)")
-      ->required()
-      ->check(CLI::ExistingFile);
+                  "Snapshot memory file: a regular file (regions back to back; holes are zero "
+                  "pages) or a block device")
+      ->required();
   cmd->add_option("--mode", args->mode, "on-demand (with fault-around) or fault-all")
       ->check(CLI::IsMember({"on-demand", "fault-all"}))
       ->capture_default_str();
   cmd->add_option("--fault-around-kib", args->fault_around_kib,
-                  "Window installed around each fault, KiB (power of two; 4 = one page)")
+                  "Window installed around each fault, KiB: a power of two from 4 (one page) to "
+                  "1048576 (1 GiB)")
       ->capture_default_str();
-  cmd->add_option("--workers", args->options.workers, "Fault-serving threads (0: one per CPU)")
+  cmd->add_option("--workers", args->workers, "Fault-serving threads (0: one per CPU, at most 4)")
       ->capture_default_str();
   cmd->add_option("--socket-mode", args->socket_mode, "Socket file permissions (octal)")
       ->capture_default_str();
-  cmd->add_option("--socket-owner", args->owner, "Socket file owner uid");
-  cmd->add_option("--socket-group", args->group, "Socket file group gid");
+  cmd->add_option("--socket-owner", args->owner, "Socket file owner (a uid)");
+  cmd->add_option("--socket-group", args->group, "Socket file group (a gid)");
+  cmd->add_option("--allow-uid", args->allow_uids,
+                  "Allow peers with this uid (SO_PEERCRED; repeatable). With neither --allow-uid "
+                  "nor --allow-gid, whoever the socket's mode lets in");
+  cmd->add_option("--allow-gid", args->allow_gids,
+                  "Allow peers with this primary or supplementary gid (repeatable)");
   cmd->add_option("--handshake-timeout-ms", args->handshake_timeout_ms,
                   "How long a new connection may take to send its handshake")
       ->capture_default_str();
-  cmd->add_option("--max-vms", args->options.max_vms,
+  cmd->add_option("--max-pending-handshakes", args->max_pending_handshakes,
+                  "Connections that may wait for their handshake at once; more are closed")
+      ->capture_default_str();
+  cmd->add_option("--max-active-vms", args->max_active_vms,
+                  "VMs served at once; handshakes beyond are rejected")
+      ->capture_default_str();
+  cmd->add_option("--max-vms", args->max_vms,
                   "Exit after this many VMs have come and gone (0: serve until SIGINT/SIGTERM)")
       ->capture_default_str();
   cmd->add_flag("--log-json", args->json_logs, "Log JSON lines instead of text");

@@ -1,18 +1,20 @@
 #include "serve/handler_server.h"
 
-#include <poll.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <condition_variable>
-#include <deque>
-#include <map>
+#include <cstdio>
+#include <exception>
 #include <mutex>
-#include <thread>
+#include <set>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -30,6 +32,20 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// epoll tokens of the server's own descriptors; connections use their number (from 1).
+constexpr uint64_t kStopToken = UINT64_MAX;
+constexpr uint64_t kNoticeToken = UINT64_MAX - 1;
+constexpr uint64_t kListenerToken = UINT64_MAX - 2;
+
+constexpr int kEventsPerTurn = 64;
+constexpr int kAcceptsPerTurn = 64;
+// Bytes read (and dropped) per turn from a VM's socket after its handshake.
+constexpr size_t kDiscardBytesPerTurn = 4096;
+// How long the listener rests when accept fails for want of descriptors or memory.
+constexpr std::chrono::milliseconds kAcceptBackoff{100};
+// How often folded log lines are reported while they keep coming.
+constexpr std::chrono::seconds kLogFoldWindow{5};
+
 std::string Seconds(Clock::duration d) {
   char buf[32];
   (void)std::snprintf(buf, sizeof(buf), "%.3fs", std::chrono::duration<double>(d).count());
@@ -39,71 +55,178 @@ std::string Seconds(Clock::duration d) {
 std::string PeerName(uint64_t vm, const std::optional<PeerCredentials>& peer) {
   std::string name = "vm " + std::to_string(vm);
   if (peer) {
-    name += " (pid " + std::to_string(peer->pid) + ", uid " + std::to_string(peer->uid) + ")";
+    name += " (pid " + std::to_string(peer->pid) + ", uid " + std::to_string(peer->uid) + ", gid " +
+            std::to_string(peer->gid) + ")";
+  } else {
+    name += " (peer unknown)";
   }
   return name;
+}
+
+void Signal(int fd) {
+  uint64_t one = 1;
+  ssize_t rc = write(fd, &one, sizeof(one));
+  (void)rc;  // EAGAIN: the counter is already non-zero, the loop wakes anyway
+}
+
+void Drain(int fd) {
+  uint64_t count;
+  ssize_t rc = read(fd, &count, sizeof(count));
+  (void)rc;
+}
+
+// "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
+std::string AccessNote(const ServeOptions& options) {
+  if (options.allow_uids.empty() && options.allow_gids.empty()) return "";
+  auto join = [](const char* what, const auto& ids) {
+    std::string out;
+    for (auto id : ids) out += (out.empty() ? std::string(what) + " " : ", ") + std::to_string(id);
+    return out;
+  };
+  const std::string uids = join("uid", options.allow_uids);
+  const std::string gids = join("gid", options.allow_gids);
+  return "; peers allowed: " + uids + (!uids.empty() && !gids.empty() ? "; " : "") + gids;
+}
+
+int TimeoutMs(Clock::time_point now, std::optional<Clock::time_point> wake) {
+  if (!wake) return -1;
+  if (*wake <= now) return 0;
+  const auto ms = std::chrono::ceil<std::chrono::milliseconds>(*wake - now).count();
+  return static_cast<int>(std::min<int64_t>(ms, 60'000));
 }
 
 }  // namespace
 
 struct HandlerServer::Impl {
+  enum class Phase {
+    kHandshake,  // reading the handshake, until its deadline
+    kServing,    // a space of the engine
+    kClosing,    // the socket hung up and the space had ended by itself: its notice is due
+  };
+
   struct Connection {
-    UniqueFd socket;
-    SpaceId space = 0;
+    uint64_t vm = 0;
     std::string name;
-    Clock::time_point started;
-    FaultStats final_stats;  // set when the space ended by itself
+    UniqueFd socket;
+    Phase phase = Phase::kHandshake;
+    Clock::time_point accepted;
+    Clock::time_point deadline;             // kHandshake
+    std::optional<HandshakeReader> reader;  // kHandshake
+    SpaceId space = 0;                      // kServing, kClosing
+  };
+
+  // Posted by the engine's workers when a space ends by itself.
+  struct SpaceEnded {
+    uint64_t vm;
+    SpaceId space;
+    Status why;
+    FaultStats stats;
   };
 
   ServeOptions options;
-  std::shared_ptr<const PageSource> source;
-  std::unique_ptr<FaultEngine> engine;
+  // The memory file as new VMs see it; VMs being served keep the source they started with.
+  std::shared_ptr<const RawFileSource> source;
   UniqueFd listener;
-  UniqueFd stop_fd;  // eventfd: Stop() was called
-  UniqueFd wake_fd;  // eventfd: a connection was added or a space ended by itself
-  std::atomic<uint64_t> next_vm{1};
+  UniqueFd epoll;
+  UniqueFd stop_fd;    // eventfd: Stop() was called
+  UniqueFd notice_fd;  // eventfd: a space ended by itself
+  UniqueFd reserve;    // /dev/null, given up to shed a connection when out of descriptors
 
   std::mutex mu;
-  std::condition_variable handshakes_done;
-  int handshakes_in_flight = 0;                                    // GUARDED_BY(mu)
-  std::deque<Connection> new_connections;                          // GUARDED_BY(mu)
-  std::deque<std::pair<SpaceId, FaultStats>> ended_by_themselves;  // GUARDED_BY(mu)
-  std::map<SpaceId, Connection> connections;                       // main loop only
-  int finished_vms = 0;                                            // main loop only
+  std::vector<SpaceEnded> ended;         // GUARDED_BY(mu)
+  std::atomic<bool> notice_lost{false};  // a notice could not be posted: reconcile
 
-  static void Signal(int fd) {
-    uint64_t one = 1;
-    ssize_t rc = write(fd, &one, sizeof(one));
-    (void)rc;
-  }
-  static void Drain(int fd) {
-    uint64_t count;
-    ssize_t rc = read(fd, &count, sizeof(count));
-    (void)rc;
-  }
+  // The loop's own state (Run()'s thread only).
+  std::unordered_map<uint64_t, Connection> connections;
+  std::set<std::pair<Clock::time_point, uint64_t>> deadlines;  // of the kHandshake connections
+  uint64_t next_vm = 1;
+  size_t pending_handshakes = 0;  // connections in kHandshake
+  size_t active_vms = 0;          // connections in kServing or kClosing
+  int finished_vms = 0;
+  bool listener_watched = true;
+  Clock::time_point listener_resumes;
+  RateLimitedLog accept_log{kLogFoldWindow};
+  RateLimitedLog refused_log{kLogFoldWindow};
+  RateLimitedLog denied_log{kLogFoldWindow};
 
-  void AcceptAll();
-  void Handshake(UniqueFd socket, uint64_t vm);
-  Result<SpaceId> Admit(const std::string& name, ReceivedHandshake& handshake);
-  void Disconnect(SpaceId space, const char* why);
-  void OnSpaceClosed(SpaceId space, const Status& why, const FaultStats& stats);
+  // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
+  std::unique_ptr<FaultEngine> engine;
+
+  Status Watch(int fd, uint64_t token, uint32_t events);
+  void PauseListener(Clock::time_point now);
+  void ResumeListenerIfDue(Clock::time_point now);
+  void AcceptReady(Clock::time_point now);
+  void ShedOnePendingConnection(int err);
+  bool Allowed(const std::optional<PeerCredentials>& peer) const;
+  void AddConnection(UniqueFd socket, Clock::time_point now);
+  void ConnectionReady(uint64_t vm, uint32_t events);
+  void HandshakeReady(Connection& c);
+  Result<SpaceId> Admit(Connection& c, ReceivedHandshake& handshake);
+  Result<std::shared_ptr<const RawFileSource>> CurrentSource();
+  void ServingReady(Connection& c, uint32_t events);
+  void ExpireHandshakes(Clock::time_point now);
+  void HandleNotices();
+  void Reconcile();
+  void SpaceEndedByItself(Connection& c, const SpaceEnded& notice);
+  void Hangup(Connection& c, const char* why);
+  void Drop(uint64_t vm, const std::string& why);
+  void Finish(Connection& c, LogLevel level, const std::string& line, const FaultStats& stats);
+  void SetPhase(Connection& c, Phase phase);
+  void Erase(uint64_t vm);
+  void OnSpaceClosed(uint64_t vm, SpaceId space, const Status& why, const FaultStats& stats);
+  std::optional<Clock::time_point> NextWake() const;
 };
 
+Status ValidateServeOptions(const ServeOptions& options) {
+  auto invalid = [](const std::string& what) { return Error(ErrorCode::kInvalidArgument, what); };
+  if (options.socket_path.empty()) return invalid("the socket path is empty");
+  if (options.mem_file_path.empty()) return invalid("the memory file path is empty");
+  const uint64_t window = options.fault_around_bytes;
+  if (!IsPowerOfTwo(window) || window < kMinFaultAroundBytes || window > kMaxFaultAroundBytes) {
+    return invalid("--fault-around-kib " + std::to_string(window / 1024) +
+                   (window % 1024 != 0 ? " (" + std::to_string(window) + " bytes)" : "") +
+                   ": must be a power of two from " + std::to_string(kMinFaultAroundBytes / 1024) +
+                   " to " + std::to_string(kMaxFaultAroundBytes / 1024) + " KiB");
+  }
+  if (options.handshake_timeout.count() <= 0) {
+    return invalid("--handshake-timeout-ms " + std::to_string(options.handshake_timeout.count()) +
+                   ": must be at least 1 ms");
+  }
+  if (options.workers > kMaxWorkers) {
+    return invalid("--workers " + std::to_string(options.workers) + ": at most " +
+                   std::to_string(kMaxWorkers) + " (0: one per CPU)");
+  }
+  if (options.max_pending_handshakes == 0) {
+    return invalid("--max-pending-handshakes 0: at least one connection must be able to wait");
+  }
+  if (options.max_active_vms == 0) return invalid("--max-active-vms 0: at least one VM");
+  return OkStatus();
+}
+
 Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& options) {
+  GM_RETURN_IF_ERROR(ValidateServeOptions(options));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source,
                       RawFileSource::Open(options.mem_file_path));
   impl->source = std::move(source);
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
+  impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
+  if (!impl->epoll) return PosixError(errno, "serve: epoll_create1");
+  impl->stop_fd.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  impl->notice_fd.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!impl->stop_fd || !impl->notice_fd) return PosixError(errno, "serve: eventfd");
+  impl->reserve.reset(open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (!impl->reserve) return PosixError(errno, "serve: opening the reserve descriptor /dev/null");
   UnixListenOptions listen;
   listen.mode = options.socket_mode;
   listen.owner = options.socket_owner;
   listen.group = options.socket_group;
+  listen.backlog = 256;
   GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, listen));
-  impl->stop_fd.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  impl->wake_fd.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!impl->stop_fd || !impl->wake_fd) return PosixError(errno, "serve: eventfd");
+  GM_RETURN_IF_ERROR(impl->Watch(impl->stop_fd.get(), kStopToken, EPOLLIN));
+  GM_RETURN_IF_ERROR(impl->Watch(impl->notice_fd.get(), kNoticeToken, EPOLLIN));
+  GM_RETURN_IF_ERROR(impl->Watch(impl->listener.get(), kListenerToken, EPOLLIN));
 
   char mode[8];
   (void)std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(options.socket_mode));
@@ -113,141 +236,287 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
           (options.fault_all
                ? std::string("fault-all")
                : "on demand with " + std::to_string(options.fault_around_bytes / 1024) +
-                     " KiB fault-around"));
+                     " KiB fault-around") +
+          "; at most " + std::to_string(options.max_pending_handshakes) +
+          " connections waiting for their handshake (" +
+          std::to_string(options.handshake_timeout.count()) + " ms each) and " +
+          std::to_string(options.max_active_vms) + " VMs served at once" + AccessNote(options));
   return std::unique_ptr<HandlerServer>(new HandlerServer(std::move(impl)));
 }
 
 HandlerServer::HandlerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 HandlerServer::~HandlerServer() {
-  Stop();
-  {
-    // Handshake threads time out on their own; they must be gone before the state they use.
-    std::unique_lock lock(impl_->mu);
-    impl_->handshakes_done.wait(lock, [&] { return impl_->handshakes_in_flight == 0; });
-  }
-  impl_->engine.reset();  // closes whatever is still served
+  impl_->engine.reset();  // closes whatever is still served; its callbacks use impl_
   unlink(impl_->options.socket_path.c_str());
 }
 
-void HandlerServer::Stop() { Impl::Signal(impl_->stop_fd.get()); }
+void HandlerServer::Stop() { Signal(impl_->stop_fd.get()); }
 
-Status HandlerServer::Run() {
-  Impl& s = *impl_;
-  std::vector<pollfd> fds;
-  std::vector<SpaceId> owners;  // owners[i] is the space of fds[i], for i >= 3
-  while (true) {
-    {
-      std::lock_guard lock(s.mu);
-      while (!s.new_connections.empty()) {
-        Impl::Connection c = std::move(s.new_connections.front());
-        s.new_connections.pop_front();
-        SpaceId id = c.space;
-        s.connections.emplace(id, std::move(c));
-      }
-    }
-    std::deque<std::pair<SpaceId, FaultStats>> ended;
-    {
-      std::lock_guard lock(s.mu);
-      ended.swap(s.ended_by_themselves);
-    }
-    for (auto& [id, stats] : ended) {
-      if (auto it = s.connections.find(id); it != s.connections.end()) {
-        it->second.final_stats = stats;
-      }
-      s.Disconnect(id, "ended");
-    }
-    if (s.options.max_vms > 0 && s.finished_vms >= s.options.max_vms) break;
-
-    fds.clear();
-    owners.clear();
-    fds.push_back({s.stop_fd.get(), POLLIN, 0});
-    fds.push_back({s.wake_fd.get(), POLLIN, 0});
-    fds.push_back({s.listener.get(), POLLIN, 0});
-    for (auto& [id, c] : s.connections) {
-      fds.push_back({c.socket.get(), POLLIN | POLLRDHUP, 0});
-      owners.push_back(id);
-    }
-    if (poll(fds.data(), fds.size(), -1) < 0) {
-      if (errno == EINTR) continue;
-      return PosixError(errno, "serve: poll");
-    }
-    if (fds[0].revents != 0) {
-      Log(LogLevel::kInfo,
-          "shutting down: " + std::to_string(s.connections.size()) + " VM(s) still connected");
-      break;
-    }
-    if (fds[1].revents != 0) Impl::Drain(s.wake_fd.get());
-    if (fds[2].revents != 0) s.AcceptAll();
-    for (size_t i = 3; i < fds.size(); ++i) {
-      if (fds[i].revents == 0) continue;
-      // Firecracker never writes after the handshake and never closes while it lives: any
-      // readable state is the hang-up (or bytes we discard).
-      char discard[256];
-      ssize_t n = recv(fds[i].fd, discard, sizeof(discard), MSG_DONTWAIT);
-      if (n > 0 && (fds[i].revents & (POLLHUP | POLLRDHUP | POLLERR)) == 0) continue;
-      s.Disconnect(owners[i - 3], "disconnected");
-    }
+Status HandlerServer::Impl::Watch(int fd, uint64_t token, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.u64 = token;
+  if (epoll_ctl(epoll.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    return PosixError(errno, "serve: epoll_ctl ADD fd " + std::to_string(fd));
   }
-  // Graceful: every VM still here is detached and freed, with its statistics logged.
-  while (!s.connections.empty()) s.Disconnect(s.connections.begin()->first, "detached at shutdown");
   return OkStatus();
 }
 
-void HandlerServer::Impl::AcceptAll() {
-  while (true) {
-    UniqueFd socket(accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!socket) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-        Log(LogLevel::kWarning, "accept: " + PosixError(errno, "").ToString());
+std::optional<Clock::time_point> HandlerServer::Impl::NextWake() const {
+  std::optional<Clock::time_point> wake;
+  auto consider = [&](Clock::time_point t) { wake = wake ? std::min(*wake, t) : t; };
+  if (!deadlines.empty()) consider(deadlines.begin()->first);
+  if (!listener_watched) consider(listener_resumes);
+  // Folded lines are reported once their window has passed, even when nothing else happens.
+  if (accept_log.has_pending() || refused_log.has_pending() || denied_log.has_pending()) {
+    consider(Clock::now() + kLogFoldWindow);
+  }
+  return wake;
+}
+
+Status HandlerServer::Run() {
+  Impl& s = *impl_;
+  epoll_event events[kEventsPerTurn];
+  bool stopping = false;
+  while (!stopping) {
+    if (s.options.max_vms > 0 && s.finished_vms >= s.options.max_vms) break;
+    const int n =
+        epoll_wait(s.epoll.get(), events, kEventsPerTurn, TimeoutMs(Clock::now(), s.NextWake()));
+    if (n < 0 && errno != EINTR) return PosixError(errno, "serve: epoll_wait");
+    const Clock::time_point now = Clock::now();
+    for (int i = 0; i < std::max(n, 0); ++i) {
+      const uint64_t token = events[i].data.u64;
+      // A failure while serving one connection (an allocation that failed, most likely) ends
+      // that connection only.
+      try {
+        if (token == kStopToken) {
+          stopping = true;
+        } else if (token == kNoticeToken) {
+          Drain(s.notice_fd.get());
+        } else if (token == kListenerToken) {
+          s.AcceptReady(now);
+        } else {
+          s.ConnectionReady(token, events[i].events);
+        }
+      } catch (const std::exception& e) {
+        if (token < kListenerToken) {
+          s.Drop(token, e.what());
+        } else {
+          Log(LogLevel::kError, std::string("serve: ") + e.what() + " while handling an event");
+        }
       }
-      return;
     }
-    const uint64_t vm = next_vm.fetch_add(1);
-    {
-      std::lock_guard lock(mu);
-      ++handshakes_in_flight;
+    try {
+      s.HandleNotices();
+      s.ExpireHandshakes(now);
+      s.ResumeListenerIfDue(now);
+      s.accept_log.Flush();
+      s.refused_log.Flush();
+      s.denied_log.Flush();
+    } catch (const std::exception& e) {
+      Log(LogLevel::kError, std::string("serve: ") + e.what() + " in the server loop");
     }
-    std::thread([this, vm, sock = std::move(socket)]() mutable {
-      Handshake(std::move(sock), vm);
-      std::lock_guard lock(mu);
-      --handshakes_in_flight;
-      handshakes_done.notify_all();
-    }).detach();
-    // One connection per readiness report keeps a flood from starving the other sockets; the
-    // listener stays readable if more are queued.
+  }
+  if (stopping) {
+    Log(LogLevel::kInfo,
+        "shutting down: " + std::to_string(s.active_vms) + " VM(s) still connected");
+  }
+  // Graceful: every VM still here is detached and freed, with its statistics logged.
+  s.HandleNotices();
+  std::vector<uint64_t> left;
+  for (const auto& [vm, c] : s.connections) left.push_back(vm);
+  std::sort(left.begin(), left.end());
+  for (uint64_t vm : left) {
+    Impl::Connection& c = s.connections.at(vm);
+    if (c.phase == Impl::Phase::kServing) {
+      s.Hangup(c, "detached at shutdown");
+    } else if (c.phase == Impl::Phase::kHandshake) {
+      s.Erase(vm);
+    }
+  }
+  // Spaces that ended by themselves meanwhile have posted their notices (a space's notice is
+  // posted before RemoveSpace can tell it is gone, bar the instant in between).
+  s.HandleNotices();
+  while (!s.connections.empty()) {
+    Impl::Connection& c = s.connections.begin()->second;
+    s.Finish(c, LogLevel::kInfo, c.name + " disconnected; its statistics were not in by shutdown",
+             FaultStats{});
+  }
+  s.accept_log.Flush(/*force=*/true);
+  s.refused_log.Flush(/*force=*/true);
+  s.denied_log.Flush(/*force=*/true);
+  return OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accepting
+
+void HandlerServer::Impl::PauseListener(Clock::time_point now) {
+  listener_resumes = now + kAcceptBackoff;
+  if (!listener_watched) return;
+  epoll_event ev{};
+  ev.data.u64 = kListenerToken;  // no events: not polled until resumed
+  if (epoll_ctl(epoll.get(), EPOLL_CTL_MOD, listener.get(), &ev) == 0) listener_watched = false;
+}
+
+void HandlerServer::Impl::ResumeListenerIfDue(Clock::time_point now) {
+  if (listener_watched || now < listener_resumes) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kListenerToken;
+  if (epoll_ctl(epoll.get(), EPOLL_CTL_MOD, listener.get(), &ev) == 0) listener_watched = true;
+}
+
+void HandlerServer::Impl::AcceptReady(Clock::time_point now) {
+  for (int i = 0; i < kAcceptsPerTurn; ++i) {
+    const int fd = accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd >= 0) {
+      AddConnection(UniqueFd(fd), now);
+      continue;
+    }
+    const int err = errno;
+    if (err == EAGAIN || err == EWOULDBLOCK) return;
+    if (err == EINTR || err == ECONNABORTED) continue;
+    if (err == EMFILE || err == ENFILE) {
+      ShedOnePendingConnection(err);
+    } else {
+      accept_log.Log(LogLevel::kError, "accept: " + PosixError(err, "").ToString() +
+                                           "; not accepting for " +
+                                           std::to_string(kAcceptBackoff.count()) + " ms");
+    }
+    // Out of descriptors or memory: the connection stays queued and the listener readable, so
+    // accepting again at once would spin. Rest the listener instead.
+    PauseListener(now);
     return;
   }
 }
 
-void HandlerServer::Impl::Handshake(UniqueFd socket, uint64_t vm) {
-  std::optional<PeerCredentials> peer;
-  if (auto creds = GetPeerCredentials(socket.get())) peer = *creds;
-  const std::string name = PeerName(vm, peer);
-  const Clock::time_point started = Clock::now();
-  auto received = ReceiveHandshake(socket.get(), options.handshake_timeout);
-  Result<SpaceId> space = received ? Admit(name, *received) : Result<SpaceId>(received.error());
-  if (!space) {
-    Log(LogLevel::kError, name + " rejected: " + space.error().ToString());
-    return;  // closes the connection
+void HandlerServer::Impl::ShedOnePendingConnection(int err) {
+  std::string line = "accept: out of descriptors (" + PosixError(err, "").ToString() + "); ";
+  if (reserve) {
+    // The reserve descriptor makes room to take the connection that waits and close it, so that
+    // its client learns at once instead of hanging in the backlog.
+    reserve.reset();
+    UniqueFd shed(accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    line += shed ? "closed a waiting connection; " : "";
+    shed.reset();
+    reserve.reset(open("/dev/null", O_RDONLY | O_CLOEXEC));
   }
-  Log(LogLevel::kInfo, name + " connected: " + std::to_string(received->regions.size()) +
-                           " region(s), " + std::to_string(received->fds.size()) +
-                           " descriptor(s); serving as space " + std::to_string(*space));
-  std::lock_guard lock(mu);
-  new_connections.push_back(Connection{std::move(socket), *space, name, started});
-  Signal(wake_fd.get());
+  if (!reserve) line += "no reserve descriptor; ";
+  line += "not accepting for " + std::to_string(kAcceptBackoff.count()) + " ms";
+  accept_log.Log(LogLevel::kWarning, line);
 }
 
-Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHandshake& handshake) {
-  GM_RETURN_IF_ERROR(ValidateHandshake(handshake.regions, source->size()));
+bool HandlerServer::Impl::Allowed(const std::optional<PeerCredentials>& peer) const {
+  if (options.allow_uids.empty() && options.allow_gids.empty()) return true;
+  if (!peer) return false;
+  auto listed = [](const auto& list, auto id) {
+    return std::find(list.begin(), list.end(), id) != list.end();
+  };
+  if (listed(options.allow_uids, peer->uid) || listed(options.allow_gids, peer->gid)) return true;
+  return std::any_of(peer->groups.begin(), peer->groups.end(),
+                     [&](gid_t g) { return listed(options.allow_gids, g); });
+}
+
+void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) {
+  std::optional<PeerCredentials> peer;
+  if (auto creds = GetPeerCredentials(socket.get())) peer = std::move(*creds);
+  if (!Allowed(peer)) {
+    denied_log.Log(
+        LogLevel::kWarning,
+        "refused a connection from " +
+            (peer ? "pid " + std::to_string(peer->pid) + " (uid " + std::to_string(peer->uid) +
+                        ", gid " + std::to_string(peer->gid) + ")"
+                  : std::string("a peer whose credentials are unknown")) +
+            ": not allowed by --allow-uid/--allow-gid");
+    return;  // closes it
+  }
+  if (pending_handshakes >= options.max_pending_handshakes) {
+    refused_log.Log(LogLevel::kWarning,
+                    "refused a connection: " + std::to_string(pending_handshakes) +
+                        " connections are waiting for their handshake, the most allowed "
+                        "(--max-pending-handshakes)");
+    return;  // closes it
+  }
+  const uint64_t vm = next_vm++;
+  Connection c;
+  c.vm = vm;
+  c.name = PeerName(vm, peer);
+  c.accepted = now;
+  c.deadline = now + options.handshake_timeout;
+  c.reader.emplace();
+  if (Status watched = Watch(socket.get(), vm, EPOLLIN | EPOLLRDHUP); !watched) {
+    Log(LogLevel::kError, c.name + " rejected: " + watched.error().ToString());
+    return;
+  }
+  c.socket = std::move(socket);
+  deadlines.emplace(c.deadline, vm);
+  ++pending_handshakes;
+  connections.emplace(vm, std::move(c));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+void HandlerServer::Impl::ConnectionReady(uint64_t vm, uint32_t events) {
+  auto it = connections.find(vm);
+  if (it == connections.end()) return;
+  Connection& c = it->second;
+  switch (c.phase) {
+    case Phase::kHandshake:
+      HandshakeReady(c);
+      return;
+    case Phase::kServing:
+      ServingReady(c, events);
+      return;
+    case Phase::kClosing:
+      return;  // its socket is closed already
+  }
+}
+
+void HandlerServer::Impl::HandshakeReady(Connection& c) {
+  auto progress = c.reader->ReadFrom(c.socket.get());
+  if (progress && *progress == HandshakeReader::Progress::kNeedMore) return;
+  if (!progress) {
+    if (progress.error().code() == ErrorCode::kPeerGone) {
+      Log(LogLevel::kInfo, c.name + " closed before its handshake");
+    } else {
+      Log(LogLevel::kError, c.name + " rejected: " + progress.error().ToString());
+    }
+    Erase(c.vm);
+    return;
+  }
+  ReceivedHandshake handshake = c.reader->Take();
+  Result<SpaceId> space = Admit(c, handshake);
+  if (!space) {
+    Log(LogLevel::kError, c.name + " rejected: " + space.error().ToString());
+    Erase(c.vm);
+    return;
+  }
+  c.space = *space;
+  SetPhase(c, Phase::kServing);
+  Log(LogLevel::kInfo, c.name + " connected: " + std::to_string(handshake.regions.size()) +
+                           " region(s), " + std::to_string(handshake.fds.size()) +
+                           " descriptor(s); serving as space " + std::to_string(c.space));
+}
+
+Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& handshake) {
+  if (active_vms >= options.max_active_vms) {
+    return Error(ErrorCode::kResourceExhausted, "already serving " + std::to_string(active_vms) +
+                                                    " VMs, the most allowed (--max-active-vms)");
+  }
+  GM_ASSIGN_OR_RETURN(const std::shared_ptr<const RawFileSource> snapshot, CurrentSource());
+  GM_RETURN_IF_ERROR(ValidateHandshake(handshake.regions, snapshot->size()));
   if (handshake.fds.empty()) {
     return Error(ErrorCode::kProtocolError, "no userfaultfd attached to the handshake");
   }
   std::vector<GuestRegion> regions;
   bool guest_memfd = false;
+  uint64_t regions_end = 0;
   for (const HandshakeRegion& r : handshake.regions) {
     guest_memfd = guest_memfd || r.is_guest_memfd.value_or(false);
+    regions_end = std::max(regions_end, r.offset + r.size);  // validated: no overflow
     regions.push_back(GuestRegion{GuestPhysAddr(r.gpa_start.value_or(r.offset)), r.size,
                                   FileOffset(r.offset), HostVirtAddr(r.base_host_virt_addr),
                                   r.page_size});
@@ -257,7 +526,7 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
   GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(handshake.fds[0])));
 
   FaultHandlerOptions handler_options;
-  handler_options.name = name;
+  handler_options.name = c.name;
   handler_options.fault_all = options.fault_all;
   handler_options.fault_around_bytes = options.fault_around_bytes;
   if (guest_memfd) {
@@ -267,44 +536,215 @@ Result<SpaceId> HandlerServer::Impl::Admit(const std::string& name, ReceivedHand
       return Error(ErrorCode::kProtocolError,
                    "is_guest_memfd is set but no guest memory file descriptor was attached");
     }
+    const int guest_memfd_fd = handshake.fds[1].get();
+    struct stat st {};
+    if (fstat(guest_memfd_fd, &st) != 0) return PosixError(errno, "fstat of the guest memory file");
+    // Firecracker's guest_memfd is exactly the regions back to back: it covers every region and
+    // is no larger than the snapshot. Checked before anything is sized from it.
+    const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+    if (file_size < regions_end) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "the guest memory file (" + std::to_string(file_size) +
+                       " bytes) does not cover the regions, which end at byte " +
+                       std::to_string(regions_end));
+    }
+    if (file_size > snapshot->size()) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "the guest memory file (" + std::to_string(file_size) +
+                       " bytes) is larger than the snapshot (" + std::to_string(snapshot->size()) +
+                       " bytes); it must be the regions back to back");
+    }
     MemoryFileOptions file_options;
-    file_options.name = name;
-    GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(handshake.fds[1].get()));
+    file_options.name = c.name;
+    file_options.size_bytes = file_size;
+    file_options.max_size_bytes = snapshot->size();
+    GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(guest_memfd_fd));
     GM_ASSIGN_OR_RETURN(auto memory_file,
                         MemoryFile::Adopt(std::move(handshake.fds[1]), file_options));
     handler_options.mode = InstallMode::kMinorTrap;
     handler_options.memory_file = std::move(memory_file);
   }
-  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout), source,
-                                                         std::move(handler_options)));
+  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout),
+                                                         snapshot, std::move(handler_options)));
+  // The connection's record exists before the space does: whenever the space ends, its notice
+  // finds the record.
+  const uint64_t vm = c.vm;
   return engine->AddSpace(std::move(handler),
-                          [this](SpaceId id, const Status& why, const FaultStats& stats) {
-                            OnSpaceClosed(id, why, stats);
+                          [this, vm](SpaceId id, const Status& why, const FaultStats& stats) {
+                            OnSpaceClosed(vm, id, why, stats);
                           });
 }
 
-void HandlerServer::Impl::OnSpaceClosed(SpaceId space, const Status& why, const FaultStats& stats) {
-  if (why) return;  // removed by Disconnect, which logs
-  const bool exited = why.error().code() == ErrorCode::kPeerGone;
-  Log(exited ? LogLevel::kInfo : LogLevel::kError,
-      "space " + std::to_string(space) + (exited ? " finished: " : " failed: ") +
-          why.error().ToString() + "; " + stats.ToString());
-  std::lock_guard lock(mu);
-  ended_by_themselves.emplace_back(space, stats);
-  Signal(wake_fd.get());
+Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
+  auto changed = source->WhatChanged();
+  if (!changed) {
+    return std::move(changed).error().WithContext("the memory file " + options.mem_file_path +
+                                                  " cannot be checked");
+  }
+  if (changed->empty()) return source;
+  auto reopened = RawFileSource::Open(options.mem_file_path);
+  if (!reopened) {
+    return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
+                                                   ") and cannot be opened again");
+  }
+  const bool identity_changed = (*reopened)->identity() != source->identity();
+  source = std::move(*reopened);
+  // A file only written shortly before it was opened is opened again for each new VM until its
+  // last write is old enough: logged only when it did change.
+  Log(identity_changed ? LogLevel::kInfo : LogLevel::kDebug,
+      "memory file " + options.mem_file_path + " changed (" + *changed +
+          "): opened again for new VMs, " + source->Describe());
+  return source;
 }
 
-void HandlerServer::Impl::Disconnect(SpaceId space, const char* why) {
-  auto it = connections.find(space);
-  if (it == connections.end()) return;  // may still be in new_connections: next loop
-  Connection c = std::move(it->second);
-  connections.erase(it);
-  auto stats = engine->RemoveSpace(space);
-  std::string line = c.name + " " + why + " after " + Seconds(Clock::now() - c.started);
-  if (stats) line += ": " + stats->ToString();
-  Log(LogLevel::kInfo, line);
-  if (options.on_vm_finished) options.on_vm_finished(c.name, stats.value_or(c.final_stats));
-  ++finished_vms;
+void HandlerServer::Impl::ServingReady(Connection& c, uint32_t events) {
+  // Firecracker never closes while it lives, and nothing it sends after the handshake is read
+  // by this server yet: the hang-up is what matters; other bytes are dropped, a few per turn.
+  char discard[kDiscardBytesPerTurn];
+  const ssize_t n = recv(c.socket.get(), discard, sizeof(discard), MSG_DONTWAIT);
+  const bool hung_up = (events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) != 0 || n == 0 ||
+                       (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+  if (hung_up) Hangup(c, "disconnected");
+}
+
+void HandlerServer::Impl::ExpireHandshakes(Clock::time_point now) {
+  while (!deadlines.empty() && deadlines.begin()->first <= now) {
+    const uint64_t vm = deadlines.begin()->second;
+    Connection& c = connections.at(vm);  // a deadline is erased with its connection's phase
+    Log(LogLevel::kError, c.name + " rejected: no complete handshake within " +
+                              std::to_string(options.handshake_timeout.count()) + " ms (" +
+                              std::to_string(c.reader->bytes_received()) + " bytes received)");
+    Erase(vm);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The end of a VM
+
+void HandlerServer::Impl::OnSpaceClosed(uint64_t vm, SpaceId space, const Status& why,
+                                        const FaultStats& stats) {
+  // A worker thread: only post, never touch the loop's state. Removed by Hangup (an OK status):
+  // the loop knows already.
+  if (why) return;
+  try {
+    std::lock_guard lock(mu);
+    ended.push_back(SpaceEnded{vm, space, why, stats});
+  } catch (...) {
+    notice_lost.store(true);  // the loop finds out which space is gone by asking the engine
+  }
+  Signal(notice_fd.get());
+}
+
+void HandlerServer::Impl::HandleNotices() {
+  std::vector<SpaceEnded> notices;
+  {
+    std::lock_guard lock(mu);
+    notices.swap(ended);
+  }
+  for (const SpaceEnded& notice : notices) {
+    auto it = connections.find(notice.vm);
+    if (it == connections.end()) continue;
+    Connection& c = it->second;
+    if (notice.space != c.space) {
+      // A space the engine made for a child the VM forked: the VM itself goes on.
+      Log(LogLevel::kInfo,
+          c.name + ": the space of a forked child (" + std::to_string(notice.space) +
+              ") ended: " + notice.why.error().ToString() + "; " + notice.stats.ToString());
+      continue;
+    }
+    SpaceEndedByItself(c, notice);
+  }
+  if (notice_lost.exchange(false)) Reconcile();
+}
+
+void HandlerServer::Impl::Reconcile() {
+  std::vector<uint64_t> gone;
+  for (const auto& [vm, c] : connections) {
+    if ((c.phase == Phase::kServing || c.phase == Phase::kClosing) && !engine->Stats(c.space)) {
+      gone.push_back(vm);
+    }
+  }
+  for (uint64_t vm : gone) {
+    Connection& c = connections.at(vm);
+    Finish(c, LogLevel::kWarning,
+           c.name + " ended after " + Seconds(Clock::now() - c.accepted) +
+               ": its space is gone (its reason and statistics were lost for want of memory)",
+           FaultStats{});
+  }
+}
+
+void HandlerServer::Impl::SpaceEndedByItself(Connection& c, const SpaceEnded& notice) {
+  const Error& why = notice.why.error();
+  const bool exited = why.code() == ErrorCode::kPeerGone;
+  Finish(c, exited ? LogLevel::kInfo : LogLevel::kError,
+         c.name + (c.phase == Phase::kClosing ? " disconnected after " : " ended after ") +
+             Seconds(Clock::now() - c.accepted) + (exited ? ": " : ": failed: ") + why.ToString() +
+             "; " + notice.stats.ToString(),
+         notice.stats);
+}
+
+void HandlerServer::Impl::Hangup(Connection& c, const char* why) {
+  auto stats = engine->RemoveSpace(c.space);
+  if (!stats) {
+    // The space ended by itself a moment ago; its notice (with the reason and statistics) is
+    // posted or about to be. Close the socket now and finish when it arrives.
+    epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.socket.get(), nullptr);
+    c.socket.reset();
+    SetPhase(c, Phase::kClosing);
+    return;
+  }
+  Finish(c, LogLevel::kInfo,
+         c.name + " " + why + " after " + Seconds(Clock::now() - c.accepted) + ": " +
+             stats->ToString(),
+         *stats);
+}
+
+void HandlerServer::Impl::Drop(uint64_t vm, const std::string& why) {
+  auto it = connections.find(vm);
+  if (it == connections.end()) return;
+  Connection& c = it->second;
+  const std::string line = c.name + " dropped: " + why;
+  if (c.phase == Phase::kHandshake) {
+    Log(LogLevel::kError, line);
+    Erase(vm);
+    return;
+  }
+  // A notice the space may still post finds no record and is ignored.
+  if (c.phase == Phase::kServing) (void)engine->RemoveSpace(c.space);
+  Finish(c, LogLevel::kError, line, FaultStats{});
+}
+
+void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::string& line,
+                                 const FaultStats& stats) {
+  Log(level, line);
+  const std::string name = c.name;
+  Erase(c.vm);  // c is gone from here on
+  if (options.on_vm_finished) options.on_vm_finished(name, stats);
+}
+
+void HandlerServer::Impl::SetPhase(Connection& c, Phase phase) {
+  if (c.phase == Phase::kHandshake) {
+    --pending_handshakes;
+    deadlines.erase({c.deadline, c.vm});
+    c.reader.reset();
+  }
+  if (phase == Phase::kServing) ++active_vms;  // kServing -> kClosing: still one
+  c.phase = phase;
+}
+
+void HandlerServer::Impl::Erase(uint64_t vm) {
+  auto it = connections.find(vm);
+  if (it == connections.end()) return;
+  Connection& c = it->second;
+  if (c.phase == Phase::kHandshake) {
+    --pending_handshakes;
+    deadlines.erase({c.deadline, vm});
+  } else {
+    --active_vms;
+    ++finished_vms;
+  }
+  if (c.socket) epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.socket.get(), nullptr);
+  connections.erase(it);  // closes the socket
 }
 
 }  // namespace guestmem::cli

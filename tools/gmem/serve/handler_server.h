@@ -5,10 +5,17 @@
 // secret-hiding variant with the guest memory file and a bitmap as well). Each handshake is
 // validated; a bad one is logged with its reason and only that connection is closed. A good one
 // becomes a space of the fault engine, served until the VM hangs up (its socket closes when
-// Firecracker exits) or its process is gone, then freed and logged with its statistics.
+// Firecracker exits) or its space ends by itself (the VM's process is gone, or it can no longer
+// be served), then freed and logged with its statistics.
 //
-// Handshakes are read in their own threads with a timeout, so a client that connects and says
-// nothing delays nobody.
+// One thread, Run()'s, owns every connection: an epoll loop accepts, reads handshakes from
+// non-blocking sockets (each connection a small state machine with its own deadline and a buffer
+// that grows only with what arrived, at most the handshake limit), admits VMs and notices
+// hang-ups. The fault engine's workers serve the faults. Nothing a client does decides how many
+// threads run: connections waiting for their handshake are bounded (beyond the bound they are
+// accepted and closed), and so are VMs served at once. Out of descriptors (EMFILE), the server
+// sheds the pending connection with a reserve descriptor and stops accepting for a moment
+// instead of spinning; repeated log lines are folded (RateLimitedLog).
 //
 // Thread safety: Start() from one thread; Stop() from any thread or a signal handler
 // (async-signal-safe); Run() from one thread.
@@ -18,11 +25,13 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "guestmem/fault_handler.h"
 #include "guestmem/result.h"
@@ -38,14 +47,37 @@ struct ServeOptions {
   mode_t socket_mode = 0600;
   std::optional<uid_t> socket_owner;
   std::optional<gid_t> socket_group;
+  // Peers allowed to connect, by SO_PEERCRED, on top of the socket file's mode: a peer whose uid
+  // is in allow_uids, or whose primary or a supplementary gid is in allow_gids. Both empty:
+  // whoever the mode lets in.
+  std::vector<uid_t> allow_uids;
+  std::vector<gid_t> allow_gids;
   std::chrono::milliseconds handshake_timeout{5000};
+  // Connections accepted whose handshake is not complete yet; more are accepted and closed.
+  size_t max_pending_handshakes = 256;
+  // VMs served at once; a handshake beyond it is rejected.
+  size_t max_active_vms = 1024;
   int max_vms = 0;  // exit after this many VMs have come and gone (0: serve forever)
-  // Told when a served VM has gone, with its final statistics (from the serving thread).
+  // Told when a served VM has gone, with its final statistics (from Run()'s thread).
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
 
+// The fault-around windows a FaultHandler takes: powers of two from one page to 1 GiB.
+inline constexpr uint64_t kMinFaultAroundBytes = 4096;
+inline constexpr uint64_t kMaxFaultAroundBytes = uint64_t{1} << 30;
+// Fault-serving threads the server starts at most.
+inline constexpr unsigned kMaxWorkers = 256;
+
+// Checks what does not depend on the machine, so that a daemon that could serve no VM never
+// starts: paths not empty, fault_around_bytes a power of two from kMinFaultAroundBytes to
+// kMaxFaultAroundBytes, handshake_timeout > 0, workers <= kMaxWorkers, both bounds > 0.
+// ERRORS: kInvalidArgument naming the command-line option.
+Status ValidateServeOptions(const ServeOptions& options);
+
 class HandlerServer {
  public:
+  // Validates the options, opens the memory file (a regular file or a block device: a FIFO or
+  // anything else is refused without waiting for a writer) and listens on the socket.
   static Result<std::unique_ptr<HandlerServer>> Start(const ServeOptions& options);
   ~HandlerServer();
 
