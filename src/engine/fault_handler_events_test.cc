@@ -28,6 +28,7 @@
 #include "guestmem/page_tracker.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfaultfd.h"
+#include "testutil/error_code.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/test_vm.h"
 
@@ -416,7 +417,7 @@ TEST(FaultHandlerEventsTest, ForkedChildrenAreServedAndFreedWhenTheyExit) {
   EXPECT_TRUE(WaitUntil([&] { return OpenFds() <= fds_before; }))
       << OpenFds() << " descriptors open, " << fds_before << " before the forks";
   EXPECT_EQ(children.closed(), kChildren);
-  EXPECT_EQ(children.why().error().code(), ErrorCode::kPeerGone);
+  EXPECT_EQ(testutil::ErrorCodeOf(children.why()), ErrorCode::kPeerGone);
   Tell(sockets.parent.get());
   const std::optional<int> status = WaitChild(vm);
   ASSERT_TRUE(status.has_value());
@@ -564,9 +565,9 @@ TEST(FaultHandlerEventsTest, AVmThatKeepsFaultingOutsideItsRegionsIsGivenUp) {
                              watch.Callback())
                   .has_value());
   ASSERT_TRUE(watch.WaitClosed()) << "the VM was never given up";
-  EXPECT_EQ(watch.why().error().code(), ErrorCode::kProtocolError)
-      << watch.why().error().ToString();
-  EXPECT_NE(watch.why().error().context().find("outside its regions"), std::string::npos);
+  EXPECT_EQ(testutil::ErrorCodeOf(watch.why()), ErrorCode::kProtocolError)
+      << testutil::Describe(watch.why());
+  EXPECT_NE(testutil::Describe(watch.why()).find("outside its regions"), std::string::npos);
   EXPECT_EQ(watch.stats().faults_stray, 4u);
   EXPECT_EQ(engine->space_count(), 0u);
   kill(child, SIGKILL);

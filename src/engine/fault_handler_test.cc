@@ -24,6 +24,7 @@
 #include "guestmem/page_source.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfaultfd.h"
+#include "testutil/error_code.h"
 #include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/test_vm.h"
@@ -374,12 +375,13 @@ TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
   if (probe && (probe->features & kUffdFeaturePoison)) {
     ASSERT_TRUE(WIFSIGNALED(*status)) << "child exit status " << *status;
     EXPECT_EQ(WTERMSIG(*status), SIGBUS);
-    EXPECT_EQ(watch.why().error().code(), ErrorCode::kPeerGone) << watch.why().error().ToString();
+    EXPECT_EQ(testutil::ErrorCodeOf(watch.why()), ErrorCode::kPeerGone)
+        << testutil::Describe(watch.why());
     EXPECT_EQ(watch.stats().pages_poisoned, 1u);
     EXPECT_EQ(watch.stats().pages_installed(), 0u);  // never zeros where data was expected
   } else {
     // Without UFFDIO_POISON the space is given up with the source's error.
-    EXPECT_EQ(watch.why().error().code(), ErrorCode::kIoError);
+    EXPECT_EQ(testutil::ErrorCodeOf(watch.why()), ErrorCode::kIoError);
   }
   EXPECT_EQ(engine->space_count(), 0u);
   close(sv[0]);
@@ -410,7 +412,8 @@ TEST(FaultHandlerTest, VmKilledMidRestoreIsTornDown) {
   EXPECT_TRUE(WIFSIGNALED(*status) && WTERMSIG(*status) == SIGKILL) << *status;
   // Nobody removes the space: the engine notices by itself that the VM is gone and frees it.
   ASSERT_TRUE(watch.WaitClosed()) << "the space of a killed VM was never freed";
-  EXPECT_EQ(watch.why().error().code(), ErrorCode::kPeerGone) << watch.why().error().ToString();
+  EXPECT_EQ(testutil::ErrorCodeOf(watch.why()), ErrorCode::kPeerGone)
+      << testutil::Describe(watch.why());
   EXPECT_GE(watch.stats().faults(), 20u);
   EXPECT_EQ(engine->space_count(), 0u);
   EXPECT_FALSE(engine->RemoveSpace(*id).has_value());

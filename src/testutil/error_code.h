@@ -5,6 +5,7 @@
 #define GUESTMEM_TESTUTIL_ERROR_CODE_H_
 
 #include <optional>
+#include <string>
 
 #include "guestmem/result.h"
 
@@ -14,6 +15,12 @@ template <typename R>
 std::optional<ErrorCode> ErrorCodeOf(const R& result) {
   if (result.has_value()) return std::nullopt;
   return result.error().code();
+}
+
+// For failure messages: "ok", or the error.
+template <typename R>
+std::string Describe(const R& result) {
+  return result.has_value() ? std::string("ok") : result.error().ToString();
 }
 
 }  // namespace guestmem::testutil

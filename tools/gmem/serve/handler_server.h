@@ -62,9 +62,6 @@ struct ServeOptions {
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
 
-// The fault-around windows a FaultHandler takes: powers of two from one page to 1 GiB.
-inline constexpr uint64_t kMinFaultAroundBytes = 4096;
-inline constexpr uint64_t kMaxFaultAroundBytes = uint64_t{1} << 30;
 // Fault-serving threads the server starts at most.
 inline constexpr unsigned kMaxWorkers = 256;
 
