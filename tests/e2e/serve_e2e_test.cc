@@ -23,6 +23,7 @@
 #include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/subprocess.h"
+#include "testutil/test_vm.h"
 
 namespace guestmem::e2e {
 namespace {
@@ -108,14 +109,105 @@ TEST_F(ServeE2eTest, KilledVmIsCleanedUpAndOthersGoOn) {
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
 }
 
-TEST_F(ServeE2eTest, SigtermShutsDownGracefully) {
-  StartServer();
+TEST_F(ServeE2eTest, SigtermWithoutAKeeperShutsDownGracefully) {
+  StartServer({"--no-keeper"});
   auto vm = StartVm("held", {"--workload", "sequential", "--verify", "--hold-ms", "20000"});
   ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
   server_->Signal(SIGTERM);
   EXPECT_EQ(server_->ExitCode(20s), 0) << server_->Output();
   EXPECT_NE(server_->Output().find("detached at shutdown"), std::string::npos);
   EXPECT_FALSE(std::filesystem::exists(socket_));
+  EXPECT_FALSE(std::filesystem::exists(socket_ + ".keeper"));
+}
+
+// With nothing connected, a stopped daemon releases its keeper: both sockets are gone.
+TEST_F(ServeE2eTest, SigtermWithNoVmReleasesTheKeeper) {
+  StartServer();
+  ExpectVmVerifies({"--workload", "sparse", "--verify"});
+  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  server_->Signal(SIGTERM);
+  EXPECT_EQ(server_->ExitCode(20s), 0) << server_->Output();
+  EXPECT_FALSE(std::filesystem::exists(socket_));
+  EXPECT_TRUE(testutil::WaitUntil([&] { return !std::filesystem::exists(socket_ + ".keeper"); }))
+      << "the keeper did not end";
+}
+
+// A daemon stopped (SIGTERM) with a VM connected leaves it to its keeper; the next daemon takes
+// it over and serves it.
+TEST_F(ServeE2eTest, SigtermLeavesConnectedVmsToTheNextDaemon) {
+  StartServer();
+  const std::string go = dir_ + "/go";
+  auto vm =
+      StartVm("held", {"--workload", "random", "--threads", "2", "--verify", "--start-when", go});
+  ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
+  server_->Signal(SIGTERM);
+  EXPECT_EQ(server_->ExitCode(20s), 0) << server_->Output();
+  EXPECT_NE(server_->Output().find("left 1 VM(s) to the keeper"), std::string::npos)
+      << server_->Output();
+  EXPECT_TRUE(std::filesystem::exists(socket_));  // the keeper holds the listener
+  StartServer();
+  ASSERT_TRUE(server_->WaitForOutput("taken over from the previous daemon")) << server_->Output();
+  std::ofstream(go).put('x');
+  EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
+  ExpectVmVerifies({"--workload", "sparse", "--verify"}, "new");  // and new VMs as before
+}
+
+// Killed mid-restore (SIGKILL: nothing runs after it), the daemon's VMs are taken over by the
+// next one and complete byte for byte: some stopped mid-workload (faults in flight when the
+// daemon died), some that start only after the takeover, in copy mode and in the minor trap.
+TEST_F(ServeE2eTest, AKilledDaemonsVmsAreTakenOverAndCompleteVerified) {
+  StartServer({"--fault-around-kib", "4"});
+  const std::string go = dir_ + "/go";
+  struct Vm {
+    std::string name;
+    std::vector<std::string> args;
+    bool gated;
+  };
+  const std::vector<Vm> specs = {
+      {"copy-running", {"--workload", "random", "--threads", "2", "--pages", "200000"}, false},
+      {"minor-running", {"--secret-hiding", "--workload", "random", "--threads", "2"}, false},
+      {"copy-after", {"--workload", "sequential", "--threads", "2"}, true},
+      {"minor-after", {"--secret-hiding", "--workload", "random"}, true},
+  };
+  std::vector<std::unique_ptr<Subprocess>> vms;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<std::string> args = specs[i].args;
+    args.insert(args.end(), {"--verify", "--seed", std::to_string(i + 1)});
+    if (specs[i].gated) args.insert(args.end(), {"--start-when", go});
+    vms.push_back(StartVm(specs[i].name, args));
+    // One at a time, so that each is connected (and the running ones stopped mid-workload)
+    // before the next.
+    ASSERT_TRUE(server_->WaitForOutput("vm " + std::to_string(i + 1) + " (pid"))
+        << server_->Output();
+    ASSERT_FALSE(
+        server_->WaitForLine({"vm " + std::to_string(i + 1) + " (", "connected: "}).empty())
+        << server_->Output();
+    if (!specs[i].gated) vms.back()->Signal(SIGSTOP);
+  }
+  server_->Signal(SIGKILL);
+  EXPECT_EQ(server_->ExitCode(20s), -SIGKILL);
+  StartServer({"--fault-around-kib", "4"});
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_FALSE(server_->WaitForLine({"vm " + std::to_string(i + 1) + " (", "taken over"}).empty())
+        << specs[i].name << " was not taken over\n"
+        << server_->Output();
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (!specs[i].gated) vms[i]->Signal(SIGCONT);
+  }
+  std::ofstream(go).put('x');
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_EQ(vms[i]->ExitCode(120s), 0) << specs[i].name << ":\n"
+                                         << vms[i]->Output() << "\nserve log:\n"
+                                         << server_->Output();
+  }
+  // The successor served them: each ends in its log with what it installed.
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_FALSE(
+        server_->WaitForLine({"vm " + std::to_string(i + 1) + " (", "disconnected"}).empty())
+        << server_->Output();
+  }
+  EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the successor must still be running";
 }
 
 // Regression: the memory file's holes were found once, at start-up, so after the file was filled

@@ -208,6 +208,11 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_option("--max-vms", args->max_vms,
                   "Exit after this many VMs have come and gone (0: serve until SIGINT/SIGTERM)")
       ->capture_default_str();
+  cmd->add_flag("!--no-keeper", args->options.keeper,
+                "Do not keep VMs for a successor: a daemon that dies (or stops) leaves its VMs "
+                "frozen");
+  cmd->add_option("--keeper-socket", args->options.keeper_path,
+                  "Where the keeper listens (default: SOCKET.keeper)");
   cmd->add_flag("--log-json", args->json_logs, "Log JSON lines instead of text");
   cmd->add_flag("-v,--verbose", args->verbose, "Log debug messages too");
   cmd->callback([args] { CommandExitCode() = RunServe(*args); });

@@ -45,6 +45,7 @@ struct VmmSimArgs {
   std::string balloon;
   bool json = false;
   uint64_t hold_ms = 0;
+  std::string start_when;  // wait for this file to exist before the workload
 };
 
 Result<sim::BalloonSpec> ParseBalloon(const std::string& text) {
@@ -126,6 +127,12 @@ Result<Simulation> Simulate(const VmmSimArgs& args) {
   Simulation simulation;
   GM_ASSIGN_OR_RETURN(simulation.vm, sim::GuestVm::Create(vm_options));
   GM_RETURN_IF_ERROR(simulation.vm->Connect(args.socket));
+  if (!args.start_when.empty()) {
+    std::fprintf(stderr, "vmm-sim: handed over; waiting for %s\n", args.start_when.c_str());
+    while (access(args.start_when.c_str(), F_OK) != 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
   GM_ASSIGN_OR_RETURN(simulation.result, sim::RunWorkload(*simulation.vm, plan, run));
   return simulation;
 }
@@ -238,6 +245,8 @@ void RegisterVmmSimCommand(CLI::App& app) {
                   "After the workload, MADV_DONTNEED OFFSET:LENGTH and check it reads as zero");
   cmd->add_flag("--json", args->json, "Print one JSON object instead of the summary");
   cmd->add_option("--hold-ms", args->hold_ms, "Keep the VM alive this long after the workload");
+  cmd->add_option("--start-when", args->start_when,
+                  "After handing over its memory, wait until this file exists, then run");
   cmd->callback([args] { CommandExitCode() = RunVmmSim(*args); });
 }
 

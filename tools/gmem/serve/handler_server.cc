@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <exception>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <unordered_map>
 #include <utility>
@@ -24,8 +25,10 @@
 #include "guestmem/log.h"
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
+#include "guestmem/page_tracker.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
+#include "serve/keeper.h"
 
 namespace guestmem::cli {
 namespace {
@@ -149,8 +152,27 @@ struct HandlerServer::Impl {
   RateLimitedLog refused_log{kLogFoldWindow};
   RateLimitedLog denied_log{kLogFoldWindow};
 
+  // Holds every VM for a successor (null with ServeOptions::keeper off).
+  std::unique_ptr<KeeperClient> keeper;
+  Inheritance inherited;      // what the keeper held at start, until resumed
+  bool handing_over = false;  // shutting down: VMs stay kept for the next daemon
+  size_t left_to_keeper = 0;
+
   // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
   std::unique_ptr<FaultEngine> engine;
+
+  // What a VM is served with, from a handshake or from the keeper.
+  struct VmSpec {
+    std::string name;
+    std::vector<HandshakeRegion> regions;
+    std::shared_ptr<const RawFileSource> snapshot;
+    bool fault_all = false;
+    uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
+    UniqueFd uffd;
+    UniqueFd memory_file;                  // the secret-hiding variant's guest memory file
+    std::shared_ptr<PageTracker> tracker;  // taken over; null: a new shared one
+    bool resume = false;
+  };
 
   Status Watch(int fd, uint64_t token, uint32_t events);
   void PauseListener(Clock::time_point now);
@@ -162,6 +184,10 @@ struct HandlerServer::Impl {
   void ConnectionReady(uint64_t vm, uint32_t events);
   void HandshakeReady(Connection& c);
   Result<SpaceId> Admit(Connection& c, ReceivedHandshake& handshake);
+  // Makes the VM's handler and space; *kept gets what the keeper needs to hold it.
+  Result<SpaceId> StartSpace(uint64_t vm, VmSpec spec, KeptVm* kept);
+  Status TakeOverFromKeeper();
+  Status Resume(KeptVm& kept);
   Result<std::shared_ptr<const RawFileSource>> CurrentSource();
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
@@ -218,15 +244,38 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   if (!impl->stop_fd || !impl->notice_fd) return PosixError(errno, "serve: eventfd");
   impl->reserve.reset(open("/dev/null", O_RDONLY | O_CLOEXEC));
   if (!impl->reserve) return PosixError(errno, "serve: opening the reserve descriptor /dev/null");
-  UnixListenOptions listen;
-  listen.mode = options.socket_mode;
-  listen.owner = options.socket_owner;
-  listen.group = options.socket_group;
-  listen.backlog = 256;
-  GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, listen));
+  if (options.keeper) {
+    const std::string path =
+        options.keeper_path.empty() ? options.socket_path + ".keeper" : options.keeper_path;
+    GM_ASSIGN_OR_RETURN(impl->keeper, KeeperClient::Open(path, options.keeper_program));
+    auto inheritance = impl->keeper->TakeOver();
+    if (!inheritance && inheritance.error().code() == ErrorCode::kFailedPrecondition) {
+      return Error(ErrorCode::kFailedPrecondition, "another gmem serve serves " +
+                                                       options.socket_path +
+                                                       " (it owns the keeper at " + path + ")");
+    }
+    if (!inheritance) return std::move(inheritance).error();
+    impl->inherited = std::move(*inheritance);
+  }
+  struct stat socket_file {};
+  if (impl->inherited.listener && stat(options.socket_path.c_str(), &socket_file) == 0 &&
+      S_ISSOCK(socket_file.st_mode)) {
+    // The socket a predecessor listened on, kept: VMs that connected meanwhile are in its backlog.
+    impl->listener = std::move(impl->inherited.listener);
+  } else {
+    UnixListenOptions listen;
+    listen.mode = options.socket_mode;
+    listen.owner = options.socket_owner;
+    listen.group = options.socket_group;
+    listen.backlog = 256;
+    GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, listen));
+    if (impl->keeper != nullptr)
+      GM_RETURN_IF_ERROR(impl->keeper->KeepListener(impl->listener.get()));
+  }
   GM_RETURN_IF_ERROR(impl->Watch(impl->stop_fd.get(), kStopToken, EPOLLIN));
   GM_RETURN_IF_ERROR(impl->Watch(impl->notice_fd.get(), kNoticeToken, EPOLLIN));
   GM_RETURN_IF_ERROR(impl->Watch(impl->listener.get(), kListenerToken, EPOLLIN));
+  GM_RETURN_IF_ERROR(impl->TakeOverFromKeeper());
 
   char mode[8];
   (void)std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(options.socket_mode));
@@ -248,7 +297,8 @@ HandlerServer::HandlerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 
 HandlerServer::~HandlerServer() {
   impl_->engine.reset();  // closes whatever is still served; its callbacks use impl_
-  unlink(impl_->options.socket_path.c_str());
+  // With VMs left to the keeper, the socket stays: the keeper holds it for the next daemon.
+  if (impl_->left_to_keeper == 0) unlink(impl_->options.socket_path.c_str());
 }
 
 void HandlerServer::Stop() { Signal(impl_->stop_fd.get()); }
@@ -322,8 +372,10 @@ Status HandlerServer::Run() {
     Log(LogLevel::kInfo,
         "shutting down: " + std::to_string(s.active_vms) + " VM(s) still connected");
   }
-  // Graceful: every VM still here is detached and freed, with its statistics logged.
+  // Graceful: every VM still here is detached and freed, with its statistics logged; with a
+  // keeper, each stays kept for the next daemon.
   s.HandleNotices();
+  s.handing_over = s.keeper != nullptr;
   std::vector<uint64_t> left;
   for (const auto& [vm, c] : s.connections) left.push_back(vm);
   std::sort(left.begin(), left.end());
@@ -346,6 +398,86 @@ Status HandlerServer::Run() {
   s.accept_log.Flush(/*force=*/true);
   s.refused_log.Flush(/*force=*/true);
   s.denied_log.Flush(/*force=*/true);
+  if (s.keeper != nullptr) {
+    if (s.left_to_keeper > 0) {
+      Log(LogLevel::kInfo, "left " + std::to_string(s.left_to_keeper) + " VM(s) to the keeper at " +
+                               s.keeper->path() + " for the next gmem serve on " +
+                               s.options.socket_path);
+    } else if (Status released = s.keeper->Release(); !released) {
+      Log(LogLevel::kWarning,
+          "the keeper did not take its release: " + released.error().ToString());
+    }
+  }
+  return OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Taking over from a predecessor
+
+Status HandlerServer::Impl::TakeOverFromKeeper() {
+  for (KeptVm& kept : inherited.vms) next_vm = std::max(next_vm, kept.id + 1);
+  for (KeptVm& kept : inherited.vms) {
+    if (Status resumed = Resume(kept); !resumed) {
+      // Without its descriptors nobody can serve it: its threads stay blocked, as they were.
+      Log(LogLevel::kError,
+          "vm " + std::to_string(kept.id) +
+              " left by the previous daemon cannot be taken over: " + resumed.error().ToString());
+      (void)keeper->Forget(kept.id);
+    }
+  }
+  inherited.vms.clear();
+  return OkStatus();
+}
+
+Status HandlerServer::Impl::Resume(KeptVm& kept) {
+  const nlohmann::json d = nlohmann::json::parse(kept.description, nullptr, false);
+  if (!d.is_object() || !d.contains("regions") || !d.contains("snapshot") ||
+      !d["snapshot"].is_string() || !d.contains("tracker_pages") ||
+      !d["tracker_pages"].is_number_unsigned()) {
+    return Error(ErrorCode::kProtocolError, "its description is not one this daemon writes");
+  }
+  const bool minor_trap = d.value("minor_trap", false);
+  if (kept.fds.size() != (minor_trap ? 4u : 3u)) {
+    return Error(ErrorCode::kProtocolError,
+                 "kept with " + std::to_string(kept.fds.size()) + " descriptors");
+  }
+  VmSpec spec;
+  spec.name = d.value("name", "vm " + std::to_string(kept.id)) + " [taken over]";
+  GM_ASSIGN_OR_RETURN(spec.regions, ParseHandshake(d["regions"].dump()));
+  const std::string snapshot_path = d["snapshot"].get<std::string>();
+  if (snapshot_path == options.mem_file_path) {
+    GM_ASSIGN_OR_RETURN(spec.snapshot, CurrentSource());
+  } else {
+    GM_ASSIGN_OR_RETURN(spec.snapshot, RawFileSource::Open(snapshot_path));
+  }
+  GM_RETURN_IF_ERROR(ValidateHandshake(spec.regions, spec.snapshot->size()));
+  spec.fault_all = d.value("fault_all", false);
+  spec.fault_around_bytes = d.value("fault_around_bytes", kDefaultFaultAroundBytes);
+  spec.uffd = std::move(kept.fds[0]);
+  GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::AttachShared(std::move(kept.fds[2]),
+                                                              d["tracker_pages"].get<uint64_t>()));
+  if (minor_trap) spec.memory_file = std::move(kept.fds[3]);
+  spec.resume = true;
+  Connection c;
+  c.vm = kept.id;
+  c.name = spec.name;
+  c.accepted = Clock::now();
+  c.socket = std::move(kept.fds[1]);
+  GM_RETURN_IF_ERROR(Watch(c.socket.get(), c.vm, EPOLLIN | EPOLLRDHUP));
+  c.phase = Phase::kServing;
+  const std::string name = c.name;
+  auto [it, inserted] = connections.emplace(c.vm, std::move(c));
+  ++active_vms;
+  auto space = StartSpace(kept.id, std::move(spec), nullptr);
+  if (!space) {
+    epoll_ctl(epoll.get(), EPOLL_CTL_DEL, it->second.socket.get(), nullptr);
+    connections.erase(it);
+    --active_vms;
+    return std::move(space).error();
+  }
+  it->second.space = *space;
+  Log(LogLevel::kInfo,
+      name + ": taken over from the previous daemon; serving as space " + std::to_string(*space));
   return OkStatus();
 }
 
@@ -511,32 +643,68 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
   if (handshake.fds.empty()) {
     return Error(ErrorCode::kProtocolError, "no userfaultfd attached to the handshake");
   }
+  VmSpec spec;
+  spec.name = c.name;
+  spec.regions = handshake.regions;
+  spec.snapshot = snapshot;
+  spec.fault_all = options.fault_all;
+  spec.fault_around_bytes = options.fault_around_bytes;
+  spec.uffd = std::move(handshake.fds[0]);
+  const bool guest_memfd =
+      std::any_of(handshake.regions.begin(), handshake.regions.end(),
+                  [](const auto& r) { return r.is_guest_memfd.value_or(false); });
+  if (guest_memfd) {
+    if (handshake.fds.size() < 2) {
+      return Error(ErrorCode::kProtocolError,
+                   "is_guest_memfd is set but no guest memory file descriptor was attached");
+    }
+    spec.memory_file = std::move(handshake.fds[1]);
+  }
+  KeptVm kept;
+  GM_ASSIGN_OR_RETURN(SpaceId space, StartSpace(c.vm, std::move(spec), &kept));
+  if (keeper != nullptr) {
+    std::vector<int> fds{kept.fds[0].get(), c.socket.get()};
+    for (size_t i = 1; i < kept.fds.size(); ++i) fds.push_back(kept.fds[i].get());
+    if (Status kept_ok = keeper->Keep(c.vm, kept.description, fds, /*watch=*/1); !kept_ok) {
+      Log(LogLevel::kWarning, c.name + " is served but not kept (a restart would lose it): " +
+                                  kept_ok.error().ToString());
+    }
+  }
+  return space;
+}
+
+Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm* kept) {
   std::vector<GuestRegion> regions;
-  bool guest_memfd = false;
   uint64_t regions_end = 0;
-  for (const HandshakeRegion& r : handshake.regions) {
-    guest_memfd = guest_memfd || r.is_guest_memfd.value_or(false);
+  for (const HandshakeRegion& r : spec.regions) {
     regions_end = std::max(regions_end, r.offset + r.size);  // validated: no overflow
     regions.push_back(GuestRegion{GuestPhysAddr(r.gpa_start.value_or(r.offset)), r.size,
                                   FileOffset(r.offset), HostVirtAddr(r.base_host_virt_addr),
                                   r.page_size});
   }
   GM_ASSIGN_OR_RETURN(GuestLayout layout, GuestLayout::Create(std::move(regions)));
-
-  GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(handshake.fds[0])));
+  // Copies for the keeper, taken before the library adopts the descriptors.
+  UniqueFd uffd_copy(fcntl(spec.uffd.get(), F_DUPFD_CLOEXEC, 0));
+  if (!uffd_copy) return PosixError(errno, "duplicating the uffd for the keeper");
+  GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(spec.uffd)));
 
   FaultHandlerOptions handler_options;
-  handler_options.name = c.name;
-  handler_options.fault_all = options.fault_all;
-  handler_options.fault_around_bytes = options.fault_around_bytes;
-  if (guest_memfd) {
+  handler_options.name = spec.name;
+  handler_options.fault_all = spec.fault_all;
+  handler_options.fault_around_bytes = spec.fault_around_bytes;
+  handler_options.resume = spec.resume;
+  const uint64_t tracker_pages = layout.file_end() / kPageSize4K;
+  if (spec.tracker == nullptr) {
+    GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::CreateShared(tracker_pages));
+  }
+  UniqueFd tracker_copy(fcntl(spec.tracker->shared_fd(), F_DUPFD_CLOEXEC, 0));
+  if (!tracker_copy) return PosixError(errno, "duplicating the page tracker for the keeper");
+  handler_options.tracker = spec.tracker;
+  UniqueFd memory_file_copy;
+  if (spec.memory_file) {
     // The secret-hiding variant: uffd, guest memory file, bitmap. Content goes into the file,
     // then UFFDIO_CONTINUE maps it (the full minor trap).
-    if (handshake.fds.size() < 2) {
-      return Error(ErrorCode::kProtocolError,
-                   "is_guest_memfd is set but no guest memory file descriptor was attached");
-    }
-    const int guest_memfd_fd = handshake.fds[1].get();
+    const int guest_memfd_fd = spec.memory_file.get();
     struct stat st {};
     if (fstat(guest_memfd_fd, &st) != 0) return PosixError(errno, "fstat of the guest memory file");
     // Firecracker's guest_memfd is exactly the regions back to back: it covers every region and
@@ -548,31 +716,68 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
                        " bytes) does not cover the regions, which end at byte " +
                        std::to_string(regions_end));
     }
-    if (file_size > snapshot->size()) {
-      return Error(ErrorCode::kInvalidArgument,
-                   "the guest memory file (" + std::to_string(file_size) +
-                       " bytes) is larger than the snapshot (" + std::to_string(snapshot->size()) +
-                       " bytes); it must be the regions back to back");
+    if (file_size > spec.snapshot->size()) {
+      return Error(ErrorCode::kInvalidArgument, "the guest memory file (" +
+                                                    std::to_string(file_size) +
+                                                    " bytes) is larger than the snapshot (" +
+                                                    std::to_string(spec.snapshot->size()) +
+                                                    " bytes); it must be the regions back to back");
     }
+    memory_file_copy.reset(fcntl(guest_memfd_fd, F_DUPFD_CLOEXEC, 0));
+    if (!memory_file_copy) return PosixError(errno, "duplicating the guest memory file");
     MemoryFileOptions file_options;
-    file_options.name = c.name;
+    file_options.name = spec.name;
     file_options.size_bytes = file_size;
-    file_options.max_size_bytes = snapshot->size();
+    file_options.max_size_bytes = spec.snapshot->size();
     GM_ASSIGN_OR_RETURN(file_options.backend, IdentifyBackend(guest_memfd_fd));
     GM_ASSIGN_OR_RETURN(auto memory_file,
-                        MemoryFile::Adopt(std::move(handshake.fds[1]), file_options));
+                        MemoryFile::Adopt(std::move(spec.memory_file), file_options));
+    if (spec.resume) {
+      // What the file holds was put there by the previous daemon (the snapshot's content) or
+      // written by the guest since: it is only ever mapped again, never written over.
+      const PageStateMap& pages = memory_file->pages();
+      for (uint64_t p = 0; p < pages.page_count();) {
+        if (pages.Get(p) != PageState::kAllocated) {
+          ++p;
+          continue;
+        }
+        uint64_t end = p + 1;
+        while (end < pages.page_count() && pages.Get(end) == PageState::kAllocated) ++end;
+        GM_RETURN_IF_ERROR(memory_file->MarkPrepared(FileOffset(p * memory_file->page_size()),
+                                                     (end - p) * memory_file->page_size()));
+        p = end;
+      }
+    }
     handler_options.mode = InstallMode::kMinorTrap;
     handler_options.memory_file = std::move(memory_file);
   }
-  GM_ASSIGN_OR_RETURN(auto handler, FaultHandler::Create(std::move(uffd), std::move(layout),
-                                                         snapshot, std::move(handler_options)));
+  const bool minor_trap = handler_options.mode == InstallMode::kMinorTrap;
+  GM_ASSIGN_OR_RETURN(auto handler,
+                      FaultHandler::Create(std::move(uffd), std::move(layout), spec.snapshot,
+                                           std::move(handler_options)));
   // The connection's record exists before the space does: whenever the space ends, its notice
   // finds the record.
-  const uint64_t vm = c.vm;
-  return engine->AddSpace(std::move(handler),
-                          [this, vm](SpaceId id, const Status& why, const FaultStats& stats) {
-                            OnSpaceClosed(vm, id, why, stats);
-                          });
+  GM_ASSIGN_OR_RETURN(SpaceId space,
+                      engine->AddSpace(std::move(handler), [this, vm](SpaceId id, const Status& why,
+                                                                      const FaultStats& stats) {
+                        OnSpaceClosed(vm, id, why, stats);
+                      }));
+  if (kept != nullptr) {
+    nlohmann::json description = {{"name", spec.name},
+                                  {"snapshot", spec.snapshot->path()},
+                                  {"regions", nlohmann::json::parse(EncodeHandshake(spec.regions))},
+                                  {"fault_all", spec.fault_all},
+                                  {"fault_around_bytes", spec.fault_around_bytes},
+                                  {"tracker_pages", tracker_pages},
+                                  {"minor_trap", minor_trap}};
+    kept->id = vm;
+    kept->description = description.dump();
+    kept->fds.clear();
+    kept->fds.push_back(std::move(uffd_copy));
+    kept->fds.push_back(std::move(tracker_copy));
+    if (memory_file_copy) kept->fds.push_back(std::move(memory_file_copy));
+  }
+  return space;
 }
 
 Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
@@ -742,6 +947,14 @@ void HandlerServer::Impl::Erase(uint64_t vm) {
   } else {
     --active_vms;
     ++finished_vms;
+    if (keeper != nullptr) {
+      if (handing_over && c.phase == Phase::kServing) {
+        ++left_to_keeper;  // its VM goes on: the next daemon serves it
+      } else if (Status forgotten = keeper->Forget(vm); !forgotten) {
+        Log(LogLevel::kWarning,
+            c.name + ": the keeper did not forget it: " + forgotten.error().ToString());
+      }
+    }
   }
   if (c.socket) epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.socket.get(), nullptr);
   connections.erase(it);  // closes the socket

@@ -17,6 +17,14 @@
 // sheds the pending connection with a reserve descriptor and stops accepting for a moment
 // instead of spinning; repeated log lines are folded (RateLimitedLog).
 //
+// A restart loses no VM. Each VM admitted is also given to the daemon's keeper (keeper.h): its
+// uffd, its connection, the memfd of its page tracker (served and ballooned pages) and its guest
+// memory file. A daemon that starts takes over whatever its keeper holds — the VMs of a
+// predecessor that was stopped or killed, even by SIGKILL — resumes serving each (every region
+// woken: the faults the predecessor had read died with it) and takes the listening socket the
+// keeper kept, so that VMs that connected meanwhile wait in its backlog. At shutdown, VMs still
+// connected are left to the keeper for the next daemon; with none left, the keeper ends.
+//
 // Thread safety: Start() from one thread; Stop() from any thread or a signal handler
 // (async-signal-safe); Run() from one thread.
 #ifndef GUESTMEM_TOOLS_GMEM_SERVE_HANDLER_SERVER_H_
@@ -58,6 +66,12 @@ struct ServeOptions {
   // VMs served at once; a handshake beyond it is rejected.
   size_t max_active_vms = 1024;
   int max_vms = 0;  // exit after this many VMs have come and gone (0: serve forever)
+  // Keep every VM with a keeper, so that a successor can take it over (see above). The keeper
+  // listens at keeper_path (default: socket_path + ".keeper") and is `keeper_program keeper
+  // PATH`, started when none runs there.
+  bool keeper = true;
+  std::string keeper_path;
+  std::string keeper_program = "/proc/self/exe";
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
