@@ -67,6 +67,7 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
   options.mem_file_path = mem;
   options.fault_all = scenario.fault_all;
   options.max_vms = 1;
+  options.keeper = false;  // the demo's VMs are its own children: no daemon outlives them
   options.on_vm_finished = [&](const std::string&, const FaultStats& stats) {
     std::lock_guard lock(mu);
     out.stats = stats;
