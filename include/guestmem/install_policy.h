@@ -70,9 +70,9 @@ struct InstallPiece {
 
 // Appends to *out the pieces that install `range` of its region: every pending page, as data or
 // zeros as the source's extents say (a huge page is data if any part of it is; a page whose
-// extent cannot be found is data, so that its read reports the error), and the page at
-// `fault_page` (an offset within the region) whatever its state: a served page is given zeros,
-// since its snapshot content was delivered once already. Served pages other than the faulting one
+// extent cannot be found is data, so that its read reports the error); every removed page, as
+// zeros; and the page at `fault_page` (an offset within the region) if it is served: with zeros,
+// since its snapshot content was delivered once already. Other served pages and poisoned pages
 // are left out. Neighbouring pages of one kind make one piece. `write_fault` makes zeros
 // kZeroToWrite. In the minor trap, `file_pages` (the guest memory file's page states, in the
 // region's page size) makes the pages the file holds already kInFile: they are mapped, not read.

@@ -1,29 +1,34 @@
-// PageTracker: which pages of a VM still need the snapshot's content.
+// PageTracker: what a fault handler knows about each page of one VM.
 //
-// A fault handler keeps one tracker per VM, over the snapshot's file space in 4 KiB pages (a
-// 2 MiB page is 512 entries). Every page starts *pending*: the first fault on it is given the
-// snapshot's content. A page becomes *served* once that content was delivered, or once it stopped
-// being wanted: the balloon removed it (UFFD_EVENT_REMOVE), the VM unmapped it, or it was
-// poisoned. Served is final. A later MISSING fault on a served page means the kernel dropped the
-// page (a MADV_DONTNEED whose zap landed after its REMOVE event was read, an unmap), and the page
-// is then given zeros, exactly as the kernel gives zeros for anonymous memory the guest
-// discarded: the snapshot's content is never served twice.
+// A handler keeps one tracker per VM, over the snapshot's file space in 4 KiB pages (a 2 MiB page
+// is 512 entries, always set together). Each page has one fate:
+//   kPending   the snapshot's content is still owed: the first fault on it gets that content;
+//   kServed    mapped in the VM (by a fault, a fill or a prefetch). A later MISSING fault on it
+//              means the kernel dropped it without telling (the zap of a REMOVE whose event was
+//              read before the install landed): it is given zeros, as the kernel gives zeros for
+//              anonymous memory the guest discarded — the snapshot's content is never served twice;
+//   kPoisoned  the source could not supply it: the access gets SIGBUS. A second fault event on it
+//              (queued before the poison) must never map anything there: it is poisoned again;
+//   kRemoved   the balloon removed it (UFFD_EVENT_REMOVE) or the VM unmapped it: it reads zero,
+//              and is known not to be mapped, so zeros may be installed there with its neighbours.
+// Every page starts kPending; REMOVE and UNMAP make any page kRemoved; installs make kServed.
 //
 // This is the one fact the handler owns about a page. What is in a guest memory file (minor
 // trap) is the MemoryFile's page state, a different fact kept there.
 //
-// One bit per page in 64-bit atomic words: 32 KiB for a 1 GiB guest. A tracker may keep its words
-// in a memfd (CreateShared), so that its state outlives the process: a successor daemon that takes
-// the VM over maps the same memfd (AttachShared) and knows every page that was served or removed.
+// Two bits per page in 64-bit words: 64 KiB for a 1 GiB guest. A tracker may keep its words in a
+// memfd (CreateShared), so that its state outlives the process: a successor daemon that takes the
+// VM over maps the same memfd (AttachShared) and knows every page's fate.
 //
-// Thread safety: every method may be called from any thread. Marking is atomic per page with
-// release order; queries use acquire order, so whoever sees a page served also sees what the
-// marking thread wrote before marking it.
+// Thread safety: every method may be called from any thread. Each page's change is atomic with
+// release order; queries use acquire order, so whoever sees a page's fate also sees what the
+// thread that set it wrote before.
 #ifndef GUESTMEM_PAGE_TRACKER_H_
 #define GUESTMEM_PAGE_TRACKER_H_
 
 #include <cstdint>
 #include <memory>
+#include <string_view>
 
 #include "guestmem/mapping.h"
 #include "guestmem/result.h"
@@ -32,6 +37,16 @@
 namespace guestmem {
 
 class Os;
+
+enum class PageFate : uint8_t {
+  kPending = 0,
+  kServed = 1,
+  kPoisoned = 2,
+  kRemoved = 3,
+};
+
+// "pending", "served", "poisoned", "removed".
+std::string_view PageFateName(PageFate fate);
 
 class PageTracker {
  public:
@@ -57,28 +72,26 @@ class PageTracker {
   // For every method taking a page or a range:
   // REQUIRES: page < page_count(); first <= end <= page_count(); first + count <= page_count().
 
-  bool IsServed(uint64_t page) const;
-  void MarkServed(uint64_t first, uint64_t count);
+  PageFate Fate(uint64_t page) const;
+  void Set(uint64_t first, uint64_t count, PageFate fate);
 
-  // The first page in [first, end) that is pending (or served), or `end` if there is none.
+  // The first page in [first, end) that is pending, or `end` if there is none.
   uint64_t NextPending(uint64_t first, uint64_t end) const;
-  uint64_t NextServed(uint64_t first, uint64_t end) const;
-  uint64_t CountServed(uint64_t first, uint64_t count) const;
+  uint64_t CountIn(uint64_t first, uint64_t count, PageFate fate) const;
 
-  // Takes every served page of `other` (same page_count()): a forked child starts with what its
-  // parent had.
-  void MarkServedFrom(const PageTracker& other);
+  // Takes every page's fate from `other` (same page_count()): a forked child starts with what
+  // its parent had, poison included.
+  void CopyFrom(const PageTracker& other);
 
  private:
   PageTracker(uint64_t page_count, uint64_t* words, UniqueFd memfd, Mapping mapping);
-  uint64_t Find(uint64_t first, uint64_t end, bool served) const;
 
   uint64_t page_count_;
   uint64_t word_count_;
   std::unique_ptr<uint64_t[]> private_words_;  // when not shared
   UniqueFd memfd_;                             // when shared
   Mapping mapping_;                            // of memfd_
-  uint64_t* words_;  // bit set = served; accessed only through std::atomic_ref
+  uint64_t* words_;  // 32 pages a word, 2 bits each; accessed only through std::atomic_ref
 };
 
 }  // namespace guestmem

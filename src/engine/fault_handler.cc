@@ -138,8 +138,11 @@ class FaultHandler::Pipeline {
   Result<Step> InstallContent(const GuestRegion& region, const InstallPiece& piece,
                               std::optional<uint64_t> fault_page);
   Result<Step> Poison(const GuestRegion& region, uint64_t page_offset, const Error& why);
-  void MarkServed(const GuestRegion& region, uint64_t offset, uint64_t length) {
-    tracker.MarkServed(PageIndex(region.file_offset.value() + offset), length / kPageSize4K);
+  void SetFate(const GuestRegion& region, uint64_t offset, uint64_t length, PageFate fate) {
+    tracker.Set(PageIndex(region.file_offset.value() + offset), length / kPageSize4K, fate);
+  }
+  PageFate FateOf(const GuestRegion& region, uint64_t offset) const {
+    return tracker.Fate(PageIndex(region.file_offset.value() + offset));
   }
   bool ServedThisTurn(size_t region, uint64_t page_offset) const {
     return std::any_of(served_this_turn_.begin(), served_this_turn_.end(), [&](const auto& r) {
@@ -401,9 +404,9 @@ void FaultHandler::Pipeline::ForEachOverlap(HostVirtAddr start, HostVirtAddr end
 
 void FaultHandler::Pipeline::ApplyRemove(HostVirtAddr start, HostVirtAddr end) {
   ForEachOverlap(start, end, [&](const GuestRegion& region, uint64_t offset, uint64_t length) {
-    // Served before anything else: whatever a fault or a fill does from now on in this range,
-    // including installs that land before the kernel's zap, the range reads zero afterwards.
-    MarkServed(region, offset, length);
+    // Before anything else: whatever a fault or a fill does from now on in this range, including
+    // installs that land before the kernel's zap, the range reads zero afterwards.
+    SetFate(region, offset, length, PageFate::kRemoved);
     if (options.mode == InstallMode::kMinorTrap) {
       // MADV_DONTNEED on a shared mapping only drops the page-table entries; the content would
       // come back on the next (minor) fault. The balloon wants zeros: punch the file.
@@ -421,7 +424,7 @@ void FaultHandler::Pipeline::ApplyRemove(HostVirtAddr start, HostVirtAddr end) {
 void FaultHandler::Pipeline::ApplyUnmap(HostVirtAddr start, HostVirtAddr end) {
   // The content went with the mapping: a new mapping there starts from zeros.
   ForEachOverlap(start, end, [&](const GuestRegion& region, uint64_t offset, uint64_t length) {
-    MarkServed(region, offset, length);
+    SetFate(region, offset, length, PageFate::kRemoved);
   });
 }
 
@@ -452,8 +455,8 @@ Status FaultHandler::Pipeline::ApplyFork(ForkEvent& fork) {
   GM_ASSIGN_OR_RETURN(auto child,
                       FaultHandler::Create(std::move(child_uffd), layout, fetcher->shared_source(),
                                            std::move(child_options)));
-  // The child starts with a copy of the parent's memory: what was served here is there too.
-  child->p_->tracker.MarkServedFrom(tracker);
+  // The child starts with a copy of the parent's memory (poison included): its pages' fates too.
+  child->p_->tracker.CopyFrom(tracker);
   children.push_back(std::move(child));
   return OkStatus();
 }
@@ -483,6 +486,11 @@ Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
     // unprotected so the guest can go on.
     GM_RETURN_IF_ERROR(uffd.WriteProtect(page_host, region.page_size, /*protect=*/false));
     return Step::kDone;
+  }
+  if (FateOf(region, page_offset) == PageFate::kPoisoned) {
+    // A fault queued before the page was poisoned: poison stays until the guest discards it.
+    return Poison(region, page_offset,
+                  Error(ErrorCode::kDataLoss, "its source could not supply it before"));
   }
   if (ServedThisTurn(hit->region, page_offset)) {
     GM_RETURN_IF_ERROR(uffd.Wake(page_host, region.page_size));
@@ -566,7 +574,7 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
   }
   auto progress = installer->Install(region, piece.offset, piece.length, content);
   if (!progress) return failed(progress.error());
-  MarkServed(region, piece.offset, progress->bytes);
+  SetFate(region, piece.offset, progress->bytes, PageFate::kServed);
   switch (progress->outcome) {
     case InstallProgress::Outcome::kDone:
       return Step::kDone;
@@ -577,7 +585,7 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
       // mapping. Wake whoever still waits there and serve the rest of the VM on.
       const uint64_t rest = piece.offset + progress->bytes;
       const uint64_t rest_length = piece.length - progress->bytes;
-      MarkServed(region, rest, rest_length);
+      SetFate(region, rest, rest_length, PageFate::kRemoved);
       (void)uffd.Wake(region.host_addr.UncheckedAdd(rest), rest_length);
       Log(LogLevel::kDebug, Where(region, rest) + ": " + Hex(rest_length) +
                                 " bytes no longer mapped; woken and forgotten");
@@ -592,18 +600,21 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
 Result<Step> FaultHandler::Pipeline::Poison(const GuestRegion& region, uint64_t page_offset,
                                             const Error& why) {
   const HostVirtAddr host = region.host_addr.UncheckedAdd(page_offset);
+  const bool again = FateOf(region, page_offset) == PageFate::kPoisoned;
   auto poisoned = uffd.Poison(host, region.page_size);
   if (poisoned) {
     switch (poisoned->outcome) {
       case UffdProgress::Outcome::kDone:
-        MarkServed(region, page_offset, region.page_size);
-        Add(counters.pages_poisoned, region.page_size / kPageSize4K);
-        Log(LogLevel::kError,
-            Where(region, page_offset) + " poisoned (the VM gets SIGBUS there): " + why.ToString());
+        SetFate(region, page_offset, region.page_size, PageFate::kPoisoned);
+        if (!again) {
+          Add(counters.pages_poisoned, region.page_size / kPageSize4K);
+          Log(LogLevel::kError, Where(region, page_offset) +
+                                    " poisoned (the VM gets SIGBUS there): " + why.ToString());
+        }
         return Step::kDone;
       case UffdProgress::Outcome::kAgain:
         return Step::kRetryAfterDrain;
-      case UffdProgress::Outcome::kExists:     // mapped meanwhile: nothing to poison
+      case UffdProgress::Outcome::kExists:     // mapped meanwhile, or poisoned already
       case UffdProgress::Outcome::kNoMapping:  // unmapped meanwhile: nobody to serve
         (void)uffd.Wake(host, region.page_size);
         return Step::kDone;

@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/fault_injection_os.h"
 #include "guestmem/event_sequencer.h"
 #include "guestmem/fault_engine.h"
 #include "guestmem/fault_handler.h"
@@ -246,6 +247,88 @@ TEST(FaultHandlerEventsTest, APageDroppedAfterItWasServedReadsZeroNotTheSnapshot
   const FaultStats stats =
       StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_installed() >= 64 + 16; });
   EXPECT_EQ(stats.bytes_read, 64 * kPageSize4K);  // every page read from the snapshot once only
+}
+
+// After the balloon, a fault in a removed window gets the whole window's removed pages as zeros
+// at once, not one page per fault.
+TEST(FaultHandlerEventsTest, RemovedPagesComeBackAsZerosAWindowPerFault) {
+  SnapshotFile snapshot(64);
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  const FaultStats before =
+      StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_installed() >= 64; });
+  ASSERT_EQ(madvise(vm.PageAt(16), 16 * kPageSize4K, MADV_DONTNEED), 0);
+  for (uint64_t p = 16; p < 32; ++p) ASSERT_TRUE(AllZero(vm.PageAt(p), kPageSize4K)) << p;
+  const FaultStats after = StatsWhen(*engine, id, [&](const FaultStats& s) {
+    return s.pages_installed() >= before.pages_installed() + 16;
+  });
+  EXPECT_EQ(after.faults_missing - before.faults_missing, 1u);
+  EXPECT_EQ(after.pages_zeroed - before.pages_zeroed, 16u);
+  EXPECT_EQ(after.bytes_read, before.bytes_read);  // nothing read again from the snapshot
+}
+
+// The page's poison stays: a fault on it that was queued before it was poisoned (another thread
+// touched it too) is never answered with a mapping, which would replace the poison with zeros.
+TEST(FaultHandlerEventsTest, ALateFaultOnAPoisonedPageKeepsItPoisoned) {
+  if (!(Userfaultfd::Probe().value_or(UffdKernelInfo{}).features & kUffdFeaturePoison)) {
+    GTEST_SKIP() << "no UFFDIO_POISON";
+  }
+  SnapshotFile snapshot(64);
+  SocketPair sockets;
+  const int sock = sockets.child.get();
+  pid_t child = ForkVm(sock, 64, [&](volatile uint8_t* mem, Userfaultfd& uffd) {
+    static thread_local sigjmp_buf* env = nullptr;
+    struct sigaction action = {};
+    action.sa_handler = [](int) { siglongjmp(*env, 1); };
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGBUS, &action, nullptr);
+    std::atomic<int> sigbus{0};
+    std::atomic<int> read{0};
+    auto touch = [&] {
+      sigjmp_buf here;
+      env = &here;
+      if (sigsetjmp(here, 1) == 0) {
+        (void)mem[5 * kPageSize4K];
+        ++read;
+      } else {
+        ++sigbus;
+      }
+    };
+    std::thread a(touch), b(touch);  // two faults queued on one page
+    if (!WaitUntil([&] { return uffd.Inspect().value_or(UffdFdInfo{}).pending_faults >= 2; })) {
+      return 10;
+    }
+    Tell(sock, 'g');
+    a.join();
+    b.join();
+    if (Hear(sock) != 'c') return 11;
+    touch();  // after both faults were served: still poisoned
+    return sigbus.load() == 3 && read.load() == 0 ? 0 : 20 + read.load();
+  });
+  FaultInjectionOs broken;
+  broken.FailAlways(FaultInjectionOs::Call::kPread, EIO);
+  auto handler = ReceiveVm(sockets.parent.get(), OpenSource(snapshot, &broken));
+  ASSERT_NE(handler, nullptr);
+  // One fault per turn: the second fault is served in a later turn than the poison.
+  FaultEngineOptions options = QuickLiveness();
+  options.budget.faults = 1;
+  auto engine = StartEngine(options);
+  ASSERT_EQ(Hear(sockets.parent.get()), 'g');
+  auto id = engine->AddSpace(std::move(handler));
+  ASSERT_TRUE(id.has_value());
+  const FaultStats stats =
+      StatsWhen(*engine, *id, [](const FaultStats& s) { return s.faults_missing >= 2; });
+  EXPECT_GE(stats.faults_missing, 2u);
+  EXPECT_EQ(stats.pages_poisoned, 1u);
+  Tell(sockets.parent.get(), 'c');
+  const std::optional<int> status = WaitChild(child);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0)
+      << "exit " << (WIFEXITED(*status) ? WEXITSTATUS(*status) : -1)
+      << " (20 + reads that found no poison)";
+  EXPECT_EQ(engine->Stats(*id).value_or(FaultStats{}).pages_installed(), 0u);
 }
 
 // --- munmap, mremap, fork, write protection ------------------------------------------------------

@@ -55,16 +55,18 @@ void PlanWindow(const GuestLayout& layout, const RegionRange& range,
   for (uint64_t offset = range.begin; offset < range.end; offset += page) {
     const uint64_t file_offset = region.file_offset.value() + offset;
     // Pages are marked whole (every 4 KiB entry of a huge page at once): the first tells.
-    const bool served = tracker.IsServed(PageIndex(file_offset));
+    const PageFate fate = tracker.Fate(PageIndex(file_offset));
     const bool is_fault_page = fault_page == offset;
-    if (served && !is_fault_page) {
+    // Poison stays until the guest discards the page; a mapped page is installed again only
+    // when it faults (the kernel dropped it).
+    if (fate == PageFate::kPoisoned || (fate == PageFate::kServed && !is_fault_page)) {
       flush();
       continue;
     }
     ContentKind kind = zero;
     if (file_pages != nullptr && file_pages->Get(file_offset / page) == PageState::kPrepared) {
       kind = ContentKind::kInFile;
-    } else if (!served) {
+    } else if (fate == PageFate::kPending) {
       if (extent.length == 0 || file_offset < extent.offset.value() ||
           file_offset >= extent.offset.value() + extent.length) {
         auto found = source.ExtentAt(FileOffset(file_offset));

@@ -65,8 +65,8 @@ TEST(FaultAroundPolicyTest, AlignedWindowClippedToItsRegion) {
 TEST(FillCursorTest, WalksEveryRegionOnceInChunksSkippingServedPages) {
   GuestLayout layout = TwoRegions(10, 6);
   PageTracker tracker(16);
-  tracker.MarkServed(0, 3);   // the start of region 0
-  tracker.MarkServed(12, 4);  // the end of region 1
+  tracker.Set(0, 3, PageFate::kServed);   // the start of region 0
+  tracker.Set(12, 4, PageFate::kServed);  // the end of region 1
   FillCursor cursor;
   std::vector<RegionRange> chunks;
   while (auto chunk = cursor.Next(layout, tracker, 4 * kPage)) {
@@ -113,7 +113,7 @@ TEST(PlanWindowTest, PendingPagesByKindServedOnesLeftOutTheFaultingPageAlways) {
   zero[4 + 2] = zero[4 + 3] = true;
   ZeroMapSource source(zero);
   PageTracker tracker(20);
-  tracker.MarkServed(4 + 5, 2);
+  tracker.Set(4 + 5, 2, PageFate::kServed);
   auto pieces = Plan(layout, {1, 0, 8 * kPage}, 1 * kPage, false, tracker, source);
   ASSERT_EQ(pieces.size(), 4u);
   ExpectPiece(pieces[0], 0, 2, ContentKind::kData);
@@ -129,8 +129,26 @@ TEST(PlanWindowTest, PendingPagesByKindServedOnesLeftOutTheFaultingPageAlways) {
   ExpectPiece(pieces[3], 5, 1, ContentKind::kZeroToWrite);
   ExpectPiece(pieces[4], 7, 1, ContentKind::kData);
   // Nothing pending and no fault: nothing to do.
-  tracker.MarkServed(0, 20);
+  tracker.Set(0, 20, PageFate::kServed);
   EXPECT_TRUE(Plan(layout, {1, 0, 16 * kPage}, std::nullopt, false, tracker, source).empty());
+}
+
+TEST(PlanWindowTest, RemovedPagesAreZerosWithTheirNeighboursPoisonedOnesAreNeverTouched) {
+  GuestLayout layout = TwoRegions(16, 16);
+  ZeroMapSource source(std::vector<bool>(32, false));
+  PageTracker tracker(32);
+  tracker.Set(0, 4, PageFate::kRemoved);
+  tracker.Set(4, 1, PageFate::kPoisoned);
+  tracker.Set(8, 8, PageFate::kRemoved);
+  // A fault on a removed page: the whole window's removed pages come as zeros in one piece each.
+  auto pieces = Plan(layout, {0, 0, 16 * kPage}, 9 * kPage, false, tracker, source);
+  ASSERT_EQ(pieces.size(), 3u);
+  ExpectPiece(pieces[0], 0, 4, ContentKind::kZero);
+  ExpectPiece(pieces[1], 5, 3, ContentKind::kData);
+  ExpectPiece(pieces[2], 8, 8, ContentKind::kZero);
+  // Even as the faulting page, a poisoned page is left alone (the handler poisons it again).
+  pieces = Plan(layout, {0, 4 * kPage, 5 * kPage}, 4 * kPage, false, tracker, source);
+  EXPECT_TRUE(pieces.empty());
 }
 
 TEST(PlanWindowTest, AHugePageIsDataIfAnyPartOfItIs) {

@@ -14,18 +14,34 @@
 namespace guestmem {
 namespace {
 
-constexpr uint64_t kBitsPerWord = 64;
+// Page p lives in word p / 32, in bits 2 * (p % 32) and 2 * (p % 32) + 1, as its PageFate.
+constexpr uint64_t kPagesPerWord = 32;
+constexpr uint64_t kLowBits = 0x5555555555555555ULL;  // the low bit of every slot
+
+constexpr uint64_t Splat(PageFate fate) { return kLowBits * static_cast<uint64_t>(fate); }
+
+// The low bit of each slot of `word` that holds `fate`; all other bits clear.
+constexpr uint64_t SlotsIn(uint64_t word, PageFate fate) {
+  const uint64_t diff = word ^ Splat(fate);
+  return ~(diff | (diff >> 1)) & kLowBits;
+}
+
+uint64_t WordCount(uint64_t page_count) { return (page_count + kPagesPerWord - 1) / kPagesPerWord; }
+
+std::atomic_ref<uint64_t> Word(uint64_t* words, uint64_t w) {
+  return std::atomic_ref<uint64_t>(words[w]);
+}
 
 // Calls fn(word_index, mask) for each word that [first, first + count) touches, with the range's
-// bits of that word in `mask`.
+// slots of that word in `mask`.
 template <typename Fn>
 void ForEachWord(uint64_t first, uint64_t count, Fn&& fn) {
   if (count == 0) return;
   const uint64_t last = first + count - 1;
-  const uint64_t first_word = first / kBitsPerWord;
-  const uint64_t last_word = last / kBitsPerWord;
-  const uint64_t head = ~uint64_t{0} << (first % kBitsPerWord);
-  const uint64_t tail = ~uint64_t{0} >> (kBitsPerWord - 1 - last % kBitsPerWord);
+  const uint64_t first_word = first / kPagesPerWord;
+  const uint64_t last_word = last / kPagesPerWord;
+  const uint64_t head = ~uint64_t{0} << (2 * (first % kPagesPerWord));
+  const uint64_t tail = ~uint64_t{0} >> (2 * (kPagesPerWord - 1 - last % kPagesPerWord));
   if (first_word == last_word) {
     fn(first_word, head & tail);
     return;
@@ -35,16 +51,24 @@ void ForEachWord(uint64_t first, uint64_t count, Fn&& fn) {
   fn(last_word, tail);
 }
 
-uint64_t WordCount(uint64_t page_count) { return (page_count + kBitsPerWord - 1) / kBitsPerWord; }
-
-std::atomic_ref<uint64_t> Word(uint64_t* words, uint64_t w) {
-  return std::atomic_ref<uint64_t>(words[w]);
-}
-
 }  // namespace
 
 static_assert(std::atomic_ref<uint64_t>::is_always_lock_free,
               "the tracker's words are shared between processes: they must be lock-free");
+
+std::string_view PageFateName(PageFate fate) {
+  switch (fate) {
+    case PageFate::kPending:
+      return "pending";
+    case PageFate::kServed:
+      return "served";
+    case PageFate::kPoisoned:
+      return "poisoned";
+    case PageFate::kRemoved:
+      return "removed";
+  }
+  return "?";
+}
 
 PageTracker::PageTracker(uint64_t page_count)
     : page_count_(page_count),
@@ -97,35 +121,41 @@ Result<std::unique_ptr<PageTracker>> PageTracker::AttachShared(UniqueFd memfd, u
       new PageTracker(page_count, words, std::move(memfd), std::move(mapping)));
 }
 
-bool PageTracker::IsServed(uint64_t page) const {
+PageFate PageTracker::Fate(uint64_t page) const {
   assert(page < page_count_);
-  const uint64_t word = Word(words_, page / kBitsPerWord).load(std::memory_order_acquire);
-  return ((word >> (page % kBitsPerWord)) & 1) != 0;
+  const uint64_t word = Word(words_, page / kPagesPerWord).load(std::memory_order_acquire);
+  return static_cast<PageFate>((word >> (2 * (page % kPagesPerWord))) & 3);
 }
 
-void PageTracker::MarkServed(uint64_t first, uint64_t count) {
+void PageTracker::Set(uint64_t first, uint64_t count, PageFate fate) {
   assert(first + count <= page_count_);
+  const uint64_t splat = Splat(fate);
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
     std::atomic_ref<uint64_t> word = Word(words_, w);
-    if ((word.load(std::memory_order_relaxed) & mask) != mask) {
-      word.fetch_or(mask, std::memory_order_release);
+    uint64_t old = word.load(std::memory_order_relaxed);
+    while (true) {
+      const uint64_t updated = (old & ~mask) | (splat & mask);
+      if (updated == old) return;
+      if (word.compare_exchange_weak(old, updated, std::memory_order_release,
+                                     std::memory_order_relaxed)) {
+        return;
+      }
     }
   });
 }
 
-uint64_t PageTracker::Find(uint64_t first, uint64_t end, bool served) const {
+uint64_t PageTracker::NextPending(uint64_t first, uint64_t end) const {
   assert(first <= end && end <= page_count_);
   if (first >= end) return end;
-  uint64_t w = first / kBitsPerWord;
-  uint64_t mask = ~uint64_t{0} << (first % kBitsPerWord);
-  const uint64_t last_word = (end - 1) / kBitsPerWord;
+  uint64_t w = first / kPagesPerWord;
+  uint64_t mask = ~uint64_t{0} << (2 * (first % kPagesPerWord));
+  const uint64_t last_word = (end - 1) / kPagesPerWord;
   while (true) {
-    uint64_t word = Word(words_, w).load(std::memory_order_acquire);
-    if (!served) word = ~word;
-    const uint64_t hits = word & mask;
+    const uint64_t word = Word(words_, w).load(std::memory_order_acquire);
+    const uint64_t hits = SlotsIn(word, PageFate::kPending) & mask;
     if (hits != 0) {
-      const uint64_t page = w * kBitsPerWord + static_cast<uint64_t>(std::countr_zero(hits));
-      return page < end ? page : end;
+      const uint64_t page = w * kPagesPerWord + static_cast<uint64_t>(std::countr_zero(hits)) / 2;
+      return std::min(page, end);
     }
     if (w == last_word) return end;
     ++w;
@@ -133,29 +163,21 @@ uint64_t PageTracker::Find(uint64_t first, uint64_t end, bool served) const {
   }
 }
 
-uint64_t PageTracker::NextPending(uint64_t first, uint64_t end) const {
-  return Find(first, end, /*served=*/false);
-}
-
-uint64_t PageTracker::NextServed(uint64_t first, uint64_t end) const {
-  return Find(first, end, /*served=*/true);
-}
-
-uint64_t PageTracker::CountServed(uint64_t first, uint64_t count) const {
+uint64_t PageTracker::CountIn(uint64_t first, uint64_t count, PageFate fate) const {
   assert(first + count <= page_count_);
   uint64_t total = 0;
   ForEachWord(first, count, [&](uint64_t w, uint64_t mask) {
-    total += static_cast<uint64_t>(
-        std::popcount(Word(words_, w).load(std::memory_order_acquire) & mask));
+    const uint64_t word = Word(words_, w).load(std::memory_order_acquire);
+    total += static_cast<uint64_t>(std::popcount(SlotsIn(word, fate) & mask));
   });
   return total;
 }
 
-void PageTracker::MarkServedFrom(const PageTracker& other) {
+void PageTracker::CopyFrom(const PageTracker& other) {
   assert(other.page_count_ == page_count_);
   for (uint64_t w = 0; w < word_count_; ++w) {
-    const uint64_t served = Word(other.words_, w).load(std::memory_order_acquire);
-    if (served != 0) Word(words_, w).fetch_or(served, std::memory_order_release);
+    Word(words_, w).store(Word(other.words_, w).load(std::memory_order_acquire),
+                          std::memory_order_release);
   }
 }
 
