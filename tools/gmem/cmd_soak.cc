@@ -66,6 +66,8 @@ void RegisterSoakCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", options->seed, "Seed of everything random")->capture_default_str();
   cmd->add_flag("--verbose", options->verbose, "Print the fault engine's log lines");
+  cmd->add_option("--corrupt-page", options->corrupt_page,
+                  "Flip a byte of this snapshot page (to see the soak catch it)");
   cmd->callback([options, inject] {
     auto parsed = soak::ParseInjections(*inject);
     if (!parsed) {

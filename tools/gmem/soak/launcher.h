@@ -31,6 +31,7 @@ struct SpawnRequest {
   uint64_t seed = 0;
   uint64_t page_size = 0;
   uint32_t regions = 1;
+  uint64_t operations = 0;
 };
 
 struct LauncherEvent {

@@ -106,8 +106,8 @@ std::string WaitStatusText(int status) {
 }
 
 // Writes the snapshot: data pages written, holes left sparse.
-Status WriteSnapshot(const std::string& path, uint64_t pages) {
-  UniqueFd fd(open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600));
+Status WriteSnapshot(const std::string& path, uint64_t pages, std::optional<uint64_t> corrupt) {
+  UniqueFd fd(open(path.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600));
   if (!fd) return PosixError(errno, "create snapshot " + path);
   if (ftruncate(fd.get(), static_cast<off_t>(pages * kPageSize4K)) != 0) {
     return PosixError(errno, "size snapshot " + path);
@@ -129,7 +129,15 @@ Status WriteSnapshot(const std::string& path, uint64_t pages) {
     if (run.empty()) run_first = p;
     for (uint64_t w = 0; w < kWordsPerPage; ++w) run.push_back(SnapshotWord(p, w));
   }
-  return flush();
+  GM_RETURN_IF_ERROR(flush());
+  if (corrupt && *corrupt < pages) {
+    const off_t at = static_cast<off_t>(*corrupt * kPageSize4K + 100);
+    uint8_t byte = 0;
+    if (pread(fd.get(), &byte, 1, at) != 1) return PosixError(errno, "read " + path);
+    byte ^= 0x20;
+    if (pwrite(fd.get(), &byte, 1, at) != 1) return PosixError(errno, "corrupt " + path);
+  }
+  return OkStatus();
 }
 
 // vm.nr_hugepages raised for the run, put back afterwards.
@@ -206,6 +214,7 @@ class Driver {
   Driver(const SoakOptions& options, std::FILE* out) : o_(options), out_(out) {}
   ~Driver();
   int Run();
+  SoakSummary Summary() const;
 
  private:
   struct Vm {
@@ -310,7 +319,7 @@ int Driver::VmMain(const SpawnRequest& request) {
   spec.regions = request.regions;
   spec.region_gap = kRegionGap;
   spec.threads = o_.threads;
-  spec.operations = o_.operations;
+  spec.operations = request.operations;
   spec.balloon = (inject_ & kInjectBalloon) != 0;
   spec.munmap = (inject_ & kInjectMunmap) != 0;
   spec.fork = (inject_ & kInjectFork) != 0;
@@ -334,7 +343,7 @@ Status Driver::Setup() {
   snapshot_path_ = dir_.File("snapshot.mem");
   socket_path_ = dir_.File("soak.sock");
   const uint64_t memory = o_.memory_mib << 20;
-  GM_RETURN_IF_ERROR(WriteSnapshot(snapshot_path_, memory / kPageSize4K));
+  GM_RETURN_IF_ERROR(WriteSnapshot(snapshot_path_, memory / kPageSize4K, o_.corrupt_page));
 
   if (o_.huge_pages) {
     if (o_.reserve_huge_pages > 0) GM_RETURN_IF_ERROR(huge_pool_.Raise(o_.reserve_huge_pages));
@@ -399,14 +408,19 @@ Status Driver::SpawnNext() {
   request.seed = rng.Next();
   request.page_size = huge_ok_ && index % 2 == 1 ? kHugePageSize2M : kPageSize4K;
   request.regions = static_cast<uint32_t>(rng.Between(1, o_.max_regions));
+  // Every operation on a 2 MiB page checks 512 times the bytes: fewer of them, for a VM that
+  // lives about as long.
+  request.operations =
+      request.page_size == kHugePageSize2M ? std::max<uint64_t>(o_.operations / 8, 100)
+                                           : o_.operations;
   Vm vm;
   vm.index = index;
   vm.slot = free_slot;
   vm.page_size = request.page_size;
   vm.started = vm.progressed = Clock::now();
-  // A quarter of the VMs are killed, somewhere between 5% and 95% of the way.
-  if ((inject_ & kInjectKill) != 0 && index % 4 == 1) {
-    vm.kill_at = o_.operations / 20 + rng.Below(o_.operations * 9 / 10 + 1);
+  // A third of the VMs are killed, somewhere between 5% and 95% of the way.
+  if ((inject_ & kInjectKill) != 0 && index % 3 == 1) {
+    vm.kill_at = request.operations / 20 + rng.Below(request.operations * 9 / 10 + 1);
   }
   ++totals_.vms;
   if (vm.page_size == kHugePageSize2M) ++totals_.huge_vms;
@@ -836,16 +850,40 @@ void Driver::PrintReport() {
   }
 }
 
+SoakSummary Driver::Summary() const {
+  SoakSummary s;
+  const VmTotals& t = totals_;
+  s.vms = t.vms;
+  s.huge_vms = t.huge_vms;
+  s.kills = t.kills;
+  {
+    std::lock_guard lock(mu_);
+    s.faults = served_.faults();
+    s.pages_poisoned = served_.pages_poisoned;
+    s.forked_spaces = fork_spaces_closed_;
+  }
+  s.balloons = t.balloons;
+  s.storms = t.storms;
+  s.munmaps = t.munmaps;
+  s.forks = t.forks;
+  s.failed_reads = failing_os_ ? failing_os_->failed_reads() : 0;
+  s.bytes_verified = t.bytes_verified;
+  s.sigbus = t.sigbus;
+  s.sigsegv = t.sigsegv;
+  s.failure = failure_.value_or("");
+  return s;
+}
+
 }  // namespace
 
 Result<uint32_t> ParseInjections(std::string_view list) {
   if (list == "all") return kAllInjections;
   uint32_t mask = 0;
   if (list.empty() || list == "none") return mask;
-  while (!list.empty()) {
-    const size_t comma = list.find(',');
-    const std::string_view word = list.substr(0, comma);
-    list.remove_prefix(comma == std::string_view::npos ? list.size() : comma + 1);
+  size_t start = 0;
+  while (true) {
+    const size_t comma = list.find(',', start);
+    const std::string_view word = list.substr(start, comma - start);
     bool known = false;
     for (const auto& [bit, name] : kInjectionNames) {
       if (word == name) {
@@ -858,6 +896,8 @@ Result<uint32_t> ParseInjections(std::string_view list) {
                    "unknown injection '" + std::string(word) +
                        "' (choose from balloon, munmap, fork, kill, ioerror; all; none)");
     }
+    if (comma == std::string_view::npos) break;
+    start = comma + 1;
   }
   return mask;
 }
@@ -872,7 +912,7 @@ std::string InjectionList(uint32_t injections) {
   return list.empty() ? "none" : list;
 }
 
-int RunSoak(const SoakOptions& options, std::FILE* out) {
+int RunSoak(const SoakOptions& options, std::FILE* out, SoakSummary* summary) {
   auto bad = [&](const std::string& why) {
     std::fprintf(out, "gmem soak: %s\n", why.c_str());
     return kSoakCannotRun;
@@ -895,7 +935,9 @@ int RunSoak(const SoakOptions& options, std::FILE* out) {
     return bad("--hang-seconds must be positive, --seconds and --leak-seconds not negative");
   }
   Driver driver(options, out);
-  return driver.Run();
+  const int result = driver.Run();
+  if (summary != nullptr) *summary = driver.Summary();
+  return result;
 }
 
 }  // namespace guestmem::soak

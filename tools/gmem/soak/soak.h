@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -67,11 +68,23 @@ struct SoakOptions {
   double leak_seconds = 10;         // how long the daemon has to free everything at the end
   uint64_t seed = 1;
   bool verbose = false;  // the fault engine's log lines as they come
+  // Flips a byte of this snapshot page after writing it, as a disk or a handler might: a check of
+  // the soak itself, whose VMs must then report the wrong byte.
+  std::optional<uint64_t> corrupt_page;
 };
 
-// Runs the soak, writing its report to `out`. Returns kSoakPassed, kSoakFailed or
-// kSoakCannotRun.
-int RunSoak(const SoakOptions& options, std::FILE* out);
+// What a run did and found, for callers that check it (tests); the report on `out` says the same.
+struct SoakSummary {
+  uint64_t vms = 0, huge_vms = 0, kills = 0;
+  uint64_t faults = 0, pages_poisoned = 0, forked_spaces = 0;
+  uint64_t balloons = 0, storms = 0, munmaps = 0, forks = 0, failed_reads = 0;
+  uint64_t bytes_verified = 0, sigbus = 0, sigsegv = 0;
+  std::string failure;  // empty when the run passed
+};
+
+// Runs the soak, writing its report to `out` (and what it found to *summary if given). Returns
+// kSoakPassed, kSoakFailed or kSoakCannotRun.
+int RunSoak(const SoakOptions& options, std::FILE* out, SoakSummary* summary = nullptr);
 
 }  // namespace guestmem::soak
 
