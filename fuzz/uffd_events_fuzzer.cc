@@ -75,7 +75,7 @@ class ScriptedUffdOs : public OsWrapper {
       m.arg.fork.ufd = static_cast<__u32>(child);
       std::memcpy(returned_.data() + at, &m, sizeof(m));
     }
-    std::memcpy(buf, returned_.data(), returned_.size());
+    if (!returned_.empty()) std::memcpy(buf, returned_.data(), returned_.size());
     return static_cast<ssize_t>(returned_.size());
   }
 
