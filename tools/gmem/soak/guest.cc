@@ -4,6 +4,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -49,6 +50,28 @@ enum class Outcome { kOk, kSigbus, kSigsegv };
 thread_local sigjmp_buf* volatile t_guard = nullptr;
 thread_local volatile int t_signal = 0;
 
+// After a jump out of the handler: a sanitizer's own handler may have run ours with the signal
+// blocked, and nothing restores the mask on the way out.
+void UnblockMemorySignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGBUS);
+  sigaddset(&set, SIGSEGV);
+  pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+}
+
+Outcome Caught() {
+  UnblockMemorySignals();
+  return t_signal == SIGBUS ? Outcome::kSigbus : Outcome::kSigsegv;
+}
+
+// Ends the VM process at once, without the C library's or a sanitizer's exit work: its other
+// threads are still running (ThreadSanitizer would call them leaked and change the exit code).
+[[noreturn]] void ExitNow(int code) {
+  syscall(SYS_exit_group, code);
+  __builtin_unreachable();
+}
+
 void OnMemorySignal(int sig, siginfo_t*, void*) {
   sigjmp_buf* guard = t_guard;
   if (guard != nullptr) {
@@ -92,7 +115,7 @@ struct Mismatch {
 __attribute__((noinline)) Outcome CheckUnit(const uint8_t* at, uint64_t pages, const Expected& e,
                                             Mismatch* out) {
   sigjmp_buf guard;
-  if (sigsetjmp(guard, 0) != 0) return t_signal == SIGBUS ? Outcome::kSigbus : Outcome::kSigsegv;
+  if (sigsetjmp(guard, 0) != 0) return Caught();
   t_guard = &guard;
   const volatile uint64_t* words = reinterpret_cast<const volatile uint64_t*>(at);
   for (uint64_t p = 0; p < pages; ++p) {
@@ -121,7 +144,7 @@ __attribute__((noinline)) Outcome CheckUnit(const uint8_t* at, uint64_t pages, c
 __attribute__((noinline)) Outcome FillUnit(uint8_t* at, uint64_t pages, uint64_t seed,
                                            uint64_t unit, uint32_t generation) {
   sigjmp_buf guard;
-  if (sigsetjmp(guard, 0) != 0) return t_signal == SIGBUS ? Outcome::kSigbus : Outcome::kSigsegv;
+  if (sigsetjmp(guard, 0) != 0) return Caught();
   t_guard = &guard;
   volatile uint64_t* words = reinterpret_cast<volatile uint64_t*>(at);
   for (uint64_t i = 0; i < pages * kWordsPerPage; ++i) {
@@ -136,7 +159,10 @@ __attribute__((noinline)) std::string DescribeContent(const uint8_t* page_at, ui
   uint64_t words[kWordsPerPage];
   {
     sigjmp_buf guard;
-    if (sigsetjmp(guard, 0) != 0) return "(unreadable now)";
+    if (sigsetjmp(guard, 0) != 0) {
+      UnblockMemorySignals();
+      return "(unreadable now)";
+    }
     t_guard = &guard;
     const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(page_at);
     for (uint64_t i = 0; i < kWordsPerPage; ++i) words[i] = w[i];
@@ -263,7 +289,7 @@ std::string Guest::Where(uint64_t unit) const {
 
 void Guest::Fail(const std::string& what) {
   slot_->Fail(what);
-  _exit(kGuestExitFailed);
+  ExitNow(kGuestExitFailed);
 }
 
 void Guest::FailMismatch(uint64_t unit, uint32_t state, const char* what, const Mismatch& m) {
@@ -533,7 +559,7 @@ void Guest::CheckForkedCopy() {
     Read(unit, "check of a forked child's copy");
     Progress();
   }
-  _exit(kGuestExitOk);
+  ExitNow(kGuestExitOk);
 }
 
 void Guest::Fork() {
@@ -553,7 +579,7 @@ void Guest::Fork() {
   while (waitpid(child, &status, 0) < 0) {
     if (errno != EINTR) Fail(std::string("waitpid of the forked child: ") + strerror(errno));
   }
-  if (WIFEXITED(status) && WEXITSTATUS(status) == kGuestExitFailed) _exit(kGuestExitFailed);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == kGuestExitFailed) ExitNow(kGuestExitFailed);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != kGuestExitOk) {
     Fail("vm " + std::to_string(spec_.index) + ": its forked child " + std::to_string(child) +
          (WIFSIGNALED(status) ? " died of signal " + std::to_string(WTERMSIG(status))

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -140,36 +141,42 @@ Status WriteSnapshot(const std::string& path, uint64_t pages, std::optional<uint
   return OkStatus();
 }
 
-// vm.nr_hugepages raised for the run, put back afterwards.
+// vm.nr_hugepages raised for the run, put back afterwards. The sysctl file stays locked meanwhile
+// (flock), as the tests' huge page reservations lock it, so that two runs never undo each other.
 class HugePagePool {
  public:
   ~HugePagePool() {
     if (raised_) Write(old_);
   }
   Status Raise(uint64_t by) {
+    fd_.reset(open(kPath, O_RDWR | O_CLOEXEC));
+    if (!fd_) return PosixError(errno, std::string("open ") + kPath);
+    if (flock(fd_.get(), LOCK_EX) != 0) return PosixError(errno, std::string("lock ") + kPath);
     old_ = Read();
     if (!Write(old_ + by)) return PosixError(errno, "raise vm.nr_hugepages");
     raised_ = true;
     return OkStatus();
   }
   static uint64_t Free() {
-    return ReadNumber("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
-  }
-
- private:
-  static constexpr const char* kPath = "/proc/sys/vm/nr_hugepages";
-  static uint64_t ReadNumber(const char* path) {
-    UniqueFd fd(open(path, O_RDONLY | O_CLOEXEC));
+    UniqueFd fd(
+        open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", O_RDONLY | O_CLOEXEC));
     char text[32] = {};
     if (!fd || read(fd.get(), text, sizeof(text) - 1) <= 0) return 0;
     return std::strtoull(text, nullptr, 10);
   }
-  static uint64_t Read() { return ReadNumber(kPath); }
-  static bool Write(uint64_t value) {
-    UniqueFd fd(open(kPath, O_WRONLY | O_CLOEXEC));
-    const std::string text = std::to_string(value);
-    return fd && write(fd.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size());
+
+ private:
+  static constexpr const char* kPath = "/proc/sys/vm/nr_hugepages";
+  uint64_t Read() const {
+    char text[32] = {};
+    if (pread(fd_.get(), text, sizeof(text) - 1, 0) <= 0) return 0;
+    return std::strtoull(text, nullptr, 10);
   }
+  bool Write(uint64_t value) const {
+    const std::string text = std::to_string(value);
+    return pwrite(fd_.get(), text.data(), text.size(), 0) == static_cast<ssize_t>(text.size());
+  }
+  UniqueFd fd_;
   uint64_t old_ = 0;
   bool raised_ = false;
 };
@@ -331,9 +338,14 @@ Status Driver::Setup() {
   inject_ = o_.inject;
   auto probe = Userfaultfd::Probe();
   if (!probe) return std::move(probe).error().WithContext("soak: userfaultfd");
-  if ((inject_ & kInjectFork) != 0 && (probe->features & kUffdFeatureEventFork) == 0) {
-    inject_ &= ~kInjectFork;
-    notes_.push_back("fork: not injected (the kernel does not offer UFFD_FEATURE_EVENT_FORK)");
+  if ((inject_ & kInjectFork) != 0) {
+    // The kernel may offer EVENT_FORK and still refuse it to a process without CAP_SYS_PTRACE.
+    auto with_fork = Userfaultfd::Create({.required_features = kUffdFeatureEventFork});
+    if (!with_fork) {
+      inject_ &= ~kInjectFork;
+      notes_.push_back(
+          "fork: not injected (UFFD_FEATURE_EVENT_FORK: " + with_fork.error().ToString() + ")");
+    }
   }
   if ((inject_ & kInjectIoError) != 0 && (probe->features & kUffdFeaturePoison) == 0) {
     inject_ &= ~kInjectIoError;
@@ -410,9 +422,9 @@ Status Driver::SpawnNext() {
   request.regions = static_cast<uint32_t>(rng.Between(1, o_.max_regions));
   // Every operation on a 2 MiB page checks 512 times the bytes: fewer of them, for a VM that
   // lives about as long.
-  request.operations =
-      request.page_size == kHugePageSize2M ? std::max<uint64_t>(o_.operations / 8, 100)
-                                           : o_.operations;
+  request.operations = request.page_size == kHugePageSize2M
+                           ? std::max<uint64_t>(o_.operations / 8, 100)
+                           : o_.operations;
   Vm vm;
   vm.index = index;
   vm.slot = free_slot;
