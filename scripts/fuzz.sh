@@ -60,10 +60,18 @@ for target in "${targets[@]}"; do
   log="build/fuzz/logs/$target.log"
   mkdir -p "$work" "$artifacts" "$(dirname "$log")"
   echo "fuzz: $target for ${seconds}s"
+  dict=()
+  for candidate in "fuzz/$target.dict" "fuzz/${target%%_*}.dict"; do
+    if [ -f "$candidate" ]; then
+      dict=(-dict="$candidate")
+      break
+    fi
+  done
   status=0
   # -timeout: one input taking this long is a hang; -rss_limit_mb: the process's memory.
   "$binary" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-    -artifact_prefix="$artifacts/" "$work" "fuzz/corpus/$target" >"$log" 2>&1 || status=$?
+    "${dict[@]}" -artifact_prefix="$artifacts/" "$work" "fuzz/corpus/$target" >"$log" 2>&1 ||
+    status=$?
   execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
   corpus="$(find "$work" -type f | wc -l)"
   if [ "$status" -ne 0 ] && known="$(known_crash "$target" "$log")"; then
