@@ -538,8 +538,17 @@ void Guest::Munmap(SplitMix64& rng) {
   Doing(kMainThread, VmOp::kMunmap, first);
   // Marked first: a worker whose access meets the unmapped range finds it marked.
   for (uint64_t u = first; u < first + window_units_; ++u) unmapped_[u].store(1);
-  if (munmap(UnitAddress(first), window_units_ * unit_bytes_) != 0) {
-    Fail("munmap of " + Hex(window_units_ * unit_bytes_) + " bytes at " + Where(first) +
+  void* const at = UnitAddress(first);
+  const uint64_t length = window_units_ * unit_bytes_;
+  if (munmap(at, length) != 0) {
+    Fail("munmap of " + Hex(length) + " bytes at " + Where(first) + " failed: " + strerror(errno));
+  }
+  // The hole is filled with inaccessible memory at once, so that no later mapping of this process
+  // lands there and a late access still meets SIGSEGV. It is no uffd's: to the handler the range
+  // stays unmapped.
+  if (mmap(at, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
+           -1, 0) != at) {
+    Fail("mapping a guard over the unmapped window at " + Where(first) +
          " failed: " + strerror(errno));
   }
   unmapped_units_ += window_units_;
