@@ -545,9 +545,12 @@ void Guest::Munmap(SplitMix64& rng) {
   }
   // The hole is filled with inaccessible memory at once, so that no later mapping of this process
   // lands there and a late access still meets SIGSEGV. It is no uffd's: to the handler the range
-  // stays unmapped.
-  if (mmap(at, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
-           -1, 0) != at) {
+  // stays unmapped. The system call itself, not the C library's mmap: a sanitizer would take the
+  // new mapping for a write racing the workers' accesses, which are the point of the injection.
+  const long guard =
+      syscall(SYS_mmap, at, length, PROT_NONE,
+              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+  if (guard != static_cast<long>(reinterpret_cast<uintptr_t>(at))) {
     Fail("mapping a guard over the unmapped window at " + Where(first) +
          " failed: " + strerror(errno));
   }
