@@ -10,10 +10,16 @@ GUESTMEM_PACKAGES=(
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev
 )
+# What the fuzz preset needs on top: clang and its runtimes (libFuzzer, ASan, UBSan).
+GUESTMEM_FUZZ_PACKAGES=(clang libclang-rt-14-dev)
 
+# gm_install_missing_packages [package...]: installs those of the packages (default: every one in
+# GUESTMEM_PACKAGES) that are not installed yet.
 gm_install_missing_packages() {
+  local wanted=("$@")
+  [ ${#wanted[@]} -eq 0 ] && wanted=("${GUESTMEM_PACKAGES[@]}")
   local missing=()
-  for pkg in "${GUESTMEM_PACKAGES[@]}"; do
+  for pkg in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
       missing+=("$pkg")
   done

@@ -18,6 +18,7 @@ void RegisterVmmSimCommand(CLI::App& app);
 void RegisterSnapshotCommand(CLI::App& app);
 void RegisterDemoCommand(CLI::App& app);
 void RegisterBenchCommand(CLI::App& app);
+void RegisterSoakCommand(CLI::App& app);
 
 }  // namespace guestmem::cli
 

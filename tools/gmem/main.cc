@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   cli::RegisterVmmSimCommand(app);
   cli::RegisterSnapshotCommand(app);
   cli::RegisterBenchCommand(app);
+  cli::RegisterSoakCommand(app);
   cli::RegisterCapabilitiesCommand(app);
   CLI11_PARSE(app, argc, argv);
   return cli::CommandExitCode();
