@@ -286,17 +286,22 @@ TEST(FaultHandlerEventsTest, ALateFaultOnAPoisonedPageKeepsItPoisoned) {
     sigaction(SIGBUS, &action, nullptr);
     std::atomic<int> sigbus{0};
     std::atomic<int> read{0};
-    auto touch = [&] {
+    auto touch = [&](bool write) {
       sigjmp_buf here;
       env = &here;
       if (sigsetjmp(here, 1) == 0) {
-        (void)mem[5 * kPageSize4K];
+        if (write) {
+          mem[5 * kPageSize4K + 8] = 1;
+        } else {
+          (void)mem[5 * kPageSize4K];
+        }
         ++read;
       } else {
         ++sigbus;
       }
     };
-    std::thread a(touch), b(touch);  // two faults queued on one page
+    // Two write faults queued on one page: the later would be answered with zeros to write.
+    std::thread a(touch, true), b(touch, true);
     if (!WaitUntil([&] { return uffd.Inspect().value_or(UffdFdInfo{}).pending_faults >= 2; })) {
       return 10;
     }
@@ -304,7 +309,7 @@ TEST(FaultHandlerEventsTest, ALateFaultOnAPoisonedPageKeepsItPoisoned) {
     a.join();
     b.join();
     if (Hear(sock) != 'c') return 11;
-    touch();  // after both faults were served: still poisoned
+    touch(false);  // after both faults were served: still poisoned
     return sigbus.load() == 3 && read.load() == 0 ? 0 : 20 + read.load();
   });
   FaultInjectionOs broken;
