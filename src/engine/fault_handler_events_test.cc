@@ -39,9 +39,11 @@ namespace {
 using namespace std::chrono_literals;
 using testutil::AllZero;
 using testutil::ChildVmOptions;
+using testutil::ClosedWatch;
 using testutil::ForkVm;
 using testutil::MapAnonymousVm;
 using testutil::OpenSource;
+using testutil::QuickLiveness;
 using testutil::ReceiveVm;
 using testutil::Serve;
 using testutil::SnapshotFile;
@@ -51,47 +53,6 @@ using testutil::TestVm;
 using testutil::VerifyAll;
 using testutil::WaitChild;
 using testutil::WaitUntil;
-
-// What a space's on_closed callback was told.
-class ClosedWatch {
- public:
-  FaultEngine::ClosedCallback Callback() {
-    return [this](SpaceId, const Status& why, const FaultStats& stats) {
-      std::lock_guard lock(mu_);
-      why_ = why;
-      stats_ = stats;
-      ++closed_;
-    };
-  }
-  bool WaitClosed(int count = 1) {
-    return WaitUntil([&] {
-      std::lock_guard lock(mu_);
-      return closed_ >= count;
-    });
-  }
-  int closed() const {
-    std::lock_guard lock(mu_);
-    return closed_;
-  }
-  Status why() const {
-    std::lock_guard lock(mu_);
-    return why_;
-  }
-  FaultStats stats() const {
-    std::lock_guard lock(mu_);
-    return stats_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  int closed_ = 0;
-  Status why_;
-  FaultStats stats_;
-};
-
-FaultEngineOptions QuickLiveness(unsigned workers = 1) {
-  return FaultEngineOptions{.workers = workers, .liveness_interval = 20ms};
-}
 
 size_t OpenFds() {
   return static_cast<size_t>(std::distance(std::filesystem::directory_iterator("/proc/self/fd"),

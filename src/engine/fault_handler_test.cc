@@ -33,9 +33,11 @@ namespace guestmem {
 namespace {
 
 using testutil::AllZero;
+using testutil::ClosedWatch;
 using testutil::ForkVm;
 using testutil::MapAnonymousVm;
 using testutil::OpenSource;
+using testutil::QuickLiveness;
 using testutil::ReceiveVm;
 using testutil::Serve;
 using testutil::SnapshotFile;
@@ -311,44 +313,6 @@ TEST(FaultHandlerTest, RemoveRacingWithFaultsReadsZeroAfterwards) {
 }
 
 // --- a VM in another process, as in production ------------------------------------------------
-
-// What a space's on_closed callback was told, for tests to wait on.
-class ClosedWatch {
- public:
-  FaultEngine::ClosedCallback Callback() {
-    return [this](SpaceId, const Status& why, const FaultStats& stats) {
-      std::lock_guard lock(mu_);
-      why_ = why;
-      stats_ = stats;
-      closed_ = true;
-    };
-  }
-  bool WaitClosed() {
-    return WaitUntil([&] {
-      std::lock_guard lock(mu_);
-      return closed_;
-    });
-  }
-  Status why() const {
-    std::lock_guard lock(mu_);
-    return why_;
-  }
-  FaultStats stats() const {
-    std::lock_guard lock(mu_);
-    return stats_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  bool closed_ = false;
-  Status why_;
-  FaultStats stats_;
-};
-
-// Liveness is checked quickly in these tests, so that a VM's exit is noticed in milliseconds.
-FaultEngineOptions QuickLiveness(unsigned workers = 1) {
-  return FaultEngineOptions{.workers = workers, .liveness_interval = std::chrono::milliseconds(20)};
-}
 
 TEST(FaultHandlerTest, SourceErrorPoisonsThePageInsteadOfHanging) {
   SnapshotFile snapshot(64);

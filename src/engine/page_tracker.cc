@@ -8,47 +8,26 @@
 #include <cassert>
 #include <string>
 
+#include "base/two_bit_slots.h"
 #include "guestmem/address.h"
 #include "guestmem/os.h"
 
 namespace guestmem {
 namespace {
 
-// Page p lives in word p / 32, in bits 2 * (p % 32) and 2 * (p % 32) + 1, as its PageFate.
-constexpr uint64_t kPagesPerWord = 32;
-constexpr uint64_t kLowBits = 0x5555555555555555ULL;  // the low bit of every slot
+// Page p lives in word p / 32, in slot p % 32 (two_bit_slots.h), as its PageFate.
+constexpr uint64_t kPagesPerWord = slots::kPerWord;
 
-constexpr uint64_t Splat(PageFate fate) { return kLowBits * static_cast<uint64_t>(fate); }
-
-// The low bit of each slot of `word` that holds `fate`; all other bits clear.
+constexpr uint64_t Splat(PageFate fate) { return slots::Splat(static_cast<uint64_t>(fate)); }
 constexpr uint64_t SlotsIn(uint64_t word, PageFate fate) {
-  const uint64_t diff = word ^ Splat(fate);
-  return ~(diff | (diff >> 1)) & kLowBits;
+  return slots::SlotsHolding(word, static_cast<uint64_t>(fate));
 }
+using slots::ForEachWord;
 
 uint64_t WordCount(uint64_t page_count) { return (page_count + kPagesPerWord - 1) / kPagesPerWord; }
 
 std::atomic_ref<uint64_t> Word(uint64_t* words, uint64_t w) {
   return std::atomic_ref<uint64_t>(words[w]);
-}
-
-// Calls fn(word_index, mask) for each word that [first, first + count) touches, with the range's
-// slots of that word in `mask`.
-template <typename Fn>
-void ForEachWord(uint64_t first, uint64_t count, Fn&& fn) {
-  if (count == 0) return;
-  const uint64_t last = first + count - 1;
-  const uint64_t first_word = first / kPagesPerWord;
-  const uint64_t last_word = last / kPagesPerWord;
-  const uint64_t head = ~uint64_t{0} << (2 * (first % kPagesPerWord));
-  const uint64_t tail = ~uint64_t{0} >> (2 * (kPagesPerWord - 1 - last % kPagesPerWord));
-  if (first_word == last_word) {
-    fn(first_word, head & tail);
-    return;
-  }
-  fn(first_word, head);
-  for (uint64_t w = first_word + 1; w < last_word; ++w) fn(w, ~uint64_t{0});
-  fn(last_word, tail);
 }
 
 }  // namespace

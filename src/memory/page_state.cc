@@ -3,26 +3,22 @@
 #include <bit>
 #include <cassert>
 
+#include "base/two_bit_slots.h"
+
 namespace guestmem {
 namespace {
 
-// Page p lives in word p / 32, in bits 2 * (p % 32) (the slot's low bit) and 2 * (p % 32) + 1
-// (its high bit). The encoding of PageState makes the states bit patterns:
-//   absent 00, allocated 01, prepared 10, removed 11   (high bit, low bit).
-constexpr uint64_t kPagesPerWord = 32;
-constexpr uint64_t kAllSlots = ~uint64_t{0};
-constexpr uint64_t kLowBits = 0x5555555555555555ULL;  // the low bit of every slot
+// Page p lives in word p / 32, in slot p % 32 (two_bit_slots.h). The encoding of PageState makes
+// the states bit patterns: absent 00, allocated 01, prepared 10, removed 11 (high bit, low bit).
+constexpr uint64_t kPagesPerWord = slots::kPerWord;
+constexpr uint64_t kAllSlots = slots::kAll;
+constexpr uint64_t kLowBits = slots::kLowBits;
 
-// Every slot of a word set to `state`.
-constexpr uint64_t Splat(PageState state) { return kLowBits * static_cast<uint64_t>(state); }
+constexpr uint64_t Splat(PageState state) { return slots::Splat(static_cast<uint64_t>(state)); }
 constexpr uint64_t kAllPrepared = Splat(PageState::kPrepared);
 
-// The low bit of each slot of `word` that holds `state`, all other bits clear: the slots where
-// word ^ Splat(state) has both bits clear. For a constant state this folds to the obvious form
-// (kPrepared: hi & ~lo); for a variable one it stays branch-free, so loops need no switch.
 constexpr uint64_t SlotsIn(uint64_t word, PageState state) {
-  const uint64_t diff = word ^ Splat(state);
-  return ~(diff | (diff >> 1)) & kLowBits;
+  return slots::SlotsHolding(word, static_cast<uint64_t>(state));
 }
 
 #if defined(__POPCNT__)
@@ -46,25 +42,7 @@ constexpr uint64_t CountSlots(uint64_t bits) {
   }
 }
 
-// Calls fn(word_index, mask) for each word that [first, first + count) touches, where `mask`
-// covers the range's slots in that word. Whole words in the middle get exactly kAllSlots, so `fn`
-// can take a whole-word fast path on `mask == kAllSlots`.
-template <typename Fn>
-void ForEachWord(uint64_t first, uint64_t count, Fn&& fn) {
-  if (count == 0) return;
-  const uint64_t last = first + count - 1;
-  const uint64_t first_word = first / kPagesPerWord;
-  const uint64_t last_word = last / kPagesPerWord;
-  const uint64_t head = kAllSlots << (2 * (first % kPagesPerWord));
-  const uint64_t tail = kAllSlots >> (2 * (kPagesPerWord - 1 - last % kPagesPerWord));
-  if (first_word == last_word) {
-    fn(first_word, head & tail);
-    return;
-  }
-  fn(first_word, head);
-  for (uint64_t w = first_word + 1; w < last_word; ++w) fn(w, kAllSlots);
-  fn(last_word, tail);
-}
+using slots::ForEachWord;
 
 // Replaces the slots of `word` selected by `mask` with those of transform(old word), atomically;
 // returns the old word. Does not write when nothing would change.

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <thread>
@@ -147,6 +148,48 @@ inline int VerifyAll(const TestVm& vm, const SnapshotFile& snapshot) {
     if (!err.empty() && bad++ < 5) ADD_FAILURE() << err;
   }
   return bad;
+}
+
+// What a space's on_closed callback was told.
+class ClosedWatch {
+ public:
+  FaultEngine::ClosedCallback Callback() {
+    return [this](SpaceId, const Status& why, const FaultStats& stats) {
+      std::lock_guard lock(mu_);
+      why_ = why;
+      stats_ = stats;
+      ++closed_;
+    };
+  }
+  bool WaitClosed(int count = 1) {
+    return WaitUntil([&] {
+      std::lock_guard lock(mu_);
+      return closed_ >= count;
+    });
+  }
+  int closed() const {
+    std::lock_guard lock(mu_);
+    return closed_;
+  }
+  Status why() const {
+    std::lock_guard lock(mu_);
+    return why_;
+  }
+  FaultStats stats() const {
+    std::lock_guard lock(mu_);
+    return stats_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  int closed_ = 0;
+  Status why_;
+  FaultStats stats_;
+};
+
+// An engine that checks quiet VMs often, so that a VM's exit is noticed in milliseconds.
+inline FaultEngineOptions QuickLiveness(unsigned workers = 1) {
+  return FaultEngineOptions{.workers = workers, .liveness_interval = std::chrono::milliseconds(20)};
 }
 
 // --- a VM in another process, as in production ------------------------------------------------
