@@ -62,6 +62,10 @@ class FaultEngine {
   Result<FaultStats> RemoveSpace(SpaceId id);
   // Statistics of a space being served, or std::nullopt.
   std::optional<FaultStats> Stats(SpaceId id) const;
+  // Gives a guest fault of a secret-hiding VM to its space (FaultHandler::PostGuestFault): served
+  // in the space's next turn, before its uffd faults; `done` runs on the space's worker.
+  // ERRORS: kNotFound if the space is not (or no longer) served; the handler's.
+  Status PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done);
   size_t space_count() const;
   unsigned worker_count() const;
 

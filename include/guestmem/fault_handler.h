@@ -26,16 +26,26 @@
 // served on. A fault outside the VM's declared regions is poisoned (or woken if nothing is mapped
 // there), counted and logged with decreasing frequency; a VM that keeps doing it is given up.
 //
+// Guest faults (secret hiding). In Firecracker's secret-hiding VMs a guest (stage-2) access to a
+// page whose userfault bit is set exits to the VMM, which forwards it as a FaultRequest; its owner
+// posts it here (PostGuestFault, from any thread). In its next turn, before the uffd's faults, the
+// handler puts the page's content (with its fault-around window) into the guest memory file,
+// clears their userfault bits, and calls the fault's callback, which answers the VMM. In the minor
+// trap every page whose content the handler puts into the file gets its bit cleared after that,
+// whichever way it went in.
+//
 // Turns. Serve() does a bounded amount of work (a ServeBudget) and says whether work is left, so
 // that one VM's burst of faults or fault-all never stalls the others served by the same thread.
 //
 // Thread safety: Serve/ServeReadyEvents/InstallAll/OwnerAlive/TakeForkedChildren from one thread
-// at a time (the engine gives each handler to one worker); stats() from any thread.
+// at a time (the engine gives each handler to one worker); stats() and PostGuestFault from any
+// thread.
 #ifndef GUESTMEM_FAULT_HANDLER_H_
 #define GUESTMEM_FAULT_HANDLER_H_
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -48,6 +58,7 @@
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/result.h"
+#include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
 
 namespace guestmem {
@@ -81,7 +92,20 @@ struct FaultHandlerOptions {
   // Taking over a VM that another handler served (with its tracker): every region is woken at
   // once, because the faults the previous handler had read but not answered died with it.
   bool resume = false;
+  // kMinorTrap, secret hiding: the VM's KVM userfault bitmap (one bit per page of memory_file).
+  std::shared_ptr<UserfaultBitmap> userfault_bitmap;
 };
+
+// A guest (stage-2) fault of a secret-hiding VM, as Firecracker forwards it.
+struct GuestFault {
+  uint32_t vcpu = 0;
+  uint64_t flags = 0;  // kvm_run.memory_fault.flags, echoed in the reply
+  GuestPhysAddr gpa;
+};
+// Told, on the thread that serves the handler, how a posted guest fault ended: OK once the page's
+// content is in the guest memory file and its userfault bit is clear; else why it cannot be
+// (kOutOfRange: the address is in no region; the source's error for a page it cannot supply).
+using GuestFaultDone = std::function<void(const GuestFault& fault, const Status& status)>;
 
 // How much one Serve() call may do before it returns.
 struct ServeBudget {
@@ -122,6 +146,13 @@ class FaultHandler {
 
   // Whether the VM's process still lives (an adopted uffd says nothing when it exits).
   Result<bool> OwnerAlive() const;
+
+  // Queues a guest fault for the next turn; `done` runs when it is resolved. Any thread. Faults
+  // still queued when the handler is destroyed are dropped without their callbacks.
+  // ERRORS: kFailedPrecondition outside the minor trap.
+  Status PostGuestFault(const GuestFault& fault, GuestFaultDone done);
+  // Readable while posted guest faults wait: poll it beside fd(). -1 outside the minor trap.
+  int guest_fault_fd() const;
 
   // Handlers for children forked since the last call (UFFD_EVENT_FORK), sharing this handler's
   // source and options, starting from this handler's served pages.

@@ -17,6 +17,7 @@ struct FaultStats {
   uint64_t faults_minor = 0;
   uint64_t faults_write_protect = 0;
   uint64_t faults_stray = 0;  // of those, outside the VM's declared regions
+  uint64_t faults_guest = 0;  // guest (stage-2) faults posted by the VMM (secret hiding)
   // Non-fault events read.
   uint64_t events_remove = 0;
   uint64_t events_unmap = 0;
@@ -26,6 +27,7 @@ struct FaultStats {
   uint64_t pages_copied = 0;     // UFFDIO_COPY
   uint64_t pages_continued = 0;  // UFFDIO_CONTINUE (after writing the content into the file)
   uint64_t pages_zeroed = 0;     // UFFDIO_ZEROPAGE, or a copy of the shared zero page on hugetlb
+  uint64_t pages_populated = 0;  // written into the guest memory file for guest faults (KVM maps)
   uint64_t pages_poisoned = 0;   // UFFDIO_POISON after the source failed
   uint64_t bytes_read = 0;       // from the page source
   uint64_t eagain_retries = 0;   // installs retried after draining events
@@ -41,7 +43,9 @@ struct FaultStats {
   uint64_t fill_finished_ns = 0;
 
   uint64_t faults() const { return faults_missing + faults_minor + faults_write_protect; }
-  uint64_t pages_installed() const { return pages_copied + pages_continued + pages_zeroed; }
+  uint64_t pages_installed() const {
+    return pages_copied + pages_continued + pages_zeroed + pages_populated;
+  }
   // One line for logs: "faults=12 (missing 12) pages: copied=192 ... latency p50=31us ..."
   std::string ToString() const;
 };

@@ -24,6 +24,7 @@
 #include "guestmem/uffd_modes.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/unix_socket.h"
+#include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
 
 #endif  // GUESTMEM_GUESTMEM_H_

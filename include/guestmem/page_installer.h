@@ -65,6 +65,7 @@ struct InstallCounters {
   std::atomic<uint64_t> copied{0};     // UFFDIO_COPY of data
   std::atomic<uint64_t> zeroed{0};     // zero pages (UFFDIO_ZEROPAGE, or a copy of zeros)
   std::atomic<uint64_t> continued{0};  // UFFDIO_CONTINUE of content written into the file
+  std::atomic<uint64_t> populated{0};  // written into the file only, for KVM to map (Populate)
 };
 
 class PageInstaller {
@@ -113,6 +114,10 @@ class MinorTrapInstaller final : public PageInstaller {
       : uffd_(uffd), file_(file), zeros_(zeros) {}
   Result<InstallProgress> Install(const GuestRegion& region, uint64_t offset, uint64_t length,
                                   const Content& content) override;
+  // Puts the content into the file only, mapping nothing (a guest fault of a secret-hiding VM:
+  // KVM maps the page from the file itself). Pages the file holds already are left as they are.
+  Status Populate(const GuestRegion& region, uint64_t offset, uint64_t length,
+                  const Content& content);
 
  private:
   // One run of pages that the file holds already (prepared) or not.

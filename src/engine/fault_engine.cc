@@ -64,21 +64,39 @@ class FaultEngine::Worker {
   }
 
   Status Add(SpaceId id, std::unique_ptr<FaultHandler> handler, ClosedCallback on_closed) {
-    const int fd = handler->fd();
+    const int fds[] = {handler->fd(), handler->guest_fault_fd()};
     {
       std::lock_guard lock(mu_);
       spaces_.emplace(id, Space{std::move(handler), std::move(on_closed), Clock::now()});
     }
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = id;
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
-      const int err = errno;
-      std::lock_guard lock(mu_);
-      spaces_.erase(id);
-      return PosixError(err, "fault engine: watching uffd " + std::to_string(fd));
+    // The uffd, and the eventfd of posted guest faults: both are the space's to serve.
+    for (int fd : fds) {
+      if (fd < 0) continue;
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = id;
+      if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+        const int err = errno;
+        for (int added : fds) {
+          if (added >= 0 && added != fd) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, added, nullptr);
+          if (added == fd) break;
+        }
+        std::lock_guard lock(mu_);
+        spaces_.erase(id);
+        return PosixError(err, "fault engine: watching fd " + std::to_string(fd));
+      }
     }
     return OkStatus();
+  }
+
+  Status PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
+    // Under the lock: Close takes the handler out of the table under it before destroying it.
+    std::lock_guard lock(mu_);
+    auto it = spaces_.find(id);
+    if (it == spaces_.end()) {
+      return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
+    }
+    return it->second.handler->PostGuestFault(fault, std::move(done));
   }
 
   bool Has(SpaceId id) const {
@@ -153,6 +171,9 @@ class FaultEngine::Worker {
       spaces_.erase(it);
     }
     epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->fd(), nullptr);
+    if (space.handler->guest_fault_fd() >= 0) {
+      epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->guest_fault_fd(), nullptr);
+    }
     FaultStats stats = space.handler->stats();
     space.handler.reset();  // frees the uffd, buffers and the source reference now
     if (space.on_closed) space.on_closed(id, why, stats);
@@ -325,6 +346,13 @@ Result<SpaceId> FaultEngine::AddSpace(std::unique_ptr<FaultHandler> handler,
 Result<FaultStats> FaultEngine::RemoveSpace(SpaceId id) {
   for (auto& worker : shared_->workers) {
     if (worker->Has(id)) return worker->Remove(id);
+  }
+  return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
+}
+
+Status FaultEngine::PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
+  for (auto& worker : shared_->workers) {
+    if (worker->Has(id)) return worker->PostGuestFault(id, fault, std::move(done));
   }
   return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
 }

@@ -1,8 +1,13 @@
 #include "guestmem/fault_handler.h"
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -56,7 +61,7 @@ bool IsPowerOfTen(uint64_t n) {
 
 struct Counters {
   std::atomic<uint64_t> faults_missing{0}, faults_minor{0}, faults_write_protect{0};
-  std::atomic<uint64_t> faults_stray{0};
+  std::atomic<uint64_t> faults_stray{0}, faults_guest{0};
   std::atomic<uint64_t> events_remove{0}, events_unmap{0}, events_remap{0}, events_fork{0};
   std::atomic<uint64_t> pages_poisoned{0}, eagain_retries{0}, fault_all_us{0};
   std::atomic<uint64_t> first_fault_served_ns{0}, fill_finished_ns{0};
@@ -95,12 +100,16 @@ class FaultHandler::Pipeline {
     if (options.mode == InstallMode::kCopy) {
       installer = std::make_unique<CopyInstaller>(&uffd, &zeros);
     } else {
-      installer = std::make_unique<MinorTrapInstaller>(&uffd, options.memory_file.get(), &zeros);
+      auto minor = std::make_unique<MinorTrapInstaller>(&uffd, options.memory_file.get(), &zeros);
+      minor_trap = minor.get();
+      installer = std::move(minor);
     }
   }
 
   Result<bool> Serve(const ServeBudget& budget);
   Result<bool> FillStep(const ServeBudget& budget);
+  // Serves the guest faults posted so far (at most `budget`); returns whether more wait.
+  bool ServeGuestFaults(size_t budget);
   void StartFill();
   FaultStats Stats() const;
 
@@ -117,7 +126,12 @@ class FaultHandler::Pipeline {
   std::unique_ptr<ContentFetcher> fetcher;
   Mapping zeros;
   std::unique_ptr<PageInstaller> installer;
+  MinorTrapInstaller* minor_trap = nullptr;  // the installer, in the minor trap
   Counters counters;
+  // Guest faults posted from other threads, served at the start of a turn.
+  std::mutex guest_mu;
+  std::vector<std::pair<GuestFault, GuestFaultDone>> guest_faults;  // GUARDED_BY(guest_mu)
+  UniqueFd guest_event;  // eventfd: guest_faults is not empty
   LatencyHistogram latency;
   std::vector<std::unique_ptr<FaultHandler>> children;
 
@@ -132,6 +146,17 @@ class FaultHandler::Pipeline {
   void ForEachOverlap(HostVirtAddr start, HostVirtAddr end, Fn fn);
 
   Result<Step> ServeFault(const PagefaultEvent& fault);
+  // Puts the page of a guest fault (and its window) into the guest memory file; clears bits.
+  Status ServeGuestFault(const GuestFault& fault);
+  // The userfault bits of [offset, offset + length) of `region`, whose content is in the file.
+  void ClearUserfaultBits(const GuestRegion& region, uint64_t offset, uint64_t length) {
+    if (options.userfault_bitmap == nullptr) return;
+    const uint64_t first = PageIndex(region.file_offset.value() + offset);
+    const uint64_t count = length / kPageSize4K;
+    if (first + count <= options.userfault_bitmap->page_count()) {
+      options.userfault_bitmap->Clear(first, count);
+    }
+  }
   Result<Step> ServeStray(const PagefaultEvent& fault);
   Result<Step> InstallRange(const RegionRange& range, std::optional<uint64_t> fault_page,
                             bool write_fault);
@@ -217,8 +242,21 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   if (options.fault_all) staging = std::max(staging, kFillChunk);
   GM_ASSIGN_OR_RETURN(auto fetcher, ContentFetcher::Create(std::move(source), staging));
   GM_ASSIGN_OR_RETURN(Mapping zeros, MapZeros(staging));
+  UniqueFd guest_event;
+  if (options.mode == InstallMode::kMinorTrap) {
+    guest_event.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!guest_event) return PosixError(errno, "fault handler: eventfd for guest faults");
+  }
+  if (options.userfault_bitmap != nullptr &&
+      options.userfault_bitmap->page_count() < PageIndex(layout.file_end())) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "fault handler: the userfault bitmap covers " +
+                     std::to_string(options.userfault_bitmap->page_count()) +
+                     " pages; the regions need " + std::to_string(PageIndex(layout.file_end())));
+  }
   auto pipeline = std::make_unique<Pipeline>(std::move(uffd), std::move(layout), std::move(options),
                                              std::move(fetcher), std::move(zeros));
+  pipeline->guest_event = std::move(guest_event);
   return std::unique_ptr<FaultHandler>(new FaultHandler(std::move(pipeline)));
 }
 
@@ -239,6 +277,20 @@ Result<bool> FaultHandler::OwnerAlive() const {
 
 FaultStats FaultHandler::stats() const { return p_->Stats(); }
 
+Status FaultHandler::PostGuestFault(const GuestFault& fault, GuestFaultDone done) {
+  if (!p_->guest_event) {
+    return Error(ErrorCode::kFailedPrecondition,
+                 p_->options.name + ": guest faults are served only in the minor trap");
+  }
+  std::lock_guard lock(p_->guest_mu);
+  p_->guest_faults.emplace_back(fault, std::move(done));
+  const uint64_t one = 1;
+  (void)!write(p_->guest_event.get(), &one, sizeof(one));
+  return OkStatus();
+}
+
+int FaultHandler::guest_fault_fd() const { return p_->guest_event.get(); }
+
 FaultStats FaultHandler::Pipeline::Stats() const {
   const Counters& c = counters;
   const InstallCounters& installed = installer->counters();
@@ -247,6 +299,7 @@ FaultStats FaultHandler::Pipeline::Stats() const {
   out.faults_minor = Get(c.faults_minor);
   out.faults_write_protect = Get(c.faults_write_protect);
   out.faults_stray = Get(c.faults_stray);
+  out.faults_guest = Get(c.faults_guest);
   out.events_remove = Get(c.events_remove);
   out.events_unmap = Get(c.events_unmap);
   out.events_remap = Get(c.events_remap);
@@ -254,6 +307,7 @@ FaultStats FaultHandler::Pipeline::Stats() const {
   out.pages_copied = Get(installed.copied);
   out.pages_continued = Get(installed.continued);
   out.pages_zeroed = Get(installed.zeroed);
+  out.pages_populated = Get(installed.populated);
   out.pages_poisoned = Get(c.pages_poisoned);
   out.bytes_read = fetcher->bytes_read();
   out.eagain_retries = Get(c.eagain_retries);
@@ -289,6 +343,9 @@ Status FaultHandler::InstallAll() {
 
 Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   served_this_turn_.clear();
+  // Guest faults first: each holds a vCPU stopped. Events read just after are applied before
+  // any uffd fault, as ever; a guest fault never needs the uffd, so it cannot meet EAGAIN.
+  const bool more_guest_faults = guest_event && ServeGuestFaults(budget.faults);
   GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
   size_t served = 0;
   size_t retries = 0;
@@ -314,12 +371,84 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
       GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
     }
   }
-  if (!sequencer.empty()) return true;
+  if (!sequencer.empty() || more_guest_faults) return true;
   if (fill.has_value()) {
     GM_ASSIGN_OR_RETURN(bool more, FillStep(budget));
     if (more) return true;
   }
   return last_read_full_;
+}
+
+bool FaultHandler::Pipeline::ServeGuestFaults(size_t budget) {
+  std::vector<std::pair<GuestFault, GuestFaultDone>> faults;
+  {
+    std::lock_guard lock(guest_mu);
+    uint64_t count;
+    (void)!read(guest_event.get(), &count, sizeof(count));  // reset; re-signalled if more wait
+    const size_t n = std::min(budget, guest_faults.size());
+    faults.assign(std::make_move_iterator(guest_faults.begin()),
+                  std::make_move_iterator(guest_faults.begin() + static_cast<std::ptrdiff_t>(n)));
+    guest_faults.erase(guest_faults.begin(), guest_faults.begin() + static_cast<std::ptrdiff_t>(n));
+    if (!guest_faults.empty()) {
+      const uint64_t one = 1;
+      (void)!write(guest_event.get(), &one, sizeof(one));
+    }
+  }
+  for (auto& [fault, done] : faults) {
+    Add(counters.faults_guest, 1);
+    const auto start = Clock::now();
+    const Status status = ServeGuestFault(fault);
+    latency.Record(NanosSince(start));
+    if (done) done(fault, status);
+  }
+  std::lock_guard lock(guest_mu);
+  return !guest_faults.empty();
+}
+
+Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
+  auto hit = layout.FindGuest(fault.gpa);
+  if (!hit) {
+    return Error(ErrorCode::kOutOfRange,
+                 options.name + ": guest fault at " + Hex(fault.gpa.value()) + " in no region");
+  }
+  const GuestRegion region = layout.regions()[hit->region];
+  const uint64_t page_offset = AlignDown(hit->offset_in_region, region.page_size);
+  if (FateOf(region, page_offset) == PageFate::kPoisoned) {
+    return Error(ErrorCode::kDataLoss,
+                 Where(region, page_offset) + ": its source could not supply it");
+  }
+  pieces_.clear();
+  PlanWindow(layout, fault_around.WindowFor(layout, hit->region, page_offset), page_offset,
+             /*write_fault=*/false, tracker, fetcher->source(), &pieces_,
+             &options.memory_file->pages());
+  for (const InstallPiece& piece : pieces_) {
+    const bool has_fault = page_offset >= piece.offset && page_offset < piece.offset + piece.length;
+    Content content{.kind = piece.kind};
+    uint64_t offset = piece.offset;
+    uint64_t length = piece.length;
+    if (piece.kind == ContentKind::kData) {
+      auto fetched = fetcher->Fetch(FileOffset(region.file_offset.value() + offset), length);
+      if (!fetched && has_fault && length > region.page_size) {
+        // The window's read failed; the faulting page alone may still be readable.
+        offset = page_offset;
+        length = region.page_size;
+        fetched = fetcher->Fetch(FileOffset(region.file_offset.value() + offset), length);
+      }
+      if (!fetched) {
+        if (has_fault) return std::move(fetched).error().WithContext(Where(region, page_offset));
+        continue;  // a neighbour: left for its own fault
+      }
+      content.data = *fetched;
+    }
+    Status populated = minor_trap->Populate(region, offset, length, content);
+    if (!populated) {
+      if (has_fault) return std::move(populated).error().WithContext(Where(region, page_offset));
+      continue;
+    }
+    SetFate(region, offset, length, PageFate::kServed);
+    ClearUserfaultBits(region, offset, length);
+  }
+  return OkStatus();
 }
 
 void FaultHandler::Pipeline::StartFill() {
@@ -452,6 +581,7 @@ Status FaultHandler::Pipeline::ApplyFork(ForkEvent& fork) {
   child_options.name = options.name + " (fork)";
   child_options.tracker = nullptr;  // the child's memory is a copy: its own tracker
   child_options.resume = false;
+  child_options.userfault_bitmap = nullptr;  // KVM maps the parent's memory, not the child's
   GM_ASSIGN_OR_RETURN(auto child,
                       FaultHandler::Create(std::move(child_uffd), layout, fetcher->shared_source(),
                                            std::move(child_options)));
@@ -575,6 +705,7 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
   auto progress = installer->Install(region, piece.offset, piece.length, content);
   if (!progress) return failed(progress.error());
   SetFate(region, piece.offset, progress->bytes, PageFate::kServed);
+  ClearUserfaultBits(region, piece.offset, progress->bytes);
   switch (progress->outcome) {
     case InstallProgress::Outcome::kDone:
       return Step::kDone;
@@ -640,6 +771,10 @@ std::string FaultStats::ToString() const {
                     std::to_string(bytes_read >> 20) + " MiB; latency p50 " + us(latency_p50_ns) +
                     " p99 " + us(latency_p99_ns) + " max " + us(latency_max_ns);
   if (faults_stray > 0) out += "; outside regions " + std::to_string(faults_stray);
+  if (faults_guest > 0) {
+    out += "; guest faults " + std::to_string(faults_guest) + ", pages populated " +
+           std::to_string(pages_populated);
+  }
   if (events_remove + events_unmap + events_remap + events_fork > 0) {
     out += "; events: remove " + std::to_string(events_remove) + ", unmap " +
            std::to_string(events_unmap) + ", remap " + std::to_string(events_remap) + ", fork " +

@@ -28,6 +28,7 @@
 #include "guestmem/memory_file.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/unique_fd.h"
+#include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
 #include "testutil/error_code.h"
 #include "testutil/snapshot_file.h"
@@ -544,6 +545,98 @@ TEST(FaultHandlerEventsTest, ASuccessorResumesWithTheSharedTracker) {
   uint64_t data_after_64 = 0;
   for (uint64_t p = 64; p < snapshot.pages(); ++p) data_after_64 += snapshot.hole(p) ? 0 : 1;
   EXPECT_EQ(stats.bytes_read, data_after_64 * kPageSize4K);  // nothing served before read again
+}
+
+// --- guest faults of a secret-hiding VM --------------------------------------------------------
+
+// Firecracker's secret-hiding restore as the handler sees it: a guest memory file (a shmem memfd
+// standing for guest_memfd) that Firecracker maps and registers MISSING|MINOR, and the userfault
+// bitmap, every bit set. Guest faults are posted; uffd faults come from the mapping.
+TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
+  constexpr uint64_t kPages = 512;  // 2 MiB
+  SnapshotFile snapshot(kPages, [](uint64_t p) { return p % 10 == 3; });
+  auto file = MemoryFile::Create({.size_bytes = snapshot.size()});
+  ASSERT_TRUE(file.has_value()) << file.error().ToString();
+  auto mapping = (*file)->Map();
+  ASSERT_TRUE(mapping.has_value());
+  auto uffd =
+      Userfaultfd::Create({.required_features = kUffdFeatureEventRemove | kUffdFeatureMinorShmem |
+                                                kUffdFeatureMissingShmem});
+  if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) {
+    GTEST_SKIP() << uffd.error().ToString();
+  }
+  ASSERT_TRUE(uffd.has_value());
+  ASSERT_TRUE(uffd->Register(mapping->host_address(), snapshot.size(),
+                             UffdModes::kMissing | UffdModes::kMinor));
+  UniqueFd bitmap_fd(memfd_create("guest_mem", MFD_CLOEXEC));
+  ASSERT_EQ(ftruncate(bitmap_fd.get(), kPages / 8), 0);
+  const std::vector<uint8_t> ones(kPages / 8, 0xff);
+  ASSERT_EQ(pwrite(bitmap_fd.get(), ones.data(), ones.size(), 0),
+            static_cast<ssize_t>(ones.size()));
+  auto bitmap = UserfaultBitmap::Map(std::move(bitmap_fd), snapshot.size());
+  ASSERT_TRUE(bitmap.has_value()) << bitmap.error().ToString();
+  std::shared_ptr<UserfaultBitmap> bits = std::move(*bitmap);
+  const uint64_t gpa_start = uint64_t{1} << 32;
+  auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(gpa_start), snapshot.size(),
+                                                 FileOffset(0), mapping->host_address()}});
+  ASSERT_TRUE(layout.has_value());
+  FaultHandlerOptions options;
+  options.mode = InstallMode::kMinorTrap;
+  options.memory_file = *file;
+  options.userfault_bitmap = bits;
+  auto handler =
+      FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot), options);
+  ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
+  auto engine = StartEngine(1);
+  auto id = engine->AddSpace(std::move(*handler));
+  ASSERT_TRUE(id.has_value());
+
+  std::mutex mu;
+  std::vector<std::pair<GuestFault, Status>> done;
+  auto record = [&](const GuestFault& f, const Status& status) {
+    std::lock_guard lock(mu);
+    done.emplace_back(f, status);
+  };
+  const uint64_t window = kDefaultFaultAroundBytes / kPageSize4K;
+  // vCPU 2 faults on page 100 (its window: 96..111); vCPU 0 outside every region.
+  Status posted = engine->PostGuestFault(
+      *id, {.vcpu = 2, .flags = 0x10, .gpa = GuestPhysAddr(gpa_start + 100 * kPageSize4K + 17)},
+      record);
+  ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
+  posted = engine->PostGuestFault(*id, {.vcpu = 0, .flags = 0x30, .gpa = GuestPhysAddr(0)}, record);
+  ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
+  ASSERT_TRUE(WaitUntil([&] {
+    std::lock_guard lock(mu);
+    return done.size() == 2;
+  }));
+  std::lock_guard lock(mu);
+  EXPECT_EQ(done[0].first.vcpu, 2u);
+  EXPECT_EQ(done[0].first.flags, 0x10u);
+  EXPECT_TRUE(done[0].second.has_value()) << testutil::Describe(done[0].second);
+  EXPECT_EQ(testutil::ErrorCodeOf(done[1].second), ErrorCode::kOutOfRange);
+  // The window's content is in the file (read it as KVM would, not through the mapping), and
+  // exactly its bits are clear.
+  std::vector<uint8_t> page(kPageSize4K);
+  for (uint64_t p = 96; p < 96 + window; ++p) {
+    ASSERT_EQ(pread((*file)->fd(), page.data(), kPageSize4K, static_cast<off_t>(p * kPageSize4K)),
+              static_cast<ssize_t>(kPageSize4K));
+    EXPECT_EQ(snapshot.CheckPage(p, page.data()), "");
+    EXPECT_FALSE(bits->IsSet(p)) << p;
+  }
+  EXPECT_EQ(bits->CountSet(0, kPages), kPages - window);
+  // Firecracker's own access to a populated page is a minor fault, only mapped; to another page,
+  // a missing fault whose window gets its content and its bits cleared too.
+  const auto* host = reinterpret_cast<const uint8_t*>(mapping->data());
+  EXPECT_EQ(snapshot.CheckPage(101, host + 101 * kPageSize4K), "");
+  EXPECT_EQ(snapshot.CheckPage(300, host + 300 * kPageSize4K), "");
+  EXPECT_TRUE(WaitUntil([&] { return bits->CountSet(0, kPages) == kPages - 2 * window; }));
+  EXPECT_FALSE(bits->IsSet(300));
+  const FaultStats stats = StatsWhen(*engine, *id, [&](const FaultStats& s) {
+    return s.faults_minor >= 1 && s.pages_installed() >= 2 * window;
+  });
+  EXPECT_EQ(stats.faults_guest, 2u);
+  EXPECT_EQ(stats.pages_populated, window);
+  EXPECT_GE(stats.faults_minor, 1u);
 }
 
 // --- VMs that misbehave -----------------------------------------------------------------------

@@ -212,6 +212,35 @@ Result<InstallProgress> MinorTrapInstaller::InstallRun(const GuestRegion& region
   return InstallProgress{Outcome::kDone, length};
 }
 
+Status MinorTrapInstaller::Populate(const GuestRegion& region, uint64_t offset, uint64_t length,
+                                    const Content& content) {
+  assert(length > 0 && IsAligned(offset | length, region.page_size));
+  const uint64_t page = region.page_size;
+  const PageStateMap& states = file_->pages();
+  for (uint64_t run = offset; run < offset + length;) {
+    const uint64_t first = FileOf(region, run) / page;
+    const uint64_t last = FileOf(region, offset + length) / page;
+    const bool prepared = states.Get(first) == PageState::kPrepared;
+    const uint64_t run_end_page =
+        prepared ? states.NextNotPrepared(first, last) : states.NextPrepared(first, last);
+    const uint64_t run_length = (run_end_page - first) * page;
+    if (!prepared && content.kind == ContentKind::kData) {
+      auto populated = file_->Populate(FileOffset(FileOf(region, run)),
+                                       content.data.subspan(run - offset, run_length));
+      // kAlreadyExists: another writer put content there first.
+      if (!populated && populated.error().code() != ErrorCode::kAlreadyExists) {
+        return std::move(populated).error();
+      }
+      Count(counters_.populated, run_length);
+    } else if (!prepared && content.kind != ContentKind::kInFile) {
+      GM_RETURN_IF_ERROR(PopulateZeros(FileOf(region, run), run_length));
+      Count(counters_.populated, run_length);
+    }
+    run += run_length;
+  }
+  return OkStatus();
+}
+
 Status MinorTrapInstaller::PopulateZeros(uint64_t file_offset, uint64_t length) {
   const uint64_t step = AlignDown(zeros_->size(), file_->page_size());
   for (uint64_t at = file_offset; at < file_offset + length;) {
