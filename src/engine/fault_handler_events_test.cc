@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -60,9 +61,12 @@ size_t OpenFds() {
                                            std::filesystem::directory_iterator{}));
 }
 
-// Sends or waits for one byte: the tests' way of sequencing a child VM.
+// Sends or waits for one byte: the tests' way of sequencing a child VM. Hear gives up (0) after
+// a generous deadline, so that a child that died or hung fails the test instead of hanging it.
 void Tell(int sock, char c = 'x') { ASSERT_EQ(write(sock, &c, 1), 1); }
-char Hear(int sock) {
+char Hear(int sock, std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  pollfd pfd{sock, POLLIN, 0};
+  if (poll(&pfd, 1, static_cast<int>(timeout.count())) != 1) return 0;
   char c = 0;
   return read(sock, &c, 1) == 1 ? c : 0;
 }
@@ -248,12 +252,13 @@ TEST(FaultHandlerEventsTest, ALateFaultOnAPoisonedPageKeepsItPoisoned) {
     sigaction(SIGBUS, &action, nullptr);
     std::atomic<int> sigbus{0};
     std::atomic<int> read{0};
-    auto touch = [&](bool write) {
+    // Each toucher writes a byte of its own (the same page, never the same byte).
+    auto touch = [&](bool write, uint64_t byte) {
       sigjmp_buf here;
       env = &here;
       if (sigsetjmp(here, 1) == 0) {
         if (write) {
-          mem[5 * kPageSize4K + 8] = 1;
+          mem[5 * kPageSize4K + byte] = 1;
         } else {
           (void)mem[5 * kPageSize4K];
         }
@@ -263,7 +268,7 @@ TEST(FaultHandlerEventsTest, ALateFaultOnAPoisonedPageKeepsItPoisoned) {
       }
     };
     // Two write faults queued on one page: the later would be answered with zeros to write.
-    std::thread a(touch, true), b(touch, true);
+    std::thread a(touch, true, 8), b(touch, true, 16);
     if (!WaitUntil([&] { return uffd.Inspect().value_or(UffdFdInfo{}).pending_faults >= 2; })) {
       return 10;
     }
@@ -271,7 +276,7 @@ TEST(FaultHandlerEventsTest, ALateFaultOnAPoisonedPageKeepsItPoisoned) {
     a.join();
     b.join();
     if (Hear(sock) != 'c') return 11;
-    touch(false);  // after both faults were served: still poisoned
+    touch(false, 0);  // after both faults were served: still poisoned
     return sigbus.load() == 3 && read.load() == 0 ? 0 : 20 + read.load();
   });
   FaultInjectionOs broken;
