@@ -43,7 +43,7 @@ TEST_F(ServeE2eTest, OnDemandRestoreVerifiesEveryByte) {
   ExpectVmVerifies({"--workload", "sequential", "--threads", "2", "--verify"});
   ExpectVmVerifies({"--workload", "random", "--threads", "2", "--access", "mixed", "--verify"},
                    "random");
-  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  ASSERT_FALSE(WaitForVmEnd("vm 1 (").empty()) << server_->Output();
   EXPECT_NE(server_->Output().find("pid "), std::string::npos);  // SO_PEERCRED logged
 }
 
@@ -68,7 +68,7 @@ TEST_F(ServeE2eTest, BalloonedPagesReadAsZero) {
 TEST_F(ServeE2eTest, SecretHidingVariantUsesTheMinorTrap) {
   StartServer();
   ExpectVmVerifies({"--secret-hiding", "--workload", "random", "--threads", "2", "--verify"});
-  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  ASSERT_FALSE(WaitForVmEnd("vm 1 (").empty()) << server_->Output();
   EXPECT_NE(server_->Output().find("continued"), std::string::npos) << server_->Output();
 }
 
@@ -97,7 +97,7 @@ TEST_F(ServeE2eTest, HugePagesWithFaultAllInBothModesWithLongZeroRuns) {
   ExpectVmVerifies({"--page-size", "2m", "--secret-hiding", "--workload", "random", "--verify"},
                    "minor-trap");
   ExpectVmVerifies({"--page-size", "2m", "--workload", "random", "--verify"}, "copy");
-  ASSERT_FALSE(server_->WaitForLine({"vm 2 (", "disconnected"}).empty()) << server_->Output();
+  ASSERT_FALSE(WaitForVmEnd("vm 2 (").empty()) << server_->Output();
 }
 
 TEST_F(ServeE2eTest, ManyVmsAtOnce) {
@@ -124,7 +124,7 @@ TEST_F(ServeE2eTest, KilledVmIsCleanedUpAndOthersGoOn) {
   doomed->Signal(SIGKILL);
   EXPECT_EQ(doomed->ExitCode(10s), -SIGKILL);
   // The daemon notices the hang-up and logs the VM's end with its statistics.
-  const std::string end = server_->WaitForLine({pid, "disconnected", "faults="}, 30s);
+  const std::string end = WaitForVmEnd(pid, 30s);
   EXPECT_NE(end, "") << server_->Output();
   ExpectVmVerifies({"--workload", "sequential", "--verify"}, "survivor");
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
@@ -145,7 +145,7 @@ TEST_F(ServeE2eTest, SigtermWithoutAKeeperShutsDownGracefully) {
 TEST_F(ServeE2eTest, SigtermWithNoVmReleasesTheKeeper) {
   StartServer();
   ExpectVmVerifies({"--workload", "sparse", "--verify"});
-  ASSERT_TRUE(server_->WaitForOutput("disconnected")) << server_->Output();
+  ASSERT_FALSE(WaitForVmEnd("vm 1 (").empty()) << server_->Output();
   server_->Signal(SIGTERM);
   EXPECT_EQ(server_->ExitCode(20s), 0) << server_->Output();
   EXPECT_FALSE(std::filesystem::exists(socket_));
@@ -224,9 +224,7 @@ TEST_F(ServeE2eTest, AKilledDaemonsVmsAreTakenOverAndCompleteVerified) {
   }
   // The successor served them: each ends in its log with what it installed.
   for (size_t i = 0; i < specs.size(); ++i) {
-    EXPECT_FALSE(
-        server_->WaitForLine({"vm " + std::to_string(i + 1) + " (", "disconnected"}).empty())
-        << server_->Output();
+    EXPECT_FALSE(WaitForVmEnd("vm " + std::to_string(i + 1) + " (").empty()) << server_->Output();
   }
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the successor must still be running";
 }
