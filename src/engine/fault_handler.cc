@@ -240,7 +240,12 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   }
   uint64_t staging = std::max(window, kHugePageSize2M);
   if (options.fault_all) staging = std::max(staging, kFillChunk);
-  GM_ASSIGN_OR_RETURN(auto fetcher, ContentFetcher::Create(std::move(source), staging));
+  // Views of the source are for the kernel to copy from: fine for UFFDIO_COPY and for pwrite into
+  // the guest memory file, not for a file written through a mapping (hugetlbfs), where the copy
+  // would be the daemon's own.
+  const bool use_views =
+      options.mode == InstallMode::kCopy || options.memory_file->capabilities().populate_by_write;
+  GM_ASSIGN_OR_RETURN(auto fetcher, ContentFetcher::Create(std::move(source), staging, use_views));
   GM_ASSIGN_OR_RETURN(Mapping zeros, MapZeros(staging));
   UniqueFd guest_event;
   if (options.mode == InstallMode::kMinorTrap) {

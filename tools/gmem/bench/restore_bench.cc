@@ -21,6 +21,7 @@
 #include "guestmem/guest_layout.h"
 #include "guestmem/memory_file.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/zero_map.h"
 
 namespace guestmem::bench {
 namespace {
@@ -400,6 +401,9 @@ Result<RestoreSnapshot> RestoreSnapshot::Open(const std::string& path) {
   GM_ASSIGN_OR_RETURN(Mapping view,
                       Mapping::Map(size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd.get(), 0));
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source, RawFileSource::Open(path));
+  // What gmem serve knows of a snapshot it has seen before: its zero pages, by content.
+  GM_ASSIGN_OR_RETURN(std::shared_ptr<const ZeroMap> zero_map, ZeroMap::Scan(*source));
+  source->SetZeroMap(std::move(zero_map));
   std::vector<bool> zero_pages(size / kPageSize4K);
   static constexpr std::byte kZeros[kPageSize4K] = {};
   for (uint64_t p = 0; p < zero_pages.size(); ++p) {

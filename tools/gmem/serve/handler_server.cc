@@ -26,8 +26,10 @@
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
+#include "guestmem/snapshot_cache.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/zero_map.h"
 #include "serve/keeper.h"
 
 namespace guestmem::cli {
@@ -152,6 +154,8 @@ struct HandlerServer::Impl {
   RateLimitedLog refused_log{kLogFoldWindow};
   RateLimitedLog denied_log{kLogFoldWindow};
 
+  // Where zero maps are kept between runs; none when the directory cannot be used.
+  std::optional<SnapshotCache> cache;
   // Holds every VM for a successor (null with ServeOptions::keeper off).
   std::unique_ptr<KeeperClient> keeper;
   Inheritance inherited;      // what the keeper held at start, until resumed
@@ -189,6 +193,8 @@ struct HandlerServer::Impl {
   Status TakeOverFromKeeper();
   Status Resume(KeptVm& kept);
   Result<std::shared_ptr<const RawFileSource>> CurrentSource();
+  // Opens a snapshot with its zero map (kept in the cache, or found by a scan).
+  Result<std::unique_ptr<RawFileSource>> OpenSnapshot(const std::string& path);
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
   void HandleNotices();
@@ -233,8 +239,17 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   GM_RETURN_IF_ERROR(ValidateServeOptions(options));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  const std::string cache_dir =
+      options.cache_dir.empty() ? SnapshotCache::DefaultDirectory() : options.cache_dir;
+  if (auto cache = SnapshotCache::Open(cache_dir); cache) {
+    impl->cache.emplace(std::move(*cache));
+  } else {
+    Log(LogLevel::kWarning, "the cache " + cache_dir + " cannot be used (" +
+                                cache.error().ToString() +
+                                "): each start scans the snapshot for its zero pages");
+  }
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source,
-                      RawFileSource::Open(options.mem_file_path));
+                      impl->OpenSnapshot(options.mem_file_path));
   impl->source = std::move(source);
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
   impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
@@ -448,7 +463,7 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
   if (snapshot_path == options.mem_file_path) {
     GM_ASSIGN_OR_RETURN(spec.snapshot, CurrentSource());
   } else {
-    GM_ASSIGN_OR_RETURN(spec.snapshot, RawFileSource::Open(snapshot_path));
+    GM_ASSIGN_OR_RETURN(spec.snapshot, OpenSnapshot(snapshot_path));
   }
   GM_RETURN_IF_ERROR(ValidateHandshake(spec.regions, spec.snapshot->size()));
   spec.fault_all = d.value("fault_all", false);
@@ -780,6 +795,19 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
   return space;
 }
 
+Result<std::unique_ptr<RawFileSource>> HandlerServer::Impl::OpenSnapshot(const std::string& path) {
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> snapshot, RawFileSource::Open(path));
+  auto zero_map = cache ? cache->ZeroMapFor(*snapshot) : ZeroMap::Scan(*snapshot);
+  if (zero_map) {
+    snapshot->SetZeroMap(std::move(*zero_map));
+  } else {
+    // Still correct: zero pages that are not holes are copied as data.
+    Log(LogLevel::kWarning, "zero pages of " + path + " not found (" + zero_map.error().ToString() +
+                                "): only its holes are known zero");
+  }
+  return snapshot;
+}
+
 Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
   auto changed = source->WhatChanged();
   if (!changed) {
@@ -787,7 +815,7 @@ Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource(
                                                   " cannot be checked");
   }
   if (changed->empty()) return source;
-  auto reopened = RawFileSource::Open(options.mem_file_path);
+  auto reopened = OpenSnapshot(options.mem_file_path);
   if (!reopened) {
     return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
                                                    ") and cannot be opened again");

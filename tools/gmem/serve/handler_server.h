@@ -70,6 +70,9 @@ struct ServeOptions {
   // listens at keeper_path (default: socket_path + ".keeper") and is `keeper_program keeper
   // PATH`, started when none runs there.
   bool keeper = true;
+  // Where what is learnt about snapshots (their zero maps) is kept between runs; empty:
+  // SnapshotCache::DefaultDirectory().
+  std::string cache_dir;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).
