@@ -64,12 +64,12 @@ class FaultEngine::Worker {
   }
 
   Status Add(SpaceId id, std::unique_ptr<FaultHandler> handler, ClosedCallback on_closed) {
-    const int fds[] = {handler->fd(), handler->guest_fault_fd()};
+    const int fds[] = {handler->fd(), handler->work_fd()};
     {
       std::lock_guard lock(mu_);
       spaces_.emplace(id, Space{std::move(handler), std::move(on_closed), Clock::now()});
     }
-    // The uffd, and the eventfd of posted guest faults: both are the space's to serve.
+    // The uffd, and the eventfd of work it does not announce: both are the space's to serve.
     for (int fd : fds) {
       if (fd < 0) continue;
       epoll_event ev{};
@@ -171,9 +171,7 @@ class FaultEngine::Worker {
       spaces_.erase(it);
     }
     epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->fd(), nullptr);
-    if (space.handler->guest_fault_fd() >= 0) {
-      epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->guest_fault_fd(), nullptr);
-    }
+    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->work_fd(), nullptr);
     FaultStats stats = space.handler->stats();
     space.handler.reset();  // frees the uffd, buffers and the source reference now
     if (space.on_closed) space.on_closed(id, why, stats);

@@ -31,6 +31,7 @@
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set.h"
 #include "testutil/error_code.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/test_vm.h"
@@ -642,6 +643,47 @@ TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
   EXPECT_EQ(stats.faults_guest, 2u);
   EXPECT_EQ(stats.pages_populated, window);
   EXPECT_GE(stats.faults_minor, 1u);
+}
+
+// --- working sets -------------------------------------------------------------------------------
+
+// What a restore's faults needed is recorded in order; the next restore installs it from the
+// start, before any fault, so that touching it faults no more.
+TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNext) {
+  SnapshotFile snapshot(512, [](uint64_t p) { return p % 7 == 2; });
+  const std::vector<uint64_t> touched = {300, 301, 17, 18, 19, 450};
+  auto recorder = std::make_shared<WorkingSetRecorder>();
+  {
+    TestVm vm = MapAnonymousVm({snapshot.size()});
+    auto engine = StartEngine(1);
+    FaultHandlerOptions options;
+    options.fault_around_bytes = kPageSize4K;  // what is recorded is exactly what was touched
+    options.recorder = recorder;
+    SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+    for (uint64_t p : touched) ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+    ASSERT_EQ(StatsWhen(*engine, id,
+                        [&](const FaultStats& s) { return s.pages_installed() >= touched.size(); })
+                  .pages_installed(),
+              touched.size());
+  }
+  const std::vector<uint64_t> recorded = recorder->Take();
+  EXPECT_EQ(recorded, touched);
+  auto learned = std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), recorded));
+  // The next restore: prefetched as soon as it is served, without a fault.
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);
+  FaultHandlerOptions options;
+  options.prefetch = learned;
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+  const FaultStats prefetched = StatsWhen(
+      *engine, id, [&](const FaultStats& s) { return s.pages_prefetched >= touched.size(); });
+  EXPECT_EQ(prefetched.pages_prefetched, touched.size());
+  EXPECT_EQ(prefetched.faults(), 0u);
+  for (uint64_t p : touched) EXPECT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+  EXPECT_EQ(engine->Stats(id)->faults(), 0u);              // nothing it needed faulted
+  EXPECT_EQ(snapshot.CheckPage(200, vm.PageAt(200)), "");  // the rest on demand, as before
+  EXPECT_EQ(StatsWhen(*engine, id, [](const FaultStats& s) { return s.faults() >= 1; }).faults(),
+            1u);
 }
 
 // --- VMs that misbehave -----------------------------------------------------------------------

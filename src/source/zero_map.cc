@@ -6,13 +6,15 @@
 #include <bit>
 #include <cstring>
 
+#include "source/kept_form.h"
+
 namespace guestmem {
 namespace {
 
 constexpr uint64_t kPage = kPageSize4K;
 constexpr uint64_t kScanChunk = uint64_t{4} << 20;
 constexpr uint64_t kSamplePages = 64;
-constexpr char kMagic[8] = {'G', 'M', 'Z', 'E', 'R', 'O', 'M', '1'};
+constexpr char kMagic[9] = "GMZEROM1";
 constexpr uint32_t kVersion = 1;
 
 bool AllZero(const std::byte* page) {
@@ -23,43 +25,6 @@ bool AllZero(const std::byte* page) {
     any |= word;
   }
   return any == 0;
-}
-
-// Little-endian fields of the serialized form.
-void Put(std::string* out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-void Put32(std::string* out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-
-class Reader {
- public:
-  explicit Reader(std::span<const std::byte> bytes) : bytes_(bytes) {}
-  bool Get(uint64_t* v, int width = 8) {
-    if (bytes_.size() - pos_ < static_cast<size_t>(width)) return false;
-    *v = 0;
-    for (int i = 0; i < width; ++i) {
-      *v |= uint64_t{std::to_integer<uint8_t>(bytes_[pos_ + static_cast<size_t>(i)])} << (8 * i);
-    }
-    pos_ += static_cast<size_t>(width);
-    return true;
-  }
-  size_t pos() const { return pos_; }
-  size_t left() const { return bytes_.size() - pos_; }
-
- private:
-  std::span<const std::byte> bytes_;
-  size_t pos_ = 0;
-};
-
-void PutIdentity(std::string* out, const SnapshotIdentity& id) {
-  Put(out, id.file.dev);
-  Put(out, id.file.ino);
-  Put(out, id.file.size);
-  Put(out, static_cast<uint64_t>(id.file.mtime_ns));
-  Put(out, static_cast<uint64_t>(id.file.ctime_ns));
-  Put(out, id.content_sample);
 }
 
 Error Corrupt(const std::string& what) { return Error(ErrorCode::kDataLoss, "zero map: " + what); }
@@ -142,55 +107,28 @@ uint64_t ZeroMap::RunEnd(uint64_t page, uint64_t end) const {
 }
 
 std::string ZeroMap::Serialize(const SnapshotIdentity& identity) const {
-  std::string out(kMagic, sizeof(kMagic));
-  Put32(&out, kVersion);
-  Put32(&out, 0);
-  PutIdentity(&out, identity);
-  Put(&out, page_count_);
-  for (uint64_t w : words_) Put(&out, w);
-  Put(&out, XXH3_64bits(out.data(), out.size()));
-  return out;
+  KeptWriter out(kMagic, kVersion);
+  out.PutIdentity(identity);
+  out.Put64(page_count_);
+  for (uint64_t w : words_) out.Put64(w);
+  return out.Finish();
 }
 
 Result<std::shared_ptr<const ZeroMap>> ZeroMap::Parse(std::span<const std::byte> bytes,
                                                       const SnapshotIdentity& expected) {
-  if (bytes.size() < sizeof(kMagic) + 8 + 6 * 8 + 8 + 8 ||
-      std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
-    return Corrupt("not a zero map (no magic, or too short)");
-  }
-  const uint64_t stored_sum = [&] {
-    Reader tail(bytes.subspan(bytes.size() - 8));
-    uint64_t v = 0;
-    tail.Get(&v);
-    return v;
-  }();
-  if (XXH3_64bits(bytes.data(), bytes.size() - 8) != stored_sum) {
-    return Corrupt("checksum mismatch (a torn or corrupt file)");
-  }
-  Reader in(bytes.subspan(sizeof(kMagic), bytes.size() - sizeof(kMagic) - 8));
-  uint64_t version = 0, reserved = 0;
-  in.Get(&version, 4);
-  in.Get(&reserved, 4);
-  if (version != kVersion) return Corrupt("version " + std::to_string(version) + " unknown");
-  uint64_t id[6];
-  for (uint64_t& v : id) in.Get(&v);
-  const SnapshotIdentity found{.file = {.dev = id[0],
-                                        .ino = id[1],
-                                        .size = id[2],
-                                        .mtime_ns = static_cast<int64_t>(id[3]),
-                                        .ctime_ns = static_cast<int64_t>(id[4])},
-                               .content_sample = id[5]};
+  GM_ASSIGN_OR_RETURN(KeptReader in, KeptReader::Open(bytes, kMagic, kVersion, "zero map"));
+  SnapshotIdentity found;
+  uint64_t pages = 0;
+  if (!in.GetIdentity(&found) || !in.Get64(&pages)) return Corrupt("cut short");
   if (!(found == expected)) {
     return Error(ErrorCode::kFailedPrecondition, "zero map: made for another version of the file");
   }
-  uint64_t pages = 0;
-  in.Get(&pages);
   const uint64_t word_count = (pages + 63) / 64;
   if (pages != expected.file.size / kPage || in.left() != word_count * 8) {
     return Corrupt("its length does not match " + std::to_string(pages) + " pages");
   }
   std::vector<uint64_t> words(word_count);
-  for (uint64_t& w : words) in.Get(&w);
+  for (uint64_t& w : words) in.Get64(&w);
   return std::shared_ptr<const ZeroMap>(new ZeroMap(pages, std::move(words)));
 }
 
