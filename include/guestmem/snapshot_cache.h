@@ -1,7 +1,7 @@
 // SnapshotCache: what guestmem keeps per snapshot between runs, in a directory of its own.
 //
-// Today: each snapshot's zero map (zero_map.h), so that a snapshot's content is scanned once, not
-// at every start. An entry is keyed by the file (device and inode) and records the snapshot's
+// Each snapshot's zero map (zero_map.h), so that a snapshot's content is scanned once, not at
+// every start, and its learned working set (working_set.h). An entry is keyed by the file (device and inode) and records the snapshot's
 // whole identity (size, time stamps, a hash of sampled content) and a checksum. What the cache
 // holds is only ever a hint: an entry that is missing, stale (made for another version of the
 // file) or corrupt (torn, bad checksum) is found out, rebuilt from the snapshot and logged —
@@ -18,6 +18,7 @@
 
 #include "guestmem/page_source.h"
 #include "guestmem/result.h"
+#include "guestmem/working_set.h"
 #include "guestmem/zero_map.h"
 
 namespace guestmem {
@@ -39,8 +40,18 @@ class SnapshotCache {
   // ERRORS: the source's, when it must be scanned and cannot be read.
   Result<std::shared_ptr<const ZeroMap>> ZeroMapFor(const RawFileSource& source) const;
 
-  // Where the entry of `file` lives (for tests and `gmem` tools).
+  // What was learned of the snapshot `identity` names. ERRORS: kNotFound when nothing was (an
+  // entry that is stale or corrupt is logged, removed and reported as kNotFound).
+  Result<WorkingSet> WorkingSetFor(const SnapshotIdentity& identity) const;
+  // Keeps `learned` for the snapshot, in place of what was kept before. Not synced to the disk:
+  // an entry torn by a crash is found out by its checksum and learned again.
+  Status KeepWorkingSet(const SnapshotIdentity& identity, const WorkingSet& learned) const;
+  // Forgets what was learned of `file`; OK when nothing was.
+  Status ForgetWorkingSet(const FileIdentity& file) const;
+
+  // Where the entries of `file` live (for tests and `gmem` tools).
   std::string ZeroMapPath(const FileIdentity& file) const;
+  std::string WorkingSetPath(const FileIdentity& file) const;
 
  private:
   explicit SnapshotCache(std::string directory) : directory_(std::move(directory)) {}

@@ -7,10 +7,11 @@
 // faults are served first — so that most of them never fault.
 //
 // Learning: every page needed by a fault in the latest restore is in, ranked by when it was first
-// needed (averaged with its rank in earlier restores). A page the next restore installed ahead of
-// time never faults, so nothing says whether the guest used it: such a page fades slowly (a score
-// that loses a tenth each restore in which no fault needed it) and leaves once it falls below a
-// half, unless a fault needs it again. A snapshot's restores differ little (REAP found > 97% of
+// needed (averaged with its rank in earlier restores). A page the restore installed ahead of time
+// never faults, so nothing says whether the guest used it: it keeps its score. A learned page the
+// restore neither installed ahead of time (it ended before the prefetch got there) nor needed
+// fades (its score loses a tenth) and leaves once it falls below a half, unless a fault needs it
+// again. A snapshot's restores differ little (REAP found > 97% of
 // the working set stable), so the set follows them without growing without bound.
 //
 // The binary form (Serialize/Parse) is kept per snapshot in the SnapshotCache, with the
@@ -21,6 +22,7 @@
 #ifndef GUESTMEM_WORKING_SET_H_
 #define GUESTMEM_WORKING_SET_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -40,9 +42,14 @@ class WorkingSetRecorder {
   // What was recorded, in order, each page once; the recorder starts empty again.
   std::vector<uint64_t> Take();
 
+  // The prefetch got through the first `count` pages of the working set it was given.
+  void NotePrefetched(size_t count) { prefetched_.store(count, std::memory_order_relaxed); }
+  size_t prefetched() const { return prefetched_.load(std::memory_order_relaxed); }
+
  private:
   std::mutex mu_;
   std::vector<uint64_t> pages_;  // GUARDED_BY(mu_)
+  std::atomic<size_t> prefetched_{0};
 };
 
 class WorkingSet {
@@ -63,8 +70,10 @@ class WorkingSet {
   uint32_t restores() const { return restores_; }
 
   // What `learned` becomes after one more restore that recorded `needed` (the pages its faults
-  // needed, in first-need order): see the header comment.
-  static WorkingSet Merge(const WorkingSet& learned, std::span<const uint64_t> needed);
+  // needed, in first-need order) and prefetched the first `prefetched` of learned.Pages(): see
+  // the header comment.
+  static WorkingSet Merge(const WorkingSet& learned, std::span<const uint64_t> needed,
+                          size_t prefetched = 0);
 
   std::string Serialize(const SnapshotIdentity& identity) const;
   // ERRORS: kDataLoss for a torn or corrupt form; kFailedPrecondition for another identity.

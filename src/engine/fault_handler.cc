@@ -262,12 +262,9 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   GM_ASSIGN_OR_RETURN(Mapping zeros, MapZeros(staging));
   UniqueFd work_event(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!work_event) return PosixError(errno, "fault handler: eventfd");
+  // Pages no region holds are passed over by the prefetch (the recorder counts them as reached).
   std::vector<uint64_t> prefetch_pages;
-  if (options.prefetch != nullptr) {
-    for (uint64_t page : options.prefetch->Pages()) {
-      if (layout.FindFile(FileOffset(page * kPageSize4K))) prefetch_pages.push_back(page);
-    }
-  }
+  if (options.prefetch != nullptr) prefetch_pages = options.prefetch->Pages();
   if (options.userfault_bitmap != nullptr &&
       options.userfault_bitmap->page_count() < PageIndex(layout.file_end())) {
     return Error(ErrorCode::kInvalidArgument,
@@ -505,7 +502,7 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
     runs.clear();
     for (uint64_t page : batch) {
       auto hit = layout.FindFile(FileOffset(page * kPageSize4K));
-      if (!hit) continue;  // left out at the start; the layout may have moved since
+      if (!hit) continue;  // a snapshot page that no region of this VM holds
       const GuestRegion& region = layout.regions()[hit->region];
       const uint64_t begin = AlignDown(hit->offset_in_region, region.page_size);
       if (!runs.empty() && runs.back().region == hit->region && runs.back().end >= begin &&
@@ -529,6 +526,7 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
     Add(counters.pages_prefetched, PagesInstalled() - installed_before);
     prefetch_next += n;
     left -= n;
+    if (options.recorder != nullptr) options.recorder->NotePrefetched(prefetch_next);
   }
   return prefetch_next < prefetch_pages.size();
 }

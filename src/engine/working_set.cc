@@ -50,11 +50,13 @@ std::vector<uint64_t> WorkingSet::Pages() const {
   return pages;
 }
 
-WorkingSet WorkingSet::Merge(const WorkingSet& learned, std::span<const uint64_t> needed) {
+WorkingSet WorkingSet::Merge(const WorkingSet& learned, std::span<const uint64_t> needed,
+                             size_t prefetched) {
   std::unordered_map<uint64_t, Entry> merged;
   merged.reserve(learned.entries_.size() + needed.size());
-  for (const Entry& e : learned.entries_) {
-    merged.emplace(e.page, Entry{e.page, e.score * kFade, e.rank});
+  for (size_t i = 0; i < learned.entries_.size(); ++i) {
+    const Entry& e = learned.entries_[i];
+    merged.emplace(e.page, Entry{e.page, i < prefetched ? e.score : e.score * kFade, e.rank});
   }
   const float n = static_cast<float>(std::max<size_t>(needed.size(), 1));
   for (size_t i = 0; i < needed.size(); ++i) {

@@ -51,6 +51,16 @@ TEST(WorkingSetTest, APageNoFaultNeedsAgainLeavesAfterSomeRestores) {
   EXPECT_EQ(restores, 7);  // 0.9^7 < 0.5 <= 0.9^6
 }
 
+TEST(WorkingSetTest, APagePrefetchedKeepsItsScoreOnlyThoseNotReachedFade) {
+  WorkingSet learned = WorkingSet::Merge(WorkingSet(), std::vector<uint64_t>{5, 6, 7});
+  // The next restore prefetched 5 and 6, then ended; it needed nothing.
+  for (int restore = 0; restore < 20; ++restore) {
+    learned = WorkingSet::Merge(learned, std::vector<uint64_t>{}, /*prefetched=*/2);
+  }
+  EXPECT_EQ(learned.Pages(), (std::vector<uint64_t>{5, 6}));
+  for (const WorkingSet::Entry& e : learned.entries()) EXPECT_FLOAT_EQ(e.score, 1.0f) << e.page;
+}
+
 TEST(WorkingSetTest, TheKeptFormRoundTripsAndRefusesWhatIsTornStaleOrCorrupt) {
   WorkingSet learned = WorkingSet::Merge(WorkingSet(), std::vector<uint64_t>{7, 3, 999, 0});
   learned = WorkingSet::Merge(learned, std::vector<uint64_t>{3, 4});

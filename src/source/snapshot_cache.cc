@@ -28,8 +28,11 @@ Result<std::vector<std::byte>> ReadWhole(const std::string& path) {
   return std::vector<std::byte>(begin, begin + text.size());
 }
 
+enum class Durability { kSynced, kUnsynced };
+
 // Writes `bytes` to `path` whole, or leaves what was there: a temporary file, then a rename.
-Status WriteAtomically(const std::string& path, const std::string& bytes) {
+Status WriteAtomically(const std::string& path, const std::string& bytes,
+                       Durability durability = Durability::kSynced) {
   const std::string temporary = path + ".tmp." + std::to_string(getpid());
   const int fd = open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return PosixError(errno, "cache: create " + temporary);
@@ -45,7 +48,7 @@ Status WriteAtomically(const std::string& path, const std::string& bytes) {
     }
     done += static_cast<size_t>(n);
   }
-  if (fsync(fd) != 0 || close(fd) != 0) {
+  if ((durability == Durability::kSynced && fsync(fd) != 0) || close(fd) != 0) {
     const int err = errno;
     unlink(temporary.c_str());
     return PosixError(err, "cache: sync " + temporary);
@@ -79,17 +82,58 @@ Result<SnapshotCache> SnapshotCache::Open(const std::string& directory) {
     return Error(ErrorCode::kInvalidArgument, "cache: " + directory + " is not a directory");
   }
   (void)chmod(directory.c_str(), 0700);
-  std::filesystem::create_directories(directory + "/zero", error);
-  if (error) return PosixError(error.value(), "cache: creating " + directory + "/zero");
+  for (const char* sub : {"/zero", "/ws"}) {
+    std::filesystem::create_directories(directory + sub, error);
+    if (error) return PosixError(error.value(), "cache: creating " + directory + sub);
+  }
   return SnapshotCache(directory);
 }
 
-std::string SnapshotCache::ZeroMapPath(const FileIdentity& file) const {
+namespace {
+
+// "<dir>/<sub>/<dev>-<ino><suffix>": one entry per file, whatever its version.
+std::string EntryPath(const std::string& directory, const char* sub, const FileIdentity& file,
+                      const char* suffix) {
   char name[64];
-  (void)std::snprintf(name, sizeof(name), "%016llx-%016llx.zmap",
+  (void)std::snprintf(name, sizeof(name), "%016llx-%016llx%s",
                       static_cast<unsigned long long>(file.dev),
-                      static_cast<unsigned long long>(file.ino));
-  return directory_ + "/zero/" + name;
+                      static_cast<unsigned long long>(file.ino), suffix);
+  return directory + "/" + sub + "/" + name;
+}
+
+}  // namespace
+
+std::string SnapshotCache::ZeroMapPath(const FileIdentity& file) const {
+  return EntryPath(directory_, "zero", file, ".zmap");
+}
+
+std::string SnapshotCache::WorkingSetPath(const FileIdentity& file) const {
+  return EntryPath(directory_, "ws", file, ".ws");
+}
+
+Result<WorkingSet> SnapshotCache::WorkingSetFor(const SnapshotIdentity& identity) const {
+  const std::string path = WorkingSetPath(identity.file);
+  GM_ASSIGN_OR_RETURN(std::vector<std::byte> bytes, ReadWhole(path));
+  auto learned = WorkingSet::Parse(bytes, identity);
+  if (learned) return learned;
+  Log(LogLevel::kInfo, "working set " + path + " not used: " + learned.error().ToString() +
+                           "; learning it again");
+  (void)unlink(path.c_str());
+  return Error(ErrorCode::kNotFound, "no usable working set " + path);
+}
+
+Status SnapshotCache::KeepWorkingSet(const SnapshotIdentity& identity,
+                                     const WorkingSet& learned) const {
+  return WriteAtomically(WorkingSetPath(identity.file), learned.Serialize(identity),
+                         Durability::kUnsynced);
+}
+
+Status SnapshotCache::ForgetWorkingSet(const FileIdentity& file) const {
+  const std::string path = WorkingSetPath(file);
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return PosixError(errno, "cache: removing " + path);
+  }
+  return OkStatus();
 }
 
 Result<std::shared_ptr<const ZeroMap>> SnapshotCache::ZeroMapFor(

@@ -27,6 +27,7 @@
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/snapshot_cache.h"
+#include "guestmem/working_set_learner.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
 #include "guestmem/zero_map.h"
@@ -118,6 +119,10 @@ struct HandlerServer::Impl {
     Clock::time_point deadline;             // kHandshake
     std::optional<HandshakeReader> reader;  // kHandshake
     SpaceId space = 0;                      // kServing, kClosing
+    // What the VM's faults needed, learned from when it ends well (kServing, kClosing; null
+    // when not learning).
+    std::shared_ptr<WorkingSetRecorder> recorder;
+    std::shared_ptr<const RawFileSource> snapshot;
   };
 
   // Posted by the engine's workers when a space ends by itself.
@@ -156,6 +161,8 @@ struct HandlerServer::Impl {
 
   // Where zero maps are kept between runs; none when the directory cannot be used.
   std::optional<SnapshotCache> cache;
+  // Working sets learned per snapshot (none with ServeOptions::learn off).
+  std::optional<WorkingSetLearner> learner;
   // Holds every VM for a successor (null with ServeOptions::keeper off).
   std::unique_ptr<KeeperClient> keeper;
   Inheritance inherited;      // what the keeper held at start, until resumed
@@ -248,6 +255,7 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
                                 cache.error().ToString() +
                                 "): each start scans the snapshot for its zero pages");
   }
+  if (options.learn) impl->learner.emplace(impl->cache ? &*impl->cache : nullptr);
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source,
                       impl->OpenSnapshot(options.mem_file_path));
   impl->source = std::move(source);
@@ -715,6 +723,13 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
   UniqueFd tracker_copy(fcntl(spec.tracker->shared_fd(), F_DUPFD_CLOEXEC, 0));
   if (!tracker_copy) return PosixError(errno, "duplicating the page tracker for the keeper");
   handler_options.tracker = spec.tracker;
+  std::shared_ptr<WorkingSetRecorder> recorder;
+  if (learner && !spec.resume) {
+    // A VM taken over is not learned from: what it needed before the takeover is not known.
+    handler_options.prefetch = learner->LearnedFor(*spec.snapshot);
+    recorder = std::make_shared<WorkingSetRecorder>();
+    handler_options.recorder = recorder;
+  }
   UniqueFd memory_file_copy;
   if (spec.memory_file) {
     // The secret-hiding variant: uffd, guest memory file, bitmap. Content goes into the file,
@@ -777,6 +792,9 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
                                                                       const FaultStats& stats) {
                         OnSpaceClosed(vm, id, why, stats);
                       }));
+  Connection& c = connections.at(vm);
+  c.recorder = std::move(recorder);
+  c.snapshot = spec.snapshot;
   if (kept != nullptr) {
     nlohmann::json description = {{"name", spec.name},
                                   {"snapshot", spec.snapshot->path()},
@@ -950,6 +968,16 @@ void HandlerServer::Impl::Drop(uint64_t vm, const std::string& why) {
 void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::string& line,
                                  const FaultStats& stats) {
   Log(level, line);
+  if (c.recorder != nullptr && level == LogLevel::kInfo) {
+    // A VM that ended well (not dropped, not failed) is what the next restores will look like.
+    const std::vector<uint64_t> needed = c.recorder->Take();
+    if (auto learned = learner->Learn(*c.snapshot, needed, c.recorder->prefetched())) {
+      Log(LogLevel::kDebug, c.name + ": its faults needed " + std::to_string(needed.size()) +
+                                " pages; the working set of " + c.snapshot->path() + " is " +
+                                std::to_string(learned->size()) + " pages after " +
+                                std::to_string(learned->restores()) + " restores");
+    }
+  }
   const std::string name = c.name;
   Erase(c.vm);  // c is gone from here on
   if (options.on_vm_finished) options.on_vm_finished(name, stats);
