@@ -82,6 +82,11 @@ struct FaultHandlerOptions {
   // kMaxFaultAroundBytes]; 4 KiB = one page per fault. Regions of 2 MiB pages are always served
   // one 2 MiB page at a time.
   uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
+  // Windows that follow the guest (install_policy.h, AdaptiveWindowPolicy): a fault alone brings
+  // its page; a sequential stream's window doubles up to kMaxStreamBytes; faults gathering in a
+  // fault_around_bytes block bring the whole block. Off: every fault brings its aligned
+  // fault_around_bytes window.
+  bool adaptive_windows = true;
   bool fault_all = false;  // the first fault starts installing everything (in the background)
   // kMinorTrap: the guest memory file behind the mappings. Region i's content lives at the same
   // offset in this file as in the source (layout.regions()[i].file_offset).
@@ -104,6 +109,9 @@ struct FaultHandlerOptions {
   // Told every page a fault needed, in order (what the next restore will prefetch).
   std::shared_ptr<WorkingSetRecorder> recorder;
 };
+
+// The largest window a sequential stream grows to (adaptive_windows).
+inline constexpr uint64_t kMaxStreamBytes = uint64_t{1} << 20;
 
 // A guest (stage-2) fault of a secret-hiding VM, as Firecracker forwards it.
 struct GuestFault {

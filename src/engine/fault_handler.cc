@@ -31,8 +31,10 @@ using Clock = std::chrono::steady_clock;
 // Fault-all installs in chunks this large: big enough that ioctl overhead vanishes, small enough
 // that a fault is not kept waiting long.
 constexpr uint64_t kFillChunk = uint64_t{4} << 20;
-// The prefetch sorts this many working-set pages at a time, so that neighbours make one install.
-constexpr size_t kPrefetchBatchPages = 1024;
+// The prefetch installs at most this many working-set pages per turn, sorted so that neighbours
+// make one install: few enough that a fault arriving meanwhile waits no longer than a fault
+// window takes, since the guest's faults are what the prefetch is racing to get ahead of.
+constexpr size_t kPrefetchBatchPages = 128;
 // How long a retry after EAGAIN waits for the announced event to become readable.
 constexpr std::chrono::milliseconds kEventWait{1};
 
@@ -97,6 +99,7 @@ class FaultHandler::Pipeline {
         tracker(*tracker_owner),
         sequencer(&uffd),
         fault_around(options.fault_around_bytes),
+        adaptive(options.fault_around_bytes, std::min(kMaxStreamBytes, f->capacity())),
         fetcher(std::move(f)),
         zeros(std::move(z)) {
     if (options.mode == InstallMode::kCopy) {
@@ -116,6 +119,8 @@ class FaultHandler::Pipeline {
   bool ServeGuestFaults(size_t budget);
   void StartFill();
   FaultStats Stats() const;
+  // The window to install for a fault on `page_offset` of region `region`.
+  RegionRange WindowForFault(size_t region, uint64_t page_offset);
 
   Userfaultfd uffd;
   GuestLayout layout;
@@ -124,6 +129,7 @@ class FaultHandler::Pipeline {
   PageTracker& tracker;
   EventSequencer sequencer;
   FaultAroundPolicy fault_around;
+  AdaptiveWindowPolicy adaptive;
   std::optional<FillCursor> fill;  // from fault-all's first fault until every page is in
   bool fill_started = false;
   Clock::time_point fill_start;
@@ -252,6 +258,7 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
     }
   }
   uint64_t staging = std::max(window, kHugePageSize2M);
+  if (options.adaptive_windows) staging = std::max(staging, kMaxStreamBytes);
   if (options.fault_all) staging = std::max(staging, kFillChunk);
   // Views of the source are for the kernel to copy from: fine for UFFDIO_COPY and for pwrite into
   // the guest memory file, not for a file written through a mapping (hugetlbfs), where the copy
@@ -443,7 +450,7 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
                  Where(region, page_offset) + ": its source could not supply it");
   }
   pieces_.clear();
-  PlanWindow(layout, fault_around.WindowFor(layout, hit->region, page_offset), page_offset,
+  PlanWindow(layout, WindowForFault(hit->region, page_offset), page_offset,
              /*write_fault=*/false, tracker, fetcher->source(), &pieces_,
              &options.memory_file->pages());
   for (const InstallPiece& piece : pieces_) {
@@ -480,6 +487,11 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
   return OkStatus();
 }
 
+RegionRange FaultHandler::Pipeline::WindowForFault(size_t region, uint64_t page_offset) {
+  return options.adaptive_windows ? adaptive.WindowFor(layout, region, page_offset, tracker)
+                                  : fault_around.WindowFor(layout, region, page_offset);
+}
+
 void FaultHandler::Pipeline::StartFill() {
   if (fill_started) return;
   fill_started = true;
@@ -488,7 +500,7 @@ void FaultHandler::Pipeline::StartFill() {
 }
 
 Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
-  uint64_t left = std::max<uint64_t>(budget.fill_bytes / kPageSize4K, 1);
+  uint64_t left = std::clamp<uint64_t>(budget.fill_bytes / kPageSize4K, 1, kPrefetchBatchPages);
   size_t retries = 0;
   std::vector<uint64_t> batch;
   std::vector<RegionRange> runs;
@@ -701,7 +713,7 @@ Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
   }
   if (options.fault_all) StartFill();
   // A fill in progress may not have reached this part yet: the fault brings its window.
-  const RegionRange range = fault_around.WindowFor(layout, hit->region, page_offset);
+  const RegionRange range = WindowForFault(hit->region, page_offset);
   GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write, /*record=*/true));
   if (step == Step::kDone) served_this_turn_.push_back(range);
   return step;
@@ -791,14 +803,18 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
     case InstallProgress::Outcome::kAgain:
       return Step::kRetryAfterDrain;
     case InstallProgress::Outcome::kNoMapping: {
-      // The VM unmapped the range while its faults were queued: its content is gone with the
-      // mapping. Wake whoever still waits there and serve the rest of the VM on.
-      const uint64_t rest = piece.offset + progress->bytes;
-      const uint64_t rest_length = piece.length - progress->bytes;
-      SetFate(region, rest, rest_length, PageFate::kRemoved);
-      (void)uffd.Wake(region.host_addr.UncheckedAdd(rest), rest_length);
-      Log(LogLevel::kDebug, Where(region, rest) + ": " + Hex(rest_length) +
-                                " bytes no longer mapped; woken and forgotten");
+      // The page at `gone` is no longer mapped (the VM unmapped it while its faults were queued;
+      // its UNMAP event says so for the whole range). Whoever waits there is woken. The rest of
+      // the piece stays pending: a window can reach past an unmapped hole into memory that is
+      // still mapped, whose content must still come from the snapshot. The fault's own page, if
+      // it lies past the hole, is installed alone.
+      const uint64_t gone = piece.offset + progress->bytes;
+      (void)uffd.Wake(region.host_addr.UncheckedAdd(gone), region.page_size);
+      Log(LogLevel::kDebug, Where(region, gone) + ": no longer mapped; woken");
+      if (fault_page && *fault_page > gone) {
+        return InstallContent(region, {*fault_page, region.page_size, piece.kind}, fault_page,
+                              record);
+      }
       return Step::kDone;
     }
     case InstallProgress::Outcome::kTaskGone:

@@ -40,6 +40,7 @@ namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
+using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ChildVmOptions;
 using testutil::ClosedWatch;
@@ -106,6 +107,7 @@ class BalloonRaceTest : public ::testing::TestWithParam<BalloonCase> {};
 // balloons pages 8-15 and reads page 15, whose fault-around (or fault-all) covers pages 0-7.
 // Whatever the interleaving of REMOVE events, installs and the kernel's zaps, a removed page reads
 // zero until written: the snapshot's content never comes back.
+
 TEST_P(BalloonRaceTest, RemovedPagesNeverReadSnapshotBytes) {
   constexpr uint64_t kWindows = 32;
   constexpr uint64_t kWindowPages = kDefaultFaultAroundBytes / kPageSize4K;
@@ -203,7 +205,7 @@ TEST(FaultHandlerEventsTest, APageDroppedAfterItWasServedReadsZeroNotTheSnapshot
   TestVm vm = MapAnonymousVm({snapshot.size()}, kPageSize4K, 0, UffdModes::kMissing,
                              /*required_features=*/0);
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   ASSERT_EQ(snapshot.CheckPage(5, vm.PageAt(5)), "");
   vm.PageAt(5)[0] = 1;  // the guest writes it
   ASSERT_EQ(madvise(vm.PageAt(0), 16 * kPageSize4K, MADV_DONTNEED), 0);
@@ -222,7 +224,7 @@ TEST(FaultHandlerEventsTest, RemovedPagesComeBackAsZerosAWindowPerFault) {
   SnapshotFile snapshot(64);
   TestVm vm = MapAnonymousVm({snapshot.size()});
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   const FaultStats before =
       StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_installed() >= 64; });
@@ -494,6 +496,7 @@ TEST(FaultHandlerEventsTest, ASuccessorResumesWithTheSharedTracker) {
   UniqueFd kept_tracker(dup((*tracker)->shared_fd()));
   auto engine = StartEngine(1);
   FaultHandlerOptions first;
+  first.adaptive_windows = false;  // a window per fault, as this test counts
   first.tracker = std::move(*tracker);
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot), first);
   for (uint64_t p = 0; p < 64; ++p) ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
@@ -587,6 +590,7 @@ TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
                                                  FileOffset(0), mapping->host_address()}});
   ASSERT_TRUE(layout.has_value());
   FaultHandlerOptions options;
+  options.adaptive_windows = false;  // a window per fault, as this test counts
   options.mode = InstallMode::kMinorTrap;
   options.memory_file = *file;
   options.userfault_bitmap = bits;
@@ -657,6 +661,7 @@ TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNe
     TestVm vm = MapAnonymousVm({snapshot.size()});
     auto engine = StartEngine(1);
     FaultHandlerOptions options;
+  options.adaptive_windows = false;  // a window per fault, as this test counts
     options.fault_around_bytes = kPageSize4K;  // what is recorded is exactly what was touched
     options.recorder = recorder;
     SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
