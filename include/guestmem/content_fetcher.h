@@ -1,7 +1,11 @@
 // ContentFetcher: the fault pipeline's stage that reads snapshot content for an install.
 //
-// It owns a staging buffer (private anonymous memory, reserved lazily) and reads the requested
-// range of a PageSource into it. The view it returns stays valid until the next Fetch.
+// Where the source offers a view of its content in place (PageSource::View: a raw file mapped
+// read-only) and the caller lets it, a fetch returns that view and copies nothing: the install's
+// own copy (UFFDIO_COPY, pwrite into the guest memory file) is the only one. Otherwise it reads
+// the range into a staging buffer it owns (private anonymous memory, reserved lazily). What a
+// fetch returns stays valid until the next Fetch. A view is for the kernel to copy from only
+// (see PageSource::View): its bytes are never to be touched in user space.
 //
 // Thread safety: one thread at a time; bytes_read() from any thread.
 #ifndef GUESTMEM_CONTENT_FETCHER_H_
@@ -21,9 +25,11 @@ namespace guestmem {
 
 class ContentFetcher {
  public:
-  // `capacity`: the largest range one Fetch reads (a multiple of 4 KiB, > 0).
+  // `capacity`: the largest range one Fetch reads (a multiple of 4 KiB, > 0). `use_views`: hand
+  // out the source's views where it has them (the caller's installs only pass content to the
+  // kernel).
   static Result<std::unique_ptr<ContentFetcher>> Create(std::shared_ptr<const PageSource> source,
-                                                        uint64_t capacity);
+                                                        uint64_t capacity, bool use_views = false);
 
   const PageSource& source() const { return *source_; }
   const std::shared_ptr<const PageSource>& shared_source() const { return source_; }
@@ -35,13 +41,15 @@ class ContentFetcher {
   Result<std::span<const std::byte>> Fetch(FileOffset offset, uint64_t length);
 
   uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
+  bool uses_views() const { return use_views_; }
 
  private:
-  ContentFetcher(std::shared_ptr<const PageSource> source, Mapping buffer)
-      : source_(std::move(source)), buffer_(std::move(buffer)) {}
+  ContentFetcher(std::shared_ptr<const PageSource> source, Mapping buffer, bool use_views)
+      : source_(std::move(source)), buffer_(std::move(buffer)), use_views_(use_views) {}
 
   std::shared_ptr<const PageSource> source_;
   Mapping buffer_;
+  bool use_views_;
   std::atomic<uint64_t> bytes_read_{0};
 };
 

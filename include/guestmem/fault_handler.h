@@ -8,6 +8,8 @@
 //   FaultAroundPolicy  the window installed with a faulting page;
 //   FillCursor         fault-all: after the first fault, every pending page is installed in the
 //                      background, a budget per turn, faults first;
+//   WorkingSet         what earlier restores needed, installed the same way from the start, in
+//                      first-need order (before a fill); what this one's faults need is recorded;
 //   PlanWindow         which pages of a window to install, and as data or zeros;
 //   ContentFetcher     reads the snapshot's content;
 //   PageInstaller      maps it: UFFDIO_COPY / ZEROPAGE into anonymous memory (InstallMode::kCopy,
@@ -60,6 +62,7 @@
 #include "guestmem/result.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set.h"
 
 namespace guestmem {
 
@@ -79,6 +82,11 @@ struct FaultHandlerOptions {
   // kMaxFaultAroundBytes]; 4 KiB = one page per fault. Regions of 2 MiB pages are always served
   // one 2 MiB page at a time.
   uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
+  // Windows that follow the guest (install_policy.h, AdaptiveWindowPolicy): a fault alone brings
+  // its page; a sequential stream's window doubles up to kMaxStreamBytes; faults gathering in a
+  // fault_around_bytes block bring the whole block. Off: every fault brings its aligned
+  // fault_around_bytes window.
+  bool adaptive_windows = true;
   bool fault_all = false;  // the first fault starts installing everything (in the background)
   // kMinorTrap: the guest memory file behind the mappings. Region i's content lives at the same
   // offset in this file as in the source (layout.regions()[i].file_offset).
@@ -94,7 +102,16 @@ struct FaultHandlerOptions {
   bool resume = false;
   // kMinorTrap, secret hiding: the VM's KVM userfault bitmap (one bit per page of memory_file).
   std::shared_ptr<UserfaultBitmap> userfault_bitmap;
+  // What earlier restores of this snapshot needed (working_set.h): installed in the background
+  // from the start, in its order, a budget per turn, faults first. Pages outside the regions are
+  // left out.
+  std::shared_ptr<const WorkingSet> prefetch;
+  // Told every page a fault needed, in order (what the next restore will prefetch).
+  std::shared_ptr<WorkingSetRecorder> recorder;
 };
+
+// The largest window a sequential stream grows to (adaptive_windows).
+inline constexpr uint64_t kMaxStreamBytes = uint64_t{1} << 20;
 
 // A guest (stage-2) fault of a secret-hiding VM, as Firecracker forwards it.
 struct GuestFault {
@@ -151,8 +168,9 @@ class FaultHandler {
   // still queued when the handler is destroyed are dropped without their callbacks.
   // ERRORS: kFailedPrecondition outside the minor trap.
   Status PostGuestFault(const GuestFault& fault, GuestFaultDone done);
-  // Readable while posted guest faults wait: poll it beside fd(). -1 outside the minor trap.
-  int guest_fault_fd() const;
+  // Readable while work waits that the uffd does not announce (posted guest faults, a prefetch
+  // that starts with the VM): poll it beside fd().
+  int work_fd() const;
 
   // Handlers for children forked since the last call (UFFD_EVENT_FORK), sharing this handler's
   // source and options, starting from this handler's served pages.

@@ -28,9 +28,11 @@ struct FaultStats {
   uint64_t pages_continued = 0;  // UFFDIO_CONTINUE (after writing the content into the file)
   uint64_t pages_zeroed = 0;     // UFFDIO_ZEROPAGE, or a copy of the shared zero page on hugetlb
   uint64_t pages_populated = 0;  // written into the guest memory file for guest faults (KVM maps)
-  uint64_t pages_poisoned = 0;   // UFFDIO_POISON after the source failed
-  uint64_t bytes_read = 0;       // from the page source
-  uint64_t eagain_retries = 0;   // installs retried after draining events
+  uint64_t pages_prefetched =
+      0;                        // of the working set, installed ahead of faults (any of the above)
+  uint64_t pages_poisoned = 0;  // UFFDIO_POISON after the source failed
+  uint64_t bytes_read = 0;      // from the page source
+  uint64_t eagain_retries = 0;  // installs retried after draining events
   // Service latency of fault events: from reading the event to the faulting page installed.
   uint64_t latency_p50_ns = 0;
   uint64_t latency_p99_ns = 0;

@@ -2,18 +2,23 @@
 //
 //   FaultAroundPolicy  the window installed with a faulting page: an aligned window of a fixed
 //                      size around it, never crossing its region's edges; a 2 MiB page alone;
+//   AdaptiveWindowPolicy  windows that follow the guest: a fault where a stream's last window
+//                      ended grows that stream's window (doubling, up to a bound); a fault in a
+//                      block where faults have already been served brings the whole block; any
+//                      other fault brings its page alone;
 //   FillCursor         a background fill (fault-all): every region walked once, in order, in
 //                      chunks that still hold pending pages, so that a fill yields to faults and
 //                      to other VMs between chunks;
 //   PlanWindow         splits a range into pieces to install: pending pages, with their kind
 //                      from the source's extents, and the faulting page itself.
 //
-// Thread safety: FaultAroundPolicy and PlanWindow hold no mutable state; a FillCursor is used by
-// one thread at a time.
+// Thread safety: FaultAroundPolicy and PlanWindow hold no mutable state; an AdaptiveWindowPolicy
+// and a FillCursor are used by one thread at a time.
 #ifndef GUESTMEM_INSTALL_POLICY_H_
 #define GUESTMEM_INSTALL_POLICY_H_
 
 #include <cstddef>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -44,6 +49,36 @@ class FaultAroundPolicy {
 
  private:
   uint64_t window_;
+};
+
+class AdaptiveWindowPolicy {
+ public:
+  // A sequential stream's window grows to at most max_stream_bytes; a fault in a block of
+  // block_bytes that holds at least kDenseAfter pages served already brings that whole block.
+  // REQUIRES: both powers of two >= 4 KiB.
+  AdaptiveWindowPolicy(uint64_t block_bytes, uint64_t max_stream_bytes)
+      : block_(block_bytes), max_stream_(max_stream_bytes) {}
+
+  static constexpr uint64_t kDenseAfter = 1;
+  // Streams followed at once (one per guest thread scanning, say); the least recent is replaced.
+  static constexpr size_t kStreams = 8;
+
+  // The range to install for a fault on the page at `page_offset` of `region`; `tracker` says
+  // which pages are served already.
+  RegionRange WindowFor(const GuestLayout& layout, size_t region, uint64_t page_offset,
+                        const PageTracker& tracker);
+
+ private:
+  struct Stream {
+    size_t region = SIZE_MAX;
+    uint64_t last_begin = 0;  // the stream's last window
+    uint64_t last_end = 0;    // where its next fault would come
+    uint64_t last_used = 0;
+  };
+  uint64_t block_;
+  uint64_t max_stream_;
+  std::array<Stream, kStreams> streams_{};
+  uint64_t clock_ = 0;
 };
 
 class FillCursor {

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "guestmem/address.h"
+#include "guestmem/mapping.h"
 #include "guestmem/result.h"
 #include "guestmem/unique_fd.h"
 
@@ -49,6 +50,13 @@ class PageSource {
   // The longest run of one kind that starts at `offset` (clipped to size()); holes are kZero.
   // kOutOfRange when offset >= size().
   virtual Result<Extent> ExtentAt(FileOffset offset) const = 0;
+  // The content of [offset, offset + length) in place, for the kernel to copy from (UFFDIO_COPY,
+  // pwrite(2)) so that nothing is copied twice; empty when the source has no such view. The
+  // daemon itself must never touch these bytes: a file truncated meanwhile would raise SIGBUS in
+  // it, where the kernel's copy fails cleanly (EFAULT).
+  virtual std::span<const std::byte> View(FileOffset /*offset*/, uint64_t /*length*/) const {
+    return {};
+  }
   // For logs: "raw file snapshot.mem (256 MiB, 12% holes)".
   virtual std::string Describe() const = 0;
 };
@@ -68,9 +76,13 @@ struct FileIdentity {
 Result<FileIdentity> IdentifyFile(const std::string& path);
 Result<FileIdentity> IdentifyFile(int fd);
 
+class ZeroMap;
+
 class RawFileSource final : public PageSource {
  public:
-  // Opens a regular file or a block device (its size from lseek). ERRORS: kInvalidArgument for
+  // Opens a regular file or a block device (its size from lseek), and maps it read-only for
+  // View() — unless `os` is not Os::Default(): then every read goes through `os`, where a test
+  // can fail it. ERRORS: kInvalidArgument for
   // anything else (a FIFO, a directory, a character device), found without waiting for a FIFO's
   // writer; the PosixError of open(2) (kNotFound for a missing file).
   static Result<std::unique_ptr<RawFileSource>> Open(const std::string& path, Os* os = nullptr);
@@ -82,7 +94,14 @@ class RawFileSource final : public PageSource {
   uint64_t size() const override { return size_; }
   Status ReadAt(FileOffset offset, std::span<std::byte> out) const override;
   Result<Extent> ExtentAt(FileOffset offset) const override;
+  std::span<const std::byte> View(FileOffset offset, uint64_t length) const override;
   std::string Describe() const override;
+
+  // Knows the zero pages by their content from now on (zero_map.h): ExtentAt reports them as
+  // kZero. REQUIRES: `zero_map` was made from this file (ZeroMap::Scan or SnapshotCache), and the
+  // source is not shared with other threads yet.
+  void SetZeroMap(std::shared_ptr<const ZeroMap> zero_map);
+  const std::shared_ptr<const ZeroMap>& zero_map() const { return zero_map_; }
 
   // The data extents found at open, sorted (everything else is a hole).
   const std::vector<Extent>& data_extents() const { return data_; }
@@ -103,13 +122,14 @@ class RawFileSource final : public PageSource {
 
  private:
   RawFileSource(std::string path, UniqueFd fd, uint64_t size, std::vector<Extent> data,
-                FileIdentity identity, bool recently_written, Os* os)
+                FileIdentity identity, bool recently_written, Mapping view, Os* os)
       : path_(std::move(path)),
         fd_(std::move(fd)),
         size_(size),
         data_(std::move(data)),
         identity_(identity),
         recently_written_(recently_written),
+        view_(std::move(view)),
         os_(os) {}
 
   std::string path_;
@@ -118,6 +138,8 @@ class RawFileSource final : public PageSource {
   std::vector<Extent> data_;
   FileIdentity identity_;
   bool recently_written_;
+  Mapping view_;  // the whole file, read-only, shared: for the kernel to copy from
+  std::shared_ptr<const ZeroMap> zero_map_;
   Os* os_;
 };
 

@@ -8,7 +8,7 @@
 namespace guestmem {
 
 Result<std::unique_ptr<ContentFetcher>> ContentFetcher::Create(
-    std::shared_ptr<const PageSource> source, uint64_t capacity) {
+    std::shared_ptr<const PageSource> source, uint64_t capacity, bool use_views) {
   if (source == nullptr) return Error(ErrorCode::kInvalidArgument, "content fetcher: no source");
   if (capacity == 0 || !IsAligned(capacity, kPageSize4K)) {
     return Error(ErrorCode::kInvalidArgument, "content fetcher: capacity " +
@@ -17,11 +17,19 @@ Result<std::unique_ptr<ContentFetcher>> ContentFetcher::Create(
   }
   // MAP_NORESERVE: only the part a fetch touches ever costs memory.
   GM_ASSIGN_OR_RETURN(Mapping buffer, Mapping::Anonymous(capacity, MAP_NORESERVE));
-  return std::unique_ptr<ContentFetcher>(new ContentFetcher(std::move(source), std::move(buffer)));
+  return std::unique_ptr<ContentFetcher>(
+      new ContentFetcher(std::move(source), std::move(buffer), use_views));
 }
 
 Result<std::span<const std::byte>> ContentFetcher::Fetch(FileOffset offset, uint64_t length) {
   assert(length > 0 && length <= buffer_.size());
+  if (use_views_) {
+    std::span<const std::byte> view = source_->View(offset, length);
+    if (!view.empty()) {
+      bytes_read_.fetch_add(length, std::memory_order_relaxed);
+      return view;
+    }
+  }
   std::span<std::byte> into = buffer_.span().first(length);
   GM_RETURN_IF_ERROR(source_->ReadAt(offset, into));
   bytes_read_.fetch_add(length, std::memory_order_relaxed);

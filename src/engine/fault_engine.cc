@@ -64,12 +64,13 @@ class FaultEngine::Worker {
   }
 
   Status Add(SpaceId id, std::unique_ptr<FaultHandler> handler, ClosedCallback on_closed) {
-    const int fds[] = {handler->fd(), handler->guest_fault_fd()};
-    {
-      std::lock_guard lock(mu_);
-      spaces_.emplace(id, Space{std::move(handler), std::move(on_closed), Clock::now()});
-    }
-    // The uffd, and the eventfd of posted guest faults: both are the space's to serve.
+    const int fds[] = {handler->fd(), handler->work_fd()};
+    // Under the lock until every descriptor is watched: the worker may see the uffd's first event
+    // at once, and serving (or closing) the space must wait until all of it is registered, or it
+    // could close the handler while its other descriptor is still being added.
+    std::lock_guard lock(mu_);
+    spaces_.emplace(id, Space{std::move(handler), std::move(on_closed), Clock::now()});
+    // The uffd, and the eventfd of work it does not announce: both are the space's to serve.
     for (int fd : fds) {
       if (fd < 0) continue;
       epoll_event ev{};
@@ -78,10 +79,9 @@ class FaultEngine::Worker {
       if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
         const int err = errno;
         for (int added : fds) {
-          if (added >= 0 && added != fd) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, added, nullptr);
           if (added == fd) break;
+          if (added >= 0) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, added, nullptr);
         }
-        std::lock_guard lock(mu_);
         spaces_.erase(id);
         return PosixError(err, "fault engine: watching fd " + std::to_string(fd));
       }
@@ -171,9 +171,7 @@ class FaultEngine::Worker {
       spaces_.erase(it);
     }
     epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->fd(), nullptr);
-    if (space.handler->guest_fault_fd() >= 0) {
-      epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->guest_fault_fd(), nullptr);
-    }
+    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->work_fd(), nullptr);
     FaultStats stats = space.handler->stats();
     space.handler.reset();  // frees the uffd, buffers and the source reference now
     if (space.on_closed) space.on_closed(id, why, stats);

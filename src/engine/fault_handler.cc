@@ -31,6 +31,10 @@ using Clock = std::chrono::steady_clock;
 // Fault-all installs in chunks this large: big enough that ioctl overhead vanishes, small enough
 // that a fault is not kept waiting long.
 constexpr uint64_t kFillChunk = uint64_t{4} << 20;
+// The prefetch installs at most this many working-set pages per turn, sorted so that neighbours
+// make one install: few enough that a fault arriving meanwhile waits no longer than a fault
+// window takes, since the guest's faults are what the prefetch is racing to get ahead of.
+constexpr size_t kPrefetchBatchPages = 128;
 // How long a retry after EAGAIN waits for the announced event to become readable.
 constexpr std::chrono::milliseconds kEventWait{1};
 
@@ -61,7 +65,7 @@ bool IsPowerOfTen(uint64_t n) {
 
 struct Counters {
   std::atomic<uint64_t> faults_missing{0}, faults_minor{0}, faults_write_protect{0};
-  std::atomic<uint64_t> faults_stray{0}, faults_guest{0};
+  std::atomic<uint64_t> faults_stray{0}, faults_guest{0}, pages_prefetched{0};
   std::atomic<uint64_t> events_remove{0}, events_unmap{0}, events_remap{0}, events_fork{0};
   std::atomic<uint64_t> pages_poisoned{0}, eagain_retries{0}, fault_all_us{0};
   std::atomic<uint64_t> first_fault_served_ns{0}, fill_finished_ns{0};
@@ -95,6 +99,7 @@ class FaultHandler::Pipeline {
         tracker(*tracker_owner),
         sequencer(&uffd),
         fault_around(options.fault_around_bytes),
+        adaptive(options.fault_around_bytes, std::min(kMaxStreamBytes, f->capacity())),
         fetcher(std::move(f)),
         zeros(std::move(z)) {
     if (options.mode == InstallMode::kCopy) {
@@ -108,10 +113,14 @@ class FaultHandler::Pipeline {
 
   Result<bool> Serve(const ServeBudget& budget);
   Result<bool> FillStep(const ServeBudget& budget);
+  // One budget of the prefetch; returns whether any of it is left.
+  Result<bool> PrefetchStep(const ServeBudget& budget);
   // Serves the guest faults posted so far (at most `budget`); returns whether more wait.
   bool ServeGuestFaults(size_t budget);
   void StartFill();
   FaultStats Stats() const;
+  // The window to install for a fault on `page_offset` of region `region`.
+  RegionRange WindowForFault(size_t region, uint64_t page_offset);
 
   Userfaultfd uffd;
   GuestLayout layout;
@@ -120,6 +129,7 @@ class FaultHandler::Pipeline {
   PageTracker& tracker;
   EventSequencer sequencer;
   FaultAroundPolicy fault_around;
+  AdaptiveWindowPolicy adaptive;
   std::optional<FillCursor> fill;  // from fault-all's first fault until every page is in
   bool fill_started = false;
   Clock::time_point fill_start;
@@ -131,7 +141,10 @@ class FaultHandler::Pipeline {
   // Guest faults posted from other threads, served at the start of a turn.
   std::mutex guest_mu;
   std::vector<std::pair<GuestFault, GuestFaultDone>> guest_faults;  // GUARDED_BY(guest_mu)
-  UniqueFd guest_event;  // eventfd: guest_faults is not empty
+  UniqueFd work_event;  // eventfd: work waits that the uffd does not announce
+  // The prefetch: working-set pages in order, and how far it got.
+  std::vector<uint64_t> prefetch_pages;
+  size_t prefetch_next = 0;
   LatencyHistogram latency;
   std::vector<std::unique_ptr<FaultHandler>> children;
 
@@ -158,13 +171,19 @@ class FaultHandler::Pipeline {
     }
   }
   Result<Step> ServeStray(const PagefaultEvent& fault);
+  // `record`: what it installs was needed by a fault (told to options.recorder).
   Result<Step> InstallRange(const RegionRange& range, std::optional<uint64_t> fault_page,
-                            bool write_fault);
+                            bool write_fault, bool record = false);
   Result<Step> InstallContent(const GuestRegion& region, const InstallPiece& piece,
-                              std::optional<uint64_t> fault_page);
+                              std::optional<uint64_t> fault_page, bool record);
   Result<Step> Poison(const GuestRegion& region, uint64_t page_offset, const Error& why);
   void SetFate(const GuestRegion& region, uint64_t offset, uint64_t length, PageFate fate) {
     tracker.Set(PageIndex(region.file_offset.value() + offset), length / kPageSize4K, fate);
+  }
+  // Pages the installer has put in so far, every way.
+  uint64_t PagesInstalled() const {
+    const InstallCounters& c = installer->counters();
+    return Get(c.copied) + Get(c.zeroed) + Get(c.continued) + Get(c.populated);
   }
   PageFate FateOf(const GuestRegion& region, uint64_t offset) const {
     return tracker.Fate(PageIndex(region.file_offset.value() + offset));
@@ -239,14 +258,20 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
     }
   }
   uint64_t staging = std::max(window, kHugePageSize2M);
+  if (options.adaptive_windows) staging = std::max(staging, kMaxStreamBytes);
   if (options.fault_all) staging = std::max(staging, kFillChunk);
-  GM_ASSIGN_OR_RETURN(auto fetcher, ContentFetcher::Create(std::move(source), staging));
+  // Views of the source are for the kernel to copy from: fine for UFFDIO_COPY and for pwrite into
+  // the guest memory file, not for a file written through a mapping (hugetlbfs), where the copy
+  // would be the daemon's own.
+  const bool use_views =
+      options.mode == InstallMode::kCopy || options.memory_file->capabilities().populate_by_write;
+  GM_ASSIGN_OR_RETURN(auto fetcher, ContentFetcher::Create(std::move(source), staging, use_views));
   GM_ASSIGN_OR_RETURN(Mapping zeros, MapZeros(staging));
-  UniqueFd guest_event;
-  if (options.mode == InstallMode::kMinorTrap) {
-    guest_event.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (!guest_event) return PosixError(errno, "fault handler: eventfd for guest faults");
-  }
+  UniqueFd work_event(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!work_event) return PosixError(errno, "fault handler: eventfd");
+  // Pages no region holds are passed over by the prefetch (the recorder counts them as reached).
+  std::vector<uint64_t> prefetch_pages;
+  if (options.prefetch != nullptr) prefetch_pages = options.prefetch->Pages();
   if (options.userfault_bitmap != nullptr &&
       options.userfault_bitmap->page_count() < PageIndex(layout.file_end())) {
     return Error(ErrorCode::kInvalidArgument,
@@ -256,7 +281,13 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   }
   auto pipeline = std::make_unique<Pipeline>(std::move(uffd), std::move(layout), std::move(options),
                                              std::move(fetcher), std::move(zeros));
-  pipeline->guest_event = std::move(guest_event);
+  pipeline->work_event = std::move(work_event);
+  pipeline->prefetch_pages = std::move(prefetch_pages);
+  if (!pipeline->prefetch_pages.empty()) {
+    // The prefetch starts now, not at the first fault: the worker is to give the VM a turn.
+    const uint64_t one = 1;
+    (void)!write(pipeline->work_event.get(), &one, sizeof(one));
+  }
   return std::unique_ptr<FaultHandler>(new FaultHandler(std::move(pipeline)));
 }
 
@@ -278,18 +309,18 @@ Result<bool> FaultHandler::OwnerAlive() const {
 FaultStats FaultHandler::stats() const { return p_->Stats(); }
 
 Status FaultHandler::PostGuestFault(const GuestFault& fault, GuestFaultDone done) {
-  if (!p_->guest_event) {
+  if (p_->options.mode != InstallMode::kMinorTrap) {
     return Error(ErrorCode::kFailedPrecondition,
                  p_->options.name + ": guest faults are served only in the minor trap");
   }
   std::lock_guard lock(p_->guest_mu);
   p_->guest_faults.emplace_back(fault, std::move(done));
   const uint64_t one = 1;
-  (void)!write(p_->guest_event.get(), &one, sizeof(one));
+  (void)!write(p_->work_event.get(), &one, sizeof(one));
   return OkStatus();
 }
 
-int FaultHandler::guest_fault_fd() const { return p_->guest_event.get(); }
+int FaultHandler::work_fd() const { return p_->work_event.get(); }
 
 FaultStats FaultHandler::Pipeline::Stats() const {
   const Counters& c = counters;
@@ -300,6 +331,7 @@ FaultStats FaultHandler::Pipeline::Stats() const {
   out.faults_write_protect = Get(c.faults_write_protect);
   out.faults_stray = Get(c.faults_stray);
   out.faults_guest = Get(c.faults_guest);
+  out.pages_prefetched = Get(c.pages_prefetched);
   out.events_remove = Get(c.events_remove);
   out.events_unmap = Get(c.events_unmap);
   out.events_remap = Get(c.events_remap);
@@ -345,7 +377,9 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   served_this_turn_.clear();
   // Guest faults first: each holds a vCPU stopped. Events read just after are applied before
   // any uffd fault, as ever; a guest fault never needs the uffd, so it cannot meet EAGAIN.
-  const bool more_guest_faults = guest_event && ServeGuestFaults(budget.faults);
+  uint64_t signalled;
+  (void)!read(work_event.get(), &signalled, sizeof(signalled));  // this turn does what it said
+  const bool more_guest_faults = minor_trap != nullptr && ServeGuestFaults(budget.faults);
   GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
   size_t served = 0;
   size_t retries = 0;
@@ -372,6 +406,10 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
     }
   }
   if (!sequencer.empty() || more_guest_faults) return true;
+  if (prefetch_next < prefetch_pages.size()) {
+    GM_ASSIGN_OR_RETURN(bool more, PrefetchStep(budget));
+    if (more) return true;
+  }
   if (fill.has_value()) {
     GM_ASSIGN_OR_RETURN(bool more, FillStep(budget));
     if (more) return true;
@@ -383,16 +421,10 @@ bool FaultHandler::Pipeline::ServeGuestFaults(size_t budget) {
   std::vector<std::pair<GuestFault, GuestFaultDone>> faults;
   {
     std::lock_guard lock(guest_mu);
-    uint64_t count;
-    (void)!read(guest_event.get(), &count, sizeof(count));  // reset; re-signalled if more wait
     const size_t n = std::min(budget, guest_faults.size());
     faults.assign(std::make_move_iterator(guest_faults.begin()),
                   std::make_move_iterator(guest_faults.begin() + static_cast<std::ptrdiff_t>(n)));
     guest_faults.erase(guest_faults.begin(), guest_faults.begin() + static_cast<std::ptrdiff_t>(n));
-    if (!guest_faults.empty()) {
-      const uint64_t one = 1;
-      (void)!write(guest_event.get(), &one, sizeof(one));
-    }
   }
   for (auto& [fault, done] : faults) {
     Add(counters.faults_guest, 1);
@@ -418,7 +450,7 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
                  Where(region, page_offset) + ": its source could not supply it");
   }
   pieces_.clear();
-  PlanWindow(layout, fault_around.WindowFor(layout, hit->region, page_offset), page_offset,
+  PlanWindow(layout, WindowForFault(hit->region, page_offset), page_offset,
              /*write_fault=*/false, tracker, fetcher->source(), &pieces_,
              &options.memory_file->pages());
   for (const InstallPiece& piece : pieces_) {
@@ -447,8 +479,17 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
     }
     SetFate(region, offset, length, PageFate::kServed);
     ClearUserfaultBits(region, offset, length);
+    if (options.recorder != nullptr) {
+      options.recorder->Append(PageIndex(region.file_offset.value() + offset),
+                               length / kPageSize4K);
+    }
   }
   return OkStatus();
+}
+
+RegionRange FaultHandler::Pipeline::WindowForFault(size_t region, uint64_t page_offset) {
+  return options.adaptive_windows ? adaptive.WindowFor(layout, region, page_offset, tracker)
+                                  : fault_around.WindowFor(layout, region, page_offset);
 }
 
 void FaultHandler::Pipeline::StartFill() {
@@ -456,6 +497,50 @@ void FaultHandler::Pipeline::StartFill() {
   fill_started = true;
   fill_start = Clock::now();
   fill.emplace();
+}
+
+Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
+  uint64_t left = std::clamp<uint64_t>(budget.fill_bytes / kPageSize4K, 1, kPrefetchBatchPages);
+  size_t retries = 0;
+  std::vector<uint64_t> batch;
+  std::vector<RegionRange> runs;
+  while (prefetch_next < prefetch_pages.size() && left > 0) {
+    // The next pages in first-need order, sorted so that neighbours make one install.
+    const size_t n =
+        std::min<size_t>({left, kPrefetchBatchPages, prefetch_pages.size() - prefetch_next});
+    batch.assign(prefetch_pages.begin() + static_cast<std::ptrdiff_t>(prefetch_next),
+                 prefetch_pages.begin() + static_cast<std::ptrdiff_t>(prefetch_next + n));
+    std::sort(batch.begin(), batch.end());
+    runs.clear();
+    for (uint64_t page : batch) {
+      auto hit = layout.FindFile(FileOffset(page * kPageSize4K));
+      if (!hit) continue;  // a snapshot page that no region of this VM holds
+      const GuestRegion& region = layout.regions()[hit->region];
+      const uint64_t begin = AlignDown(hit->offset_in_region, region.page_size);
+      if (!runs.empty() && runs.back().region == hit->region && runs.back().end >= begin &&
+          begin + region.page_size - runs.back().begin <= fetcher->capacity()) {
+        runs.back().end = std::max(runs.back().end, begin + region.page_size);
+      } else {
+        runs.push_back(RegionRange{hit->region, begin, begin + region.page_size});
+      }
+    }
+    const uint64_t installed_before = PagesInstalled();
+    for (const RegionRange& run : runs) {
+      GM_ASSIGN_OR_RETURN(Step step, InstallRange(run, std::nullopt, /*write_fault=*/false));
+      if (step == Step::kRetryAfterDrain) {
+        Add(counters.eagain_retries, 1);
+        if (++retries > budget.eagain_retries) return true;
+        Add(counters.pages_prefetched, PagesInstalled() - installed_before);
+        GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/true));
+        return true;  // faults (and the events) first; this batch again next turn
+      }
+    }
+    Add(counters.pages_prefetched, PagesInstalled() - installed_before);
+    prefetch_next += n;
+    left -= n;
+    if (options.recorder != nullptr) options.recorder->NotePrefetched(prefetch_next);
+  }
+  return prefetch_next < prefetch_pages.size();
 }
 
 Result<bool> FaultHandler::Pipeline::FillStep(const ServeBudget& budget) {
@@ -628,8 +713,8 @@ Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
   }
   if (options.fault_all) StartFill();
   // A fill in progress may not have reached this part yet: the fault brings its window.
-  const RegionRange range = fault_around.WindowFor(layout, hit->region, page_offset);
-  GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write));
+  const RegionRange range = WindowForFault(hit->region, page_offset);
+  GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write, /*record=*/true));
   if (step == Step::kDone) served_this_turn_.push_back(range);
   return step;
 }
@@ -662,7 +747,7 @@ Result<Step> FaultHandler::Pipeline::ServeStray(const PagefaultEvent& fault) {
 
 Result<Step> FaultHandler::Pipeline::InstallRange(const RegionRange& range,
                                                   std::optional<uint64_t> fault_page,
-                                                  bool write_fault) {
+                                                  bool write_fault, bool record) {
   const GuestRegion region = layout.regions()[range.region];  // copy: a REMAP rebuilds layout
   pieces_.clear();
   const PageStateMap* file_pages =
@@ -672,8 +757,8 @@ Result<Step> FaultHandler::Pipeline::InstallRange(const RegionRange& range,
   for (const InstallPiece& piece : pieces_) {
     const bool has_fault =
         fault_page && *fault_page >= piece.offset && *fault_page < piece.offset + piece.length;
-    GM_ASSIGN_OR_RETURN(Step step,
-                        InstallContent(region, piece, has_fault ? fault_page : std::nullopt));
+    GM_ASSIGN_OR_RETURN(
+        Step step, InstallContent(region, piece, has_fault ? fault_page : std::nullopt, record));
     if (step == Step::kRetryAfterDrain) return step;
   }
   return Step::kDone;
@@ -681,7 +766,8 @@ Result<Step> FaultHandler::Pipeline::InstallRange(const RegionRange& range,
 
 Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
                                                     const InstallPiece& piece,
-                                                    std::optional<uint64_t> fault_page) {
+                                                    std::optional<uint64_t> fault_page,
+                                                    bool record) {
   // A piece that cannot be installed: a neighbour fetched speculatively is left for its own
   // fault; the faulting page is tried alone, and poisoned if it fails alone too.
   auto failed = [&](const Error& why) -> Result<Step> {
@@ -691,7 +777,8 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
       return Step::kDone;
     }
     if (piece.length > region.page_size) {
-      return InstallContent(region, {*fault_page, region.page_size, piece.kind}, fault_page);
+      return InstallContent(region, {*fault_page, region.page_size, piece.kind}, fault_page,
+                            record);
     }
     return Poison(region, *fault_page, why);
   };
@@ -706,20 +793,28 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
   if (!progress) return failed(progress.error());
   SetFate(region, piece.offset, progress->bytes, PageFate::kServed);
   ClearUserfaultBits(region, piece.offset, progress->bytes);
+  if (record && options.recorder != nullptr && progress->bytes > 0) {
+    options.recorder->Append(PageIndex(region.file_offset.value() + piece.offset),
+                             progress->bytes / kPageSize4K);
+  }
   switch (progress->outcome) {
     case InstallProgress::Outcome::kDone:
       return Step::kDone;
     case InstallProgress::Outcome::kAgain:
       return Step::kRetryAfterDrain;
     case InstallProgress::Outcome::kNoMapping: {
-      // The VM unmapped the range while its faults were queued: its content is gone with the
-      // mapping. Wake whoever still waits there and serve the rest of the VM on.
-      const uint64_t rest = piece.offset + progress->bytes;
-      const uint64_t rest_length = piece.length - progress->bytes;
-      SetFate(region, rest, rest_length, PageFate::kRemoved);
-      (void)uffd.Wake(region.host_addr.UncheckedAdd(rest), rest_length);
-      Log(LogLevel::kDebug, Where(region, rest) + ": " + Hex(rest_length) +
-                                " bytes no longer mapped; woken and forgotten");
+      // The page at `gone` is no longer mapped (the VM unmapped it while its faults were queued;
+      // its UNMAP event says so for the whole range). Whoever waits there is woken. The rest of
+      // the piece stays pending: a window can reach past an unmapped hole into memory that is
+      // still mapped, whose content must still come from the snapshot. The fault's own page, if
+      // it lies past the hole, is installed alone.
+      const uint64_t gone = piece.offset + progress->bytes;
+      (void)uffd.Wake(region.host_addr.UncheckedAdd(gone), region.page_size);
+      Log(LogLevel::kDebug, Where(region, gone) + ": no longer mapped; woken");
+      if (fault_page && *fault_page > gone) {
+        return InstallContent(region, {*fault_page, region.page_size, piece.kind}, fault_page,
+                              record);
+      }
       return Step::kDone;
     }
     case InstallProgress::Outcome::kTaskGone:
@@ -782,6 +877,7 @@ std::string FaultStats::ToString() const {
   }
   if (eagain_retries > 0) out += "; eagain retries " + std::to_string(eagain_retries);
   if (fault_all_us > 0) out += "; fault-all " + std::to_string(fault_all_us) + "us";
+  if (pages_prefetched > 0) out += "; prefetched " + std::to_string(pages_prefetched) + " pages";
   return out;
 }
 

@@ -31,6 +31,7 @@
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set.h"
 #include "testutil/error_code.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/test_vm.h"
@@ -39,6 +40,7 @@ namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
+using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ChildVmOptions;
 using testutil::ClosedWatch;
@@ -105,6 +107,7 @@ class BalloonRaceTest : public ::testing::TestWithParam<BalloonCase> {};
 // balloons pages 8-15 and reads page 15, whose fault-around (or fault-all) covers pages 0-7.
 // Whatever the interleaving of REMOVE events, installs and the kernel's zaps, a removed page reads
 // zero until written: the snapshot's content never comes back.
+
 TEST_P(BalloonRaceTest, RemovedPagesNeverReadSnapshotBytes) {
   constexpr uint64_t kWindows = 32;
   constexpr uint64_t kWindowPages = kDefaultFaultAroundBytes / kPageSize4K;
@@ -202,7 +205,7 @@ TEST(FaultHandlerEventsTest, APageDroppedAfterItWasServedReadsZeroNotTheSnapshot
   TestVm vm = MapAnonymousVm({snapshot.size()}, kPageSize4K, 0, UffdModes::kMissing,
                              /*required_features=*/0);
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   ASSERT_EQ(snapshot.CheckPage(5, vm.PageAt(5)), "");
   vm.PageAt(5)[0] = 1;  // the guest writes it
   ASSERT_EQ(madvise(vm.PageAt(0), 16 * kPageSize4K, MADV_DONTNEED), 0);
@@ -221,7 +224,7 @@ TEST(FaultHandlerEventsTest, RemovedPagesComeBackAsZerosAWindowPerFault) {
   SnapshotFile snapshot(64);
   TestVm vm = MapAnonymousVm({snapshot.size()});
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   const FaultStats before =
       StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_installed() >= 64; });
@@ -493,6 +496,7 @@ TEST(FaultHandlerEventsTest, ASuccessorResumesWithTheSharedTracker) {
   UniqueFd kept_tracker(dup((*tracker)->shared_fd()));
   auto engine = StartEngine(1);
   FaultHandlerOptions first;
+  first.adaptive_windows = false;  // a window per fault, as this test counts
   first.tracker = std::move(*tracker);
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot), first);
   for (uint64_t p = 0; p < 64; ++p) ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
@@ -586,6 +590,7 @@ TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
                                                  FileOffset(0), mapping->host_address()}});
   ASSERT_TRUE(layout.has_value());
   FaultHandlerOptions options;
+  options.adaptive_windows = false;  // a window per fault, as this test counts
   options.mode = InstallMode::kMinorTrap;
   options.memory_file = *file;
   options.userfault_bitmap = bits;
@@ -642,6 +647,48 @@ TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
   EXPECT_EQ(stats.faults_guest, 2u);
   EXPECT_EQ(stats.pages_populated, window);
   EXPECT_GE(stats.faults_minor, 1u);
+}
+
+// --- working sets -------------------------------------------------------------------------------
+
+// What a restore's faults needed is recorded in order; the next restore installs it from the
+// start, before any fault, so that touching it faults no more.
+TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNext) {
+  SnapshotFile snapshot(512, [](uint64_t p) { return p % 7 == 2; });
+  const std::vector<uint64_t> touched = {300, 301, 17, 18, 19, 450};
+  auto recorder = std::make_shared<WorkingSetRecorder>();
+  {
+    TestVm vm = MapAnonymousVm({snapshot.size()});
+    auto engine = StartEngine(1);
+    FaultHandlerOptions options;
+  options.adaptive_windows = false;  // a window per fault, as this test counts
+    options.fault_around_bytes = kPageSize4K;  // what is recorded is exactly what was touched
+    options.recorder = recorder;
+    SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+    for (uint64_t p : touched) ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+    ASSERT_EQ(StatsWhen(*engine, id,
+                        [&](const FaultStats& s) { return s.pages_installed() >= touched.size(); })
+                  .pages_installed(),
+              touched.size());
+  }
+  const std::vector<uint64_t> recorded = recorder->Take();
+  EXPECT_EQ(recorded, touched);
+  auto learned = std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), recorded));
+  // The next restore: prefetched as soon as it is served, without a fault.
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);
+  FaultHandlerOptions options;
+  options.prefetch = learned;
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
+  const FaultStats prefetched = StatsWhen(
+      *engine, id, [&](const FaultStats& s) { return s.pages_prefetched >= touched.size(); });
+  EXPECT_EQ(prefetched.pages_prefetched, touched.size());
+  EXPECT_EQ(prefetched.faults(), 0u);
+  for (uint64_t p : touched) EXPECT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "");
+  EXPECT_EQ(engine->Stats(id)->faults(), 0u);              // nothing it needed faulted
+  EXPECT_EQ(snapshot.CheckPage(200, vm.PageAt(200)), "");  // the rest on demand, as before
+  EXPECT_EQ(StatsWhen(*engine, id, [](const FaultStats& s) { return s.faults() >= 1; }).faults(),
+            1u);
 }
 
 // --- VMs that misbehave -----------------------------------------------------------------------

@@ -32,6 +32,7 @@
 namespace guestmem {
 namespace {
 
+using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ClosedWatch;
 using testutil::ForkVm;
@@ -95,7 +96,7 @@ TEST(FaultHandlerTest, FaultAroundNeverCrossesARegionEdge) {
   SnapshotFile snapshot(25);
   TestVm vm = MapAnonymousVm({5 * kPageSize4K, 20 * kPageSize4K});
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   // Waits for at least `n` pages copied; the test then checks it is not more.
   auto copied = [&](uint64_t n) {
     return StatsWhen(*engine, id, [n](const FaultStats& s) { return s.pages_copied >= n; })
@@ -131,7 +132,7 @@ TEST(FaultHandlerTest, HolesAreZeroPagesWithoutReading) {
   SnapshotFile snapshot(256, [](uint64_t p) { return p < 128; });
   TestVm vm = MapAnonymousVm({snapshot.size()});
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   for (uint64_t p = 0; p < 128; ++p) ASSERT_TRUE(AllZero(vm.PageAt(p), kPageSize4K));
   const FaultStats stats =
       StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_zeroed >= 128; });
@@ -165,7 +166,7 @@ TEST(FaultHandlerTest, AWriteFaultsWindowOfZerosIsWritableWithoutASecondFault) {
   SnapshotFile snapshot(64, [](uint64_t) { return true; });  // all holes
   TestVm vm = MapAnonymousVm({snapshot.size()});
   auto engine = StartEngine(1);
-  SpaceId id = Serve(*engine, vm, OpenSource(snapshot));
+  SpaceId id = Serve(*engine, vm, OpenSource(snapshot), FixedWindows());
   const uint64_t window = kDefaultFaultAroundBytes / kPageSize4K;
 
   // A write fault: its whole window gets pages of their own, so writing them takes no

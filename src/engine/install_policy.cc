@@ -18,6 +18,36 @@ RegionRange FaultAroundPolicy::WindowFor(const GuestLayout& layout, size_t regio
   return {region, begin, std::min(begin + window_, r.size)};
 }
 
+RegionRange AdaptiveWindowPolicy::WindowFor(const GuestLayout& layout, size_t region,
+                                            uint64_t page_offset, const PageTracker& tracker) {
+  const GuestRegion& r = layout.regions()[region];
+  const RegionRange page{region, page_offset, page_offset + r.page_size};
+  if (r.page_size != kPageSize4K) return page;  // a huge page alone
+  ++clock_;
+  Stream* oldest = &streams_[0];
+  for (Stream& s : streams_) {
+    if (s.region == region && s.last_end == page_offset && s.last_end > s.last_begin) {
+      // The stream goes on where its last window ended: twice that window, from here.
+      const uint64_t grown = std::min(2 * (s.last_end - s.last_begin), max_stream_);
+      const RegionRange install{region, page_offset, std::min(page_offset + grown, r.size)};
+      s = Stream{region, install.begin, install.end, clock_};
+      return install;
+    }
+    if (s.last_used < oldest->last_used) oldest = &s;
+  }
+  const uint64_t block_begin = AlignDown(page_offset, block_);
+  const uint64_t block_end = std::min(block_begin + block_, r.size);
+  const uint64_t served = tracker.CountIn(PageIndex(r.file_offset.value() + block_begin),
+                                          (block_end - block_begin) / kPageSize4K,
+                                          PageFate::kServed);
+  // Faults gathering in a block: the rest of it is likely to follow. Otherwise one page; a
+  // stream starts from it either way.
+  const RegionRange install =
+      served >= kDenseAfter ? RegionRange{region, block_begin, block_end} : page;
+  *oldest = Stream{region, install.begin, install.end, clock_};
+  return install;
+}
+
 std::optional<RegionRange> FillCursor::Next(const GuestLayout& layout, const PageTracker& tracker,
                                             uint64_t max_bytes) {
   const std::vector<GuestRegion>& regions = layout.regions();

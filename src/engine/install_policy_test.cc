@@ -62,6 +62,42 @@ TEST(FaultAroundPolicyTest, AlignedWindowClippedToItsRegion) {
   EXPECT_EQ(w.end, 2 * kHugePageSize2M);  // one huge page alone
 }
 
+TEST(AdaptiveWindowPolicyTest, ALoneFaultBringsItsPageAStreamGrowsAGatheringBringsItsBlock) {
+  GuestLayout layout = TwoRegions(64, 256);
+  PageTracker tracker(64 + 256);
+  AdaptiveWindowPolicy policy(16 * kPage, 8 * kPage);
+  auto window = [&](size_t region, uint64_t page) {
+    const RegionRange w = policy.WindowFor(layout, region, page * kPage, tracker);
+    EXPECT_EQ(w.region, region);
+    const uint64_t base = region == 0 ? 0 : 64;
+    tracker.Set(base + w.begin / kPage, (w.end - w.begin) / kPage, PageFate::kServed);
+    return std::pair(w.begin / kPage, w.end / kPage);
+  };
+  using Pages = std::pair<uint64_t, uint64_t>;
+  // A lone fault: its page alone.
+  EXPECT_EQ(window(1, 100), Pages(100, 101));
+  // The stream goes on where it ended: 2, 4, 8 pages, then no more than 8.
+  EXPECT_EQ(window(1, 101), Pages(101, 103));
+  EXPECT_EQ(window(1, 103), Pages(103, 107));
+  EXPECT_EQ(window(1, 107), Pages(107, 115));
+  EXPECT_EQ(window(1, 115), Pages(115, 123));
+  // A fault in a block where a page is served already: the whole (aligned) block.
+  EXPECT_EQ(window(1, 130), Pages(130, 131));
+  EXPECT_EQ(window(1, 140), Pages(128, 144));
+  // Streams in other regions and places are followed side by side; a window stops at its
+  // region's end.
+  EXPECT_EQ(window(0, 60), Pages(60, 61));
+  EXPECT_EQ(window(1, 123), Pages(123, 131));
+  EXPECT_EQ(window(0, 61), Pages(61, 63));
+  EXPECT_EQ(window(0, 63), Pages(63, 64));
+  // A 2 MiB page alone, whatever came before.
+  GuestLayout huge = TwoRegions(2, 2, kHugePageSize2M);
+  PageTracker huge_tracker(4 * kHugePageSize2M / kPage);
+  const RegionRange w = policy.WindowFor(huge, 1, kHugePageSize2M, huge_tracker);
+  EXPECT_EQ(w.begin, kHugePageSize2M);
+  EXPECT_EQ(w.end, 2 * kHugePageSize2M);
+}
+
 TEST(FillCursorTest, WalksEveryRegionOnceInChunksSkippingServedPages) {
   GuestLayout layout = TwoRegions(10, 6);
   PageTracker tracker(16);

@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include "base/hex.h"
 #include "guestmem/os.h"
 #include "guestmem/page_source.h"
+#include "guestmem/zero_map.h"
 
 namespace guestmem {
 namespace {
@@ -158,8 +160,18 @@ Result<std::unique_ptr<RawFileSource>> RawFileSource::Open(const std::string& pa
   const bool recently_written =
       std::max(identity.mtime_ns, identity.ctime_ns) > now_ns - recent_write.count();
   GM_ASSIGN_OR_RETURN(std::vector<Extent> data, MapDataExtents(fd.get(), size, path, os));
+  // A view for the kernel to copy from; without one (an empty file, a file system that cannot
+  // map), content is read into buffers instead. Nor is there one on an Os other than the
+  // kernel's own: the kernel's copies from a view would bypass the reads such an Os stands in
+  // for (a test's, failing them on purpose).
+  Mapping view;
+  if (size > 0 && os == Os::Default()) {
+    auto mapped =
+        Mapping::Map(size, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd.get(), 0, nullptr, os);
+    if (mapped) view = std::move(*mapped);
+  }
   return std::unique_ptr<RawFileSource>(new RawFileSource(
-      path, std::move(fd), size, std::move(data), identity, recently_written, os));
+      path, std::move(fd), size, std::move(data), identity, recently_written, std::move(view), os));
 }
 
 Status RawFileSource::ReadAt(FileOffset offset, std::span<std::byte> out) const {
@@ -186,10 +198,28 @@ Status RawFileSource::ReadAt(FileOffset offset, std::span<std::byte> out) const 
   return OkStatus();
 }
 
+std::span<const std::byte> RawFileSource::View(FileOffset offset, uint64_t length) const {
+  const uint64_t at = offset.value();
+  if (!view_.valid() || at > size_ || length > size_ - at) return {};
+  return std::span<const std::byte>(view_.bytes() + at, length);
+}
+
+void RawFileSource::SetZeroMap(std::shared_ptr<const ZeroMap> zero_map) {
+  zero_map_ = std::move(zero_map);
+}
+
 Result<Extent> RawFileSource::ExtentAt(FileOffset offset) const {
   const uint64_t at = offset.value();
   if (at >= size_) {
     return Error(ErrorCode::kOutOfRange, "extent at " + Hex(at) + " past the end of " + path_);
+  }
+  if (zero_map_ != nullptr && at / kPageSize4K < zero_map_->page_count()) {
+    // Zero by content (holes included): runs of whole pages.
+    const uint64_t page = at / kPageSize4K;
+    const uint64_t end = zero_map_->RunEnd(page, zero_map_->page_count());
+    const uint64_t run_end = std::min(size_, end * kPageSize4K);
+    return Extent{offset, run_end - at,
+                  zero_map_->IsZero(page) ? ExtentKind::kZero : ExtentKind::kData};
   }
   // The first data extent that ends after `at`.
   auto it = std::upper_bound(data_.begin(), data_.end(), at, [](uint64_t v, const Extent& e) {
@@ -210,6 +240,10 @@ uint64_t RawFileSource::hole_bytes() const {
 
 std::string RawFileSource::Describe() const {
   const unsigned holes_percent = size_ == 0 ? 0 : static_cast<unsigned>(hole_bytes() * 100 / size_);
+  const unsigned zero_percent =
+      zero_map_ == nullptr || zero_map_->page_count() == 0
+          ? 0
+          : static_cast<unsigned>(zero_map_->zero_pages() * 100 / zero_map_->page_count());
   std::string size;
   if (size_ >= (uint64_t{1} << 20)) {
     size = std::to_string(size_ >> 20) + " MiB";
@@ -218,7 +252,10 @@ std::string RawFileSource::Describe() const {
   } else {
     size = std::to_string(size_) + " bytes";
   }
-  return "raw file " + path_ + " (" + size + ", " + std::to_string(holes_percent) + "% holes)";
+  std::string out =
+      "raw file " + path_ + " (" + size + ", " + std::to_string(holes_percent) + "% holes";
+  if (zero_map_ != nullptr) out += ", " + std::to_string(zero_percent) + "% zero pages";
+  return out + ")";
 }
 
 }  // namespace guestmem

@@ -120,6 +120,13 @@ inline std::unique_ptr<FaultHandler> MakeHandler(TestVm& vm,
   return handler ? std::move(*handler) : nullptr;
 }
 
+// Options with a window per fault (kDefaultFaultAroundBytes), for tests that count windows.
+inline FaultHandlerOptions FixedWindows() {
+  FaultHandlerOptions options;
+  options.adaptive_windows = false;
+  return options;
+}
+
 inline SpaceId Serve(FaultEngine& engine, TestVm& vm, std::shared_ptr<const PageSource> source,
                      FaultHandlerOptions options = {}) {
   auto id = engine.AddSpace(MakeHandler(vm, std::move(source), std::move(options)));

@@ -41,8 +41,8 @@ class ServeTest : public ::testing::Test {
   // as prlimit), `extra` after it.
   void StartServer(std::vector<std::string> extra = {}, std::vector<std::string> prefix = {}) {
     std::vector<std::string> argv = prefix;
-    for (const std::string& a :
-         {std::string(GMEM_BINARY), std::string("serve"), socket_, snapshot_->path()}) {
+    for (const std::string& a : {std::string(GMEM_BINARY), std::string("serve"), socket_,
+                                 snapshot_->path(), std::string("--cache-dir"), dir_ + "/cache"}) {
       argv.push_back(a);
     }
     argv.insert(argv.end(), extra.begin(), extra.end());

@@ -45,6 +45,7 @@ struct BenchArgs {
   std::vector<std::string> access = {"read", "write"};
   std::vector<std::string> contestants = AllContestantNames();
   uint64_t fault_around_kib = kDefaultFaultAroundBytes / 1024;
+  bool fixed_windows = false;
   unsigned workers = 1;
   uint64_t seed = 1;
   bool cold = false;
@@ -139,6 +140,7 @@ struct Summary {
   std::optional<double> vs_per_page;
   std::optional<double> over_floor;  // contestant's time / the floor's, same round
   double fault_all_ns = 0;           // kFaultAll: the time to install everything; else 0
+  double pages_prefetched = 0;       // kLearned: installed ahead of the guest's faults
 };
 
 std::vector<Summary> Summarize(const ConfigResult& result) {
@@ -164,6 +166,8 @@ std::vector<Summary> Summarize(const ConfigResult& result) {
     if (floor != nullptr) s.over_floor = MedianOverFloor(*floor, series);
     s.fault_all_ns =
         MedianOf(series, [](const bench::RestoreRun& r) { return double(r.fault_all_ns); });
+    s.pages_prefetched =
+        MedianOf(series, [](const bench::RestoreRun& r) { return double(r.pages_prefetched); });
     summaries.push_back(std::move(s));
   }
   return summaries;
@@ -194,6 +198,10 @@ void PrintConfig(const ConfigResult& result, double memcpy_bytes_per_s, uint64_t
       std::printf("  %-31s installs everything in %.1f ms: %.2f GB/s, %.0f%% of memcpy\n", "",
                   s.fault_all_ns / 1e6, bytes_per_s / 1e9, 100 * bytes_per_s / memcpy_bytes_per_s);
     }
+    if (s.pages_prefetched > 0) {
+      std::printf("  %-31s %.0f pages prefetched from the working set learned\n", "",
+                  s.pages_prefetched);
+    }
   }
 }
 
@@ -211,7 +219,8 @@ nlohmann::json ToJson(const ConfigResult& result, uint64_t size) {
                         {"latency_p50_us", s.latency_p50_us},
                         {"speedup_vs_file", optional(s.vs_file)},
                         {"speedup_vs_per_page", optional(s.vs_per_page)},
-                        {"times_the_floor", optional(s.over_floor)}};
+                        {"times_the_floor", optional(s.over_floor)},
+                        {"pages_prefetched", s.pages_prefetched}};
     if (s.contestant == Contestant::kFaultAll) {
       c["fault_all_gb_per_s"] =
           s.fault_all_ns > 0 ? static_cast<double>(size) / s.fault_all_ns : 0.0;
@@ -260,6 +269,7 @@ int RunBench(const BenchArgs& args) {
   }
   const double memcpy_bw = bench::MeasureMemcpyBandwidth(*snapshot);
   const bench::RestoreOptions options{.fault_around_bytes = args.fault_around_kib * 1024,
+                                      .adaptive_windows = !args.fixed_windows,
                                       .workers = args.workers,
                                       .cold = args.cold};
   if (!args.json) {
@@ -359,6 +369,9 @@ void RegisterBenchCommand(CLI::App& app) {
       ->check(CLI::IsMember(AllContestantNames()))
       ->delimiter(',')
       ->capture_default_str();
+  cmd->add_flag("--fixed-windows", args->fixed_windows,
+                "Every fault brings its aligned --fault-around-kib window (default: windows that "
+                "follow the guest)");
   cmd->add_option("--fault-around-kib", args->fault_around_kib,
                   "guestmem's window installed around each fault, KiB")
       ->capture_default_str();

@@ -68,6 +68,8 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
   options.fault_all = scenario.fault_all;
   options.max_vms = 1;
   options.keeper = false;  // the demo's VMs are its own children: no daemon outlives them
+  // The demo's snapshot is new each run: what is learnt of it stays beside it.
+  options.cache_dir = std::filesystem::path(mem).parent_path().string() + "/cache";
   options.on_vm_finished = [&](const std::string&, const FaultStats& stats) {
     std::lock_guard lock(mu);
     out.stats = stats;
@@ -168,7 +170,7 @@ int RunDemo(const DemoArgs& args) {
     std::fprintf(stderr, "could not write the memory file: %s\n", made.error().ToString().c_str());
     return 1;
   }
-  std::printf("      %llu pages: %llu zero (holes), %llu text, %llu random  (%.2fs)\n",
+  std::printf("      %llu pages: %llu zero, %llu text, %llu random  (%.2fs)\n",
               static_cast<unsigned long long>(made->pages),
               static_cast<unsigned long long>(made->zero_pages),
               static_cast<unsigned long long>(made->text_pages),

@@ -211,6 +211,12 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_flag("!--no-keeper", args->options.keeper,
                 "Do not keep VMs for a successor: a daemon that dies (or stops) leaves its VMs "
                 "frozen");
+  cmd->add_option("--cache-dir", args->options.cache_dir,
+                  "Where zero maps and working sets of snapshots are kept between runs (default: "
+                  "/var/cache/guestmem as root, $XDG_CACHE_HOME/guestmem otherwise)");
+  cmd->add_flag("--no-learn{false}", args->options.learn,
+                "Do not learn working sets: each restore faults its pages in as if it were the "
+                "first (gmem ws clear forgets what was learned)");
   cmd->add_option("--keeper-socket", args->options.keeper_path,
                   "Where the keeper listens (default: SOCKET.keeper)");
   cmd->add_flag("--log-json", args->json_logs, "Log JSON lines instead of text");

@@ -19,6 +19,7 @@ void RegisterSnapshotCommand(CLI::App& app);
 void RegisterDemoCommand(CLI::App& app);
 void RegisterBenchCommand(CLI::App& app);
 void RegisterSoakCommand(CLI::App& app);
+void RegisterWorkingSetCommand(CLI::App& app);
 
 }  // namespace guestmem::cli
 

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   cli::RegisterSnapshotCommand(app);
   cli::RegisterBenchCommand(app);
   cli::RegisterSoakCommand(app);
+  cli::RegisterWorkingSetCommand(app);
   cli::RegisterCapabilitiesCommand(app);
   CLI11_PARSE(app, argc, argv);
   return cli::CommandExitCode();

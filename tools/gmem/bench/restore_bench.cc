@@ -13,7 +13,10 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <random>
 #include <thread>
+#include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -21,6 +24,8 @@
 #include "guestmem/guest_layout.h"
 #include "guestmem/memory_file.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set.h"
+#include "guestmem/zero_map.h"
 
 namespace guestmem::bench {
 namespace {
@@ -238,6 +243,7 @@ Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
   run.pages_installed = stats.pages_installed();
   run.fault_all_ns = stats.fault_all_us * 1000;
   run.latency_p50_ns = stats.latency_p50_ns;
+  run.pages_prefetched = stats.pages_prefetched;
   run.mismatches = Verify(memory, snapshot.view(), plan, &run.pages_verified);
   return run;
 }
@@ -248,7 +254,41 @@ Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot, const sim::
   FaultHandlerOptions handler_options;
   handler_options.name = fault_all ? "bench fault-all" : "bench on-demand";
   handler_options.fault_around_bytes = options.fault_around_bytes;
+  handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.fault_all = fault_all;
+  return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
+                       std::move(handler_options), options.workers);
+}
+
+// The second restore of the snapshot: a first one (untimed, a workload 5% different) is recorded
+// and learned from, then `plan` runs with what was learned prefetched from the start.
+Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
+                              const RestoreOptions& options) {
+  const sim::WorkloadPlan first =
+      PerturbPlan(plan, snapshot.size() / kPageSize4K, kLearnedDifference, /*seed=*/0x5eed);
+  auto recorder = std::make_shared<WorkingSetRecorder>();
+  {
+    GM_ASSIGN_OR_RETURN(UffdMemory dest, FreshUffdMemory(snapshot.size()));
+    FaultHandlerOptions handler_options;
+    handler_options.name = "bench first restore";
+    handler_options.fault_around_bytes = options.fault_around_bytes;
+  handler_options.adaptive_windows = options.adaptive_windows;
+    handler_options.recorder = recorder;
+    GM_ASSIGN_OR_RETURN(RestoreRun learning,
+                        RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, first,
+                                      std::move(handler_options), options.workers));
+    if (learning.mismatches != 0) {
+      return Error(ErrorCode::kDataLoss, "bench: the learning restore read wrong bytes");
+    }
+  }
+  if (options.cold) GM_RETURN_IF_ERROR(snapshot.Evict());
+  GM_ASSIGN_OR_RETURN(UffdMemory dest, FreshUffdMemory(snapshot.size()));
+  FaultHandlerOptions handler_options;
+  handler_options.name = "bench learned";
+  handler_options.fault_around_bytes = options.fault_around_bytes;
+  handler_options.adaptive_windows = options.adaptive_windows;
+  handler_options.prefetch =
+      std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), recorder->Take()));
   return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
                        std::move(handler_options), options.workers);
 }
@@ -268,6 +308,7 @@ Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::Work
   handler_options.name = "bench minor-trap";
   handler_options.mode = InstallMode::kMinorTrap;
   handler_options.fault_around_bytes = options.fault_around_bytes;
+  handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.memory_file = file;
   return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, plan, std::move(handler_options),
                        options.workers);
@@ -349,6 +390,8 @@ std::string_view ContestantName(Contestant contestant) {
       return "per-page";
     case Contestant::kOnDemand:
       return "on-demand";
+    case Contestant::kLearned:
+      return "learned";
     case Contestant::kFaultAll:
       return "fault-all";
     case Contestant::kMinorTrap:
@@ -367,6 +410,8 @@ std::string_view ContestantTitle(Contestant contestant) {
       return "per-page handler (reference)";
     case Contestant::kOnDemand:
       return "guestmem on-demand";
+    case Contestant::kLearned:
+      return "guestmem learned (2nd restore)";
     case Contestant::kFaultAll:
       return "guestmem fault-all";
     case Contestant::kMinorTrap:
@@ -383,7 +428,7 @@ Result<Contestant> ParseContestant(std::string_view name) {
   }
   return Error(ErrorCode::kInvalidArgument,
                "unknown contestant \"" + std::string(name) +
-                   "\" (file, per-page, on-demand, fault-all, minor-trap, floor)");
+                   "\" (file, per-page, on-demand, learned, fault-all, minor-trap, floor)");
 }
 
 Result<RestoreSnapshot> RestoreSnapshot::Open(const std::string& path) {
@@ -400,6 +445,9 @@ Result<RestoreSnapshot> RestoreSnapshot::Open(const std::string& path) {
   GM_ASSIGN_OR_RETURN(Mapping view,
                       Mapping::Map(size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd.get(), 0));
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source, RawFileSource::Open(path));
+  // What gmem serve knows of a snapshot it has seen before: its zero pages, by content.
+  GM_ASSIGN_OR_RETURN(std::shared_ptr<const ZeroMap> zero_map, ZeroMap::Scan(*source));
+  source->SetZeroMap(std::move(zero_map));
   std::vector<bool> zero_pages(size / kPageSize4K);
   static constexpr std::byte kZeros[kPageSize4K] = {};
   for (uint64_t p = 0; p < zero_pages.size(); ++p) {
@@ -423,9 +471,37 @@ Status RestoreSnapshot::Evict() const {
   return OkStatus();
 }
 
+sim::WorkloadPlan PerturbPlan(const sim::WorkloadPlan& plan, uint64_t snapshot_pages, double share,
+                              uint64_t seed) {
+  std::unordered_set<uint64_t> touched;
+  for (const auto& list : plan.threads) {
+    for (const sim::Access& a : list) touched.insert(a.offset / kPageSize4K);
+  }
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> coin(0, 1);
+  std::uniform_int_distribution<uint64_t> any_page(0, snapshot_pages - 1);
+  std::unordered_map<uint64_t, uint64_t> swapped;  // page -> its stand-in (itself: kept)
+  sim::WorkloadPlan out = plan;
+  for (auto& list : out.threads) {
+    for (sim::Access& a : list) {
+      const uint64_t page = a.offset / kPageSize4K;
+      auto [it, fresh] = swapped.try_emplace(page, page);
+      if (fresh && coin(rng) < share && touched.size() < snapshot_pages) {
+        uint64_t other = any_page(rng);
+        while (touched.count(other) != 0) other = any_page(rng);
+        touched.insert(other);
+        it->second = other;
+      }
+      a.offset = it->second * kPageSize4K + a.offset % kPageSize4K;
+    }
+  }
+  return out;
+}
+
 Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
                               const sim::WorkloadPlan& plan, const RestoreOptions& options) {
-  if (options.cold) GM_RETURN_IF_ERROR(snapshot.Evict());
+  // The learned contestant's first restore is not timed: it evicts before its timed one.
+  if (options.cold && contestant != Contestant::kLearned) GM_RETURN_IF_ERROR(snapshot.Evict());
   switch (contestant) {
     case Contestant::kFileBackend:
       return RunFileBackend(snapshot, plan);
@@ -433,6 +509,8 @@ Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snap
       return RunPerPage(snapshot, plan);
     case Contestant::kOnDemand:
       return RunCopyingEngine(snapshot, plan, options, false);
+    case Contestant::kLearned:
+      return RunLearned(snapshot, plan, options);
     case Contestant::kFaultAll:
       return RunCopyingEngine(snapshot, plan, options, true);
     case Contestant::kMinorTrap:

@@ -9,6 +9,10 @@
 //   kFaultAll     the same engine installing everything on the first fault;
 //   kMinorTrap    guestmem's full minor trap: a shmem guest memory file mapped MAP_SHARED and
 //                 registered MISSING|MINOR; content is written into the file, then CONTINUE;
+//   kLearned      kOnDemand on the second restore of the snapshot: the first restore (untimed)
+//                 ran a workload that differs from this one in 5% of its pages, and what its
+//                 faults needed was learned (WorkingSet) and is prefetched from the start, as
+//                 gmem serve does;
 //   kFloor        the physical limit of userfaultfd, no handler at all: the pages the workload
 //                 touches, installed in bulk before it runs (runs of data pages with one
 //                 UFFDIO_COPY each, runs of zero pages — by content — with one UFFDIO_ZEROPAGE),
@@ -41,12 +45,24 @@
 
 namespace guestmem::bench {
 
-enum class Contestant { kFileBackend, kPerPage, kOnDemand, kFaultAll, kMinorTrap, kFloor };
-inline constexpr Contestant kAllContestants[] = {Contestant::kFileBackend, Contestant::kPerPage,
-                                                 Contestant::kOnDemand,    Contestant::kFaultAll,
-                                                 Contestant::kMinorTrap,   Contestant::kFloor};
+enum class Contestant {
+  kFileBackend,
+  kPerPage,
+  kOnDemand,
+  kLearned,
+  kFaultAll,
+  kMinorTrap,
+  kFloor
+};
+inline constexpr Contestant kAllContestants[] = {
+    Contestant::kFileBackend, Contestant::kPerPage,   Contestant::kOnDemand, Contestant::kLearned,
+    Contestant::kFaultAll,    Contestant::kMinorTrap, Contestant::kFloor};
 
-// "file", "per-page", "on-demand", "fault-all", "minor-trap", "floor": what --contestants takes.
+// The share of a learned restore's pages that its first restore did not touch (kLearned).
+inline constexpr double kLearnedDifference = 0.05;
+
+// "file", "per-page", "on-demand", "learned", "fault-all", "minor-trap", "floor": what
+// --contestants takes.
 std::string_view ContestantName(Contestant contestant);
 // One line for tables: "File backend (MAP_PRIVATE)".
 std::string_view ContestantTitle(Contestant contestant);
@@ -89,6 +105,7 @@ class RestoreSnapshot {
 
 struct RestoreOptions {
   uint64_t fault_around_bytes = kDefaultFaultAroundBytes;  // kOnDemand, kMinorTrap
+  bool adaptive_windows = true;                            // FaultHandlerOptions'
   unsigned workers = 1;                                    // guestmem engine threads
   bool cold = false;  // evict the memory file from the page cache before the run
 };
@@ -102,6 +119,7 @@ struct RestoreRun {
   // kFaultAll: how long installing everything took, inside the handler.
   uint64_t fault_all_ns = 0;
   uint64_t latency_p50_ns = 0;  // guestmem's fault service latency (0 for the others)
+  uint64_t pages_prefetched = 0;  // kLearned: installed ahead of the guest's faults
   uint64_t pages_verified = 0;
   uint64_t mismatches = 0;  // pages whose bytes differ from the snapshot (or what was written)
 };
@@ -110,6 +128,11 @@ struct RestoreRun {
 // (kUnsupported where the kernel lacks what the contestant needs); mismatches are results.
 Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
                               const sim::WorkloadPlan& plan, const RestoreOptions& options = {});
+
+// `plan` with `share` of its distinct pages swapped for pages it does not touch (each swapped page
+// the same way in every access to it; no page in two threads' lists), from `seed`.
+sim::WorkloadPlan PerturbPlan(const sim::WorkloadPlan& plan, uint64_t snapshot_pages, double share,
+                              uint64_t seed);
 
 // Single-thread memcpy of the whole snapshot into memory already touched, in bytes per second:
 // the bandwidth a restore that installs everything could at best reach on this machine.

@@ -26,8 +26,11 @@
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
+#include "guestmem/snapshot_cache.h"
+#include "guestmem/working_set_learner.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/zero_map.h"
 #include "serve/keeper.h"
 
 namespace guestmem::cli {
@@ -116,6 +119,10 @@ struct HandlerServer::Impl {
     Clock::time_point deadline;             // kHandshake
     std::optional<HandshakeReader> reader;  // kHandshake
     SpaceId space = 0;                      // kServing, kClosing
+    // What the VM's faults needed, learned from when it ends well (kServing, kClosing; null
+    // when not learning).
+    std::shared_ptr<WorkingSetRecorder> recorder;
+    std::shared_ptr<const RawFileSource> snapshot;
   };
 
   // Posted by the engine's workers when a space ends by itself.
@@ -152,6 +159,10 @@ struct HandlerServer::Impl {
   RateLimitedLog refused_log{kLogFoldWindow};
   RateLimitedLog denied_log{kLogFoldWindow};
 
+  // Where zero maps are kept between runs; none when the directory cannot be used.
+  std::optional<SnapshotCache> cache;
+  // Working sets learned per snapshot (none with ServeOptions::learn off).
+  std::optional<WorkingSetLearner> learner;
   // Holds every VM for a successor (null with ServeOptions::keeper off).
   std::unique_ptr<KeeperClient> keeper;
   Inheritance inherited;      // what the keeper held at start, until resumed
@@ -189,6 +200,8 @@ struct HandlerServer::Impl {
   Status TakeOverFromKeeper();
   Status Resume(KeptVm& kept);
   Result<std::shared_ptr<const RawFileSource>> CurrentSource();
+  // Opens a snapshot with its zero map (kept in the cache, or found by a scan).
+  Result<std::unique_ptr<RawFileSource>> OpenSnapshot(const std::string& path);
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
   void HandleNotices();
@@ -233,8 +246,18 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   GM_RETURN_IF_ERROR(ValidateServeOptions(options));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  const std::string cache_dir =
+      options.cache_dir.empty() ? SnapshotCache::DefaultDirectory() : options.cache_dir;
+  if (auto cache = SnapshotCache::Open(cache_dir); cache) {
+    impl->cache.emplace(std::move(*cache));
+  } else {
+    Log(LogLevel::kWarning, "the cache " + cache_dir + " cannot be used (" +
+                                cache.error().ToString() +
+                                "): each start scans the snapshot for its zero pages");
+  }
+  if (options.learn) impl->learner.emplace(impl->cache ? &*impl->cache : nullptr);
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source,
-                      RawFileSource::Open(options.mem_file_path));
+                      impl->OpenSnapshot(options.mem_file_path));
   impl->source = std::move(source);
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
   impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
@@ -448,7 +471,7 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
   if (snapshot_path == options.mem_file_path) {
     GM_ASSIGN_OR_RETURN(spec.snapshot, CurrentSource());
   } else {
-    GM_ASSIGN_OR_RETURN(spec.snapshot, RawFileSource::Open(snapshot_path));
+    GM_ASSIGN_OR_RETURN(spec.snapshot, OpenSnapshot(snapshot_path));
   }
   GM_RETURN_IF_ERROR(ValidateHandshake(spec.regions, spec.snapshot->size()));
   spec.fault_all = d.value("fault_all", false);
@@ -700,6 +723,13 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
   UniqueFd tracker_copy(fcntl(spec.tracker->shared_fd(), F_DUPFD_CLOEXEC, 0));
   if (!tracker_copy) return PosixError(errno, "duplicating the page tracker for the keeper");
   handler_options.tracker = spec.tracker;
+  std::shared_ptr<WorkingSetRecorder> recorder;
+  if (learner && !spec.resume) {
+    // A VM taken over is not learned from: what it needed before the takeover is not known.
+    handler_options.prefetch = learner->LearnedFor(*spec.snapshot);
+    recorder = std::make_shared<WorkingSetRecorder>();
+    handler_options.recorder = recorder;
+  }
   UniqueFd memory_file_copy;
   if (spec.memory_file) {
     // The secret-hiding variant: uffd, guest memory file, bitmap. Content goes into the file,
@@ -762,6 +792,9 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
                                                                       const FaultStats& stats) {
                         OnSpaceClosed(vm, id, why, stats);
                       }));
+  Connection& c = connections.at(vm);
+  c.recorder = std::move(recorder);
+  c.snapshot = spec.snapshot;
   if (kept != nullptr) {
     nlohmann::json description = {{"name", spec.name},
                                   {"snapshot", spec.snapshot->path()},
@@ -780,6 +813,19 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
   return space;
 }
 
+Result<std::unique_ptr<RawFileSource>> HandlerServer::Impl::OpenSnapshot(const std::string& path) {
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> snapshot, RawFileSource::Open(path));
+  auto zero_map = cache ? cache->ZeroMapFor(*snapshot) : ZeroMap::Scan(*snapshot);
+  if (zero_map) {
+    snapshot->SetZeroMap(std::move(*zero_map));
+  } else {
+    // Still correct: zero pages that are not holes are copied as data.
+    Log(LogLevel::kWarning, "zero pages of " + path + " not found (" + zero_map.error().ToString() +
+                                "): only its holes are known zero");
+  }
+  return snapshot;
+}
+
 Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
   auto changed = source->WhatChanged();
   if (!changed) {
@@ -787,7 +833,7 @@ Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource(
                                                   " cannot be checked");
   }
   if (changed->empty()) return source;
-  auto reopened = RawFileSource::Open(options.mem_file_path);
+  auto reopened = OpenSnapshot(options.mem_file_path);
   if (!reopened) {
     return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
                                                    ") and cannot be opened again");
@@ -922,6 +968,16 @@ void HandlerServer::Impl::Drop(uint64_t vm, const std::string& why) {
 void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::string& line,
                                  const FaultStats& stats) {
   Log(level, line);
+  if (c.recorder != nullptr && level == LogLevel::kInfo) {
+    // A VM that ended well (not dropped, not failed) is what the next restores will look like.
+    const std::vector<uint64_t> needed = c.recorder->Take();
+    if (auto learned = learner->Learn(*c.snapshot, needed, c.recorder->prefetched())) {
+      Log(LogLevel::kDebug, c.name + ": its faults needed " + std::to_string(needed.size()) +
+                                " pages; the working set of " + c.snapshot->path() + " is " +
+                                std::to_string(learned->size()) + " pages after " +
+                                std::to_string(learned->restores()) + " restores");
+    }
+  }
   const std::string name = c.name;
   Erase(c.vm);  // c is gone from here on
   if (options.on_vm_finished) options.on_vm_finished(name, stats);

@@ -70,6 +70,11 @@ struct ServeOptions {
   // listens at keeper_path (default: socket_path + ".keeper") and is `keeper_program keeper
   // PATH`, started when none runs there.
   bool keeper = true;
+  // Where what is learnt about snapshots (their zero maps and working sets) is kept between
+  // runs; empty: SnapshotCache::DefaultDirectory().
+  std::string cache_dir;
+  // Learn each snapshot's working set from its restores and prefetch it on the next ones.
+  bool learn = true;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).
