@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -37,6 +38,10 @@ inline constexpr std::string_view kExitlessApfPrefix = "exitless_apf:";
 inline constexpr size_t kApfControlMaxBytes = 15;
 // The most vCPUs whose rings a handler takes (3 descriptors each, within SCM_MAX_FD's 253).
 inline constexpr uint32_t kMaxExitlessVcpus = 64;
+
+// Where Firecracker looks for the APF socket of the Uffd socket at `uffd_socket_path`: beside it,
+// named apf.socket (its parent directory joined with "apf.socket", as Rust's Path does it).
+std::string ApfSocketPath(const std::string& uffd_socket_path);
 
 struct ParsedApfControl {
   size_t bytes = 0;    // the message's length

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 #include "guestmem/os.h"
@@ -43,6 +44,10 @@ bool IsPrefixOf(std::string_view data, std::string_view whole) {
 constexpr size_t kControlFds = 3 * kMaxExitlessVcpus + 16;
 
 }  // namespace
+
+std::string ApfSocketPath(const std::string& uffd_socket_path) {
+  return (std::filesystem::path(uffd_socket_path).parent_path() / "apf.socket").string();
+}
 
 Result<std::optional<ParsedApfControl>> ParseApfControl(std::string_view data, size_t fds) {
   data = data.substr(0, kApfControlMaxBytes);

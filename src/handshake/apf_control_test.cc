@@ -58,6 +58,12 @@ ssize_t SendRaw(int sock, std::string_view bytes, std::span<const int> fds = {})
   return sendmsg(sock, &msg, MSG_NOSIGNAL);
 }
 
+TEST(ApfControlTest, TheApfSocketIsBesideTheUffdSocket) {
+  EXPECT_EQ(ApfSocketPath("/run/fc/uffd.sock"), "/run/fc/apf.socket");
+  EXPECT_EQ(ApfSocketPath("/firecracker-uffd.sock"), "/apf.socket");
+  EXPECT_EQ(ApfSocketPath("uffd.sock"), "apf.socket");
+}
+
 TEST(ApfControlTest, ParsesBothMessagesAndWaitsForTheirEnds) {
   auto parsed = ParseApfControl("no_exitless_apf", 0);
   ASSERT_TRUE(parsed.has_value() && parsed->has_value());

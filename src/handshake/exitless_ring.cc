@@ -97,7 +97,7 @@ Result<ExitlessRing> ExitlessRing::Initialize(int vcpu_fd, Os* os) {
       Mapping::Map(kExitlessRingPageBytes, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd,
                    static_cast<off_t>(kExitlessRingPageOffset), nullptr, os));
   Page& p = PageOf(page);
-  std::memset(&p, 0, sizeof(p));
+  p = Page{};
   p.header.ring_size = kExitlessRingEntries;
   p.header.entry_size = kExitlessEntryBytes;
   Atomic(p.header.version).store(kExitlessRingVersion, std::memory_order_release);
