@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/temp_dir.h"
@@ -58,6 +59,20 @@ class ServeTest : public ::testing::Test {
                                      socket_,     "--mem-file", snapshot_->path()};
     argv.insert(argv.end(), extra.begin(), extra.end());
     return std::make_unique<Subprocess>(argv, dir_ + "/" + name + ".log");
+  }
+
+  // The daemon's line that tells the end of the VM named by `who` ("vm 3 (" or its pid):
+  // " disconnected " when its socket hung up first, " ended after " when its space found first that
+  // its process had exited. "" at the deadline.
+  std::string WaitForVmEnd(const std::string& who, std::chrono::milliseconds timeout = 20s) {
+    std::string line;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (line.empty() && std::chrono::steady_clock::now() < deadline) {
+      line = server_->FindLine({who, " disconnected "});
+      if (line.empty()) line = server_->FindLine({who, " ended after "});
+      if (line.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return line;
   }
 
   void ExpectVmVerifies(std::vector<std::string> extra, const std::string& name = "vm") {

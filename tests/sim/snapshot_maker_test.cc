@@ -81,9 +81,27 @@ TEST_F(SnapshotMakerTest, WritesTheMixItReports) {
   }
 }
 
-TEST_F(SnapshotMakerTest, ZeroPagesAreHolesAndOnlyDataIsAllocated) {
+TEST_F(SnapshotMakerTest, ZeroPagesAreWrittenAsZerosByDefault) {
   const std::string path = dir_ + "/demo.mem";
   auto made = MakeSnapshot(path, {.size_bytes = 16 * kMiB, .seed = 5});
+  ASSERT_TRUE(made.has_value()) << made.error().ToString();
+  EXPECT_GT(made->zero_pages, 0u);
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  // No hole before the end: every page was written, zeros included.
+  EXPECT_EQ(lseek(fd, 0, SEEK_HOLE), static_cast<off_t>(16 * kMiB));
+  close(fd);
+  const std::vector<uint8_t> bytes = ReadAll(path);
+  uint64_t zero = 0;
+  for (uint64_t p = 0; p < made->pages; ++p) {
+    zero += Classify(bytes.data() + p * kPage) == SnapshotPageKind::kZero ? 1 : 0;
+  }
+  EXPECT_EQ(zero, made->zero_pages);
+}
+
+TEST_F(SnapshotMakerTest, ZeroPagesAreHolesAndOnlyDataIsAllocated) {
+  const std::string path = dir_ + "/demo.mem";
+  auto made = MakeSnapshot(path, {.size_bytes = 16 * kMiB, .seed = 5, .holes = true});
   ASSERT_TRUE(made.has_value()) << made.error().ToString();
   const std::vector<uint8_t> bytes = ReadAll(path);
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -145,15 +163,17 @@ TEST_F(SnapshotMakerTest, FractionsAreHonoured) {
       {.size_bytes = kMiB, .zero_fraction = 0, .text_fraction = 0, .random_fraction = 1});
   ASSERT_TRUE(all_random.has_value());
   EXPECT_EQ(all_random->random_pages, kMiB / kPage);
-  auto all_zero = MakeSnapshot(
-      dir_ + "/z",
-      {.size_bytes = kMiB, .zero_fraction = 1, .text_fraction = 0, .random_fraction = 0});
+  auto all_zero = MakeSnapshot(dir_ + "/z", {.size_bytes = kMiB,
+                                             .zero_fraction = 1,
+                                             .text_fraction = 0,
+                                             .random_fraction = 0,
+                                             .holes = true});
   ASSERT_TRUE(all_zero.has_value());
   EXPECT_EQ(all_zero->zero_pages, kMiB / kPage);
   struct stat st {};
   ASSERT_EQ(stat((dir_ + "/z").c_str(), &st), 0);
   EXPECT_EQ(static_cast<uint64_t>(st.st_size), kMiB);
-  EXPECT_EQ(st.st_blocks, 0);
+  EXPECT_EQ(st.st_blocks, 0);  // all holes
 }
 
 TEST_F(SnapshotMakerTest, BadOptionsAreRefusedAndCreateNothing) {

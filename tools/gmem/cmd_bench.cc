@@ -48,6 +48,7 @@ struct BenchArgs {
   unsigned workers = 1;
   uint64_t seed = 1;
   bool cold = false;
+  bool holes = false;  // the demo snapshot's zero pages as sparse holes
   bool json = false;
 };
 
@@ -245,7 +246,8 @@ int RunBench(const BenchArgs& args) {
   std::string path = args.mem_file;
   if (path.empty()) {
     path = temp.File("bench.mem");
-    auto made = MakeSnapshot(path, {.size_bytes = args.size_mib << 20, .seed = args.seed});
+    auto made = MakeSnapshot(
+        path, {.size_bytes = args.size_mib << 20, .seed = args.seed, .holes = args.holes});
     if (!made) {
       std::fprintf(stderr, "bench: %s\n", made.error().ToString().c_str());
       return 1;
@@ -365,6 +367,8 @@ void RegisterBenchCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the snapshot and the workloads")
       ->capture_default_str();
+  cmd->add_flag("--holes", args->holes,
+                "The demo snapshot's zero pages as sparse holes (default: written as zeros)");
   cmd->add_flag("--cold", args->cold,
                 "Drop the memory file from the page cache before every run (it must be on a disk)");
   cmd->add_flag("--json", args->json, "Print one JSON object instead of tables");

@@ -47,10 +47,10 @@ void RegisterSnapshotCommand(CLI::App& app) {
   CLI::App* snapshot = app.add_subcommand("snapshot", "Snapshot memory file tools");
   snapshot->require_subcommand(1);
   auto args = std::make_shared<SnapshotCreateArgs>();
-  CLI::App* create = snapshot->add_subcommand(
-      "create",
-      "Write a demo memory file: ~50% zero pages left as holes, ~30% text-like, "
-      "~20% random (seeded, deterministic)");
+  CLI::App* create =
+      snapshot->add_subcommand("create",
+                               "Write a demo memory file: ~50% zero pages, ~30% text-like, "
+                               "~20% random (seeded, deterministic)");
   create->add_option("path", args->path, "The memory file to write")->required();
   auto* mib = create->add_option("--size-mib", args->size_mib, "Size in MiB")
                   ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 30));
@@ -58,7 +58,7 @@ void RegisterSnapshotCommand(CLI::App& app) {
       create->add_option("--size-bytes", args->size_bytes, "Size in bytes (a multiple of 4096)");
   mib->excludes(bytes);
   create->add_option("--seed", args->options.seed, "Seed of the content")->capture_default_str();
-  create->add_option("--zero", args->options.zero_fraction, "Fraction of zero pages (holes)")
+  create->add_option("--zero", args->options.zero_fraction, "Fraction of zero pages")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   create->add_option("--text", args->options.text_fraction, "Fraction of text-like pages")
@@ -67,6 +67,9 @@ void RegisterSnapshotCommand(CLI::App& app) {
   create->add_option("--random", args->options.random_fraction, "Fraction of random pages")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
+  create->add_flag("--holes", args->options.holes,
+                   "Leave zero pages as sparse holes (default: written as zeros, as Firecracker "
+                   "writes them)");
   create->add_flag("--force", args->options.overwrite, "Replace an existing file");
   create->callback([args] {
     if (args->size_mib == 0 && args->size_bytes == 0) {

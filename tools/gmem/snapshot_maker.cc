@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cmath>
@@ -158,15 +159,21 @@ Result<SnapshotSummary> MakeSnapshot(const std::string& path, const SnapshotMake
                                                             : SnapshotPageKind::kRandom;
     const uint64_t run = std::min(kinds.Between(1, kMaxRun), summary.pages - page);
     for (uint64_t p = page; p < page + run; ++p) {
-      if (kind == SnapshotPageKind::kZero) {
+      if (kind == SnapshotPageKind::kZero && options.holes) {
         ++summary.zero_pages;
         if (chunk_pages > 0) GM_RETURN_IF_ERROR(flush());  // a hole: never written
         continue;
       }
-      ++(kind == SnapshotPageKind::kText ? summary.text_pages : summary.random_pages);
       if (chunk_pages == kWriteChunkPages) GM_RETURN_IF_ERROR(flush());
       if (chunk_pages == 0) chunk_first = p;
-      FillSnapshotPage(kind, options.seed, p, std::span(chunk).subspan(chunk_pages * kPage, kPage));
+      std::span<std::byte> out = std::span(chunk).subspan(chunk_pages * kPage, kPage);
+      if (kind == SnapshotPageKind::kZero) {
+        ++summary.zero_pages;
+        std::fill(out.begin(), out.end(), std::byte{0});
+      } else {
+        ++(kind == SnapshotPageKind::kText ? summary.text_pages : summary.random_pages);
+        FillSnapshotPage(kind, options.seed, p, out);
+      }
       ++chunk_pages;
     }
     page += run;

@@ -3,7 +3,8 @@
 // The file is made of 4 KiB pages of three kinds, in runs of 1-16 pages of the same kind (real
 // memory is clustered: free memory, page cache, heaps), with the proportions asked for (on
 // average; defaults ~50% zero, ~30% text-like, ~20% random):
-//   zero    left as sparse holes (never written), as Firecracker's memory files have them;
+//   zero    written as zeros, as Firecracker writes a snapshot's free memory (or, with `holes`,
+//           left as sparse holes, never written);
 //   text    printable lines of words and code-like tokens, distinct per page (compresses well);
 //   random  pseudo-random bytes (does not compress).
 // The content is a pure function of the seed and the page index: the same options always write
@@ -32,6 +33,7 @@ struct SnapshotMakerOptions {
   double zero_fraction = 0.5;
   double text_fraction = 0.3;
   double random_fraction = 0.2;
+  bool holes = false;      // leave zero pages as sparse holes instead of writing zeros
   bool overwrite = false;  // replace an existing file (else kAlreadyExists)
   Os* os = nullptr;        // Os::Default() when null
 };
