@@ -45,7 +45,8 @@ template <typename Message, typename Decode, typename Encode>
 void CheckMessage(std::span<const uint8_t> payload, Decode decode, Encode encode) {
   Result<Message> decoded = decode(payload);
   if (!decoded) {
-    Check(decoded.error().code() == ErrorCode::kProtocolError, "a decode error is a protocol error");
+    Check(decoded.error().code() == ErrorCode::kProtocolError,
+          "a decode error is a protocol error");
     return;
   }
   (void)Describe(*decoded);
@@ -63,7 +64,8 @@ void FuzzOne(std::span<const uint8_t> stream) {
     Result<std::optional<size_t>> size = FrameSize(stream, kMaxFaultReplyPayload);
     Result<std::optional<size_t>> request_size = FrameSize(stream, kMaxFaultRequestPayload);
     if (!size) {
-      Check(size.error().code() == ErrorCode::kProtocolError, "a framing error is a protocol error");
+      Check(size.error().code() == ErrorCode::kProtocolError,
+            "a framing error is a protocol error");
       Check(!request_size.has_value(), "a frame too long for replies is too long for requests");
       return;
     }
@@ -75,8 +77,7 @@ void FuzzOne(std::span<const uint8_t> stream) {
     if (whole <= kFrameHeaderBytes + kMaxFaultRequestPayload) {
       Check(request_size.has_value() && *request_size == *size, "both limits agree");
     } else {
-      Check(!request_size.has_value() &&
-                request_size.error().code() == ErrorCode::kProtocolError,
+      Check(!request_size.has_value() && request_size.error().code() == ErrorCode::kProtocolError,
             "a frame beyond the request limit is refused");
     }
     const std::span<const uint8_t> payload =

@@ -417,6 +417,9 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
     return Error(ErrorCode::kDataLoss,
                  Where(region, page_offset) + ": its source could not supply it");
   }
+  // A vCPU's fault starts fault-all as a uffd fault does: with the secret-hiding branch it may
+  // come first, and the fill is what spares every later page its exit.
+  if (options.fault_all) StartFill();
   pieces_.clear();
   PlanWindow(layout, fault_around.WindowFor(layout, hit->region, page_offset), page_offset,
              /*write_fault=*/false, tracker, fetcher->source(), &pieces_,

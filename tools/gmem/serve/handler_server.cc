@@ -30,6 +30,7 @@
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
+#include "serve/handler_server_impl.h"
 #include "serve/keeper.h"
 #include "serve/vcpu_faults.h"
 #include "serve/vcpu_requests.h"
@@ -37,44 +38,13 @@
 namespace guestmem::cli {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// epoll tokens of the server's own descriptors; connections use their number (from 1), and a
-// connection's other descriptors its number with a kind and an index above it.
-constexpr uint64_t kStopToken = UINT64_MAX;
-constexpr uint64_t kNoticeToken = UINT64_MAX - 1;
-constexpr uint64_t kListenerToken = UINT64_MAX - 2;
-constexpr uint64_t kApfListenerToken = UINT64_MAX - 3;
-
-enum class TokenKind : uint64_t {
-  kConnection = 0,  // the VM's Uffd socket
-  kApfSocket = 1,   // the VM's APF socket
-  kRingNotify = 2,  // the notify eventfd of one of the VM's exitless rings (index: the vCPU)
-  kWaitingApf = 3,  // an APF connection whose VM has not connected yet (number: its own)
-};
-constexpr int kTokenKindShift = 56;
-constexpr int kTokenIndexShift = 40;
-constexpr uint64_t kTokenNumberMask = (uint64_t{1} << kTokenIndexShift) - 1;
-
-uint64_t Token(TokenKind kind, uint64_t number, uint64_t index = 0) {
-  return (static_cast<uint64_t>(kind) << kTokenKindShift) | (index << kTokenIndexShift) | number;
-}
-TokenKind KindOf(uint64_t token) { return static_cast<TokenKind>(token >> kTokenKindShift); }
-uint64_t NumberOf(uint64_t token) { return token & kTokenNumberMask; }
-uint64_t IndexOf(uint64_t token) {
-  return (token >> kTokenIndexShift) & ((uint64_t{1} << (kTokenKindShift - kTokenIndexShift)) - 1);
-}
-
 constexpr int kEventsPerTurn = 64;
-constexpr int kAcceptsPerTurn = 64;
 // How long completions that found an exitless complete ring full wait before they are tried again.
 constexpr std::chrono::milliseconds kCompletionRetry{1};
 // Bytes read (and dropped) per turn from a VM's socket after its handshake.
 constexpr size_t kDiscardBytesPerTurn = 4096;
 // How long the listener rests when accept fails for want of descriptors or memory.
 constexpr std::chrono::milliseconds kAcceptBackoff{100};
-// How often folded log lines are reported while they keep coming.
-constexpr std::chrono::seconds kLogFoldWindow{5};
 
 std::string Seconds(Clock::duration d) {
   char buf[32];
@@ -91,18 +61,6 @@ std::string PeerName(uint64_t vm, const std::optional<PeerCredentials>& peer) {
     name += " (peer unknown)";
   }
   return name;
-}
-
-void Signal(int fd) {
-  uint64_t one = 1;
-  ssize_t rc = write(fd, &one, sizeof(one));
-  (void)rc;  // EAGAIN: the counter is already non-zero, the loop wakes anyway
-}
-
-void Drain(int fd) {
-  uint64_t count;
-  ssize_t rc = read(fd, &count, sizeof(count));
-  (void)rc;
 }
 
 // "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
@@ -126,179 +84,6 @@ int TimeoutMs(Clock::time_point now, std::optional<Clock::time_point> wake) {
 }
 
 }  // namespace
-
-struct HandlerServer::Impl {
-  enum class Phase {
-    kHandshake,  // reading the handshake, until its deadline
-    kServing,    // a space of the engine
-    kClosing,    // the socket hung up and the space had ended by itself: its notice is due
-  };
-
-  // Message 2 of a secret-hiding VM: not read yet, or what it said.
-  enum class Control { kAwaiting, kNoExitless, kExitless };
-
-  struct Connection {
-    uint64_t vm = 0;
-    std::string name;
-    UniqueFd socket;
-    std::optional<pid_t> pid;  // the peer's, to pair its APF connection with it
-    Phase phase = Phase::kHandshake;
-    Clock::time_point accepted;
-    Clock::time_point deadline;             // kHandshake
-    std::optional<HandshakeReader> reader;  // kHandshake
-    UniqueFd early_apf;                     // its APF connection, paired before it was admitted
-    SpaceId space = 0;                      // kServing, kClosing
-    // A secret-hiding VM (guest memory file and userfault bitmap), kServing: its vCPU faults.
-    std::unique_ptr<VcpuFaults> vcpu;
-    Control control = Control::kAwaiting;
-    // Taken over with message 2 kept: a predecessor that died before consuming it left it on the
-    // socket, in front of the frames.
-    bool control_may_linger = false;
-    // What the keeper is given whenever this VM's descriptors change: the description and copies
-    // of the descriptors that do not change (the socket, the APF socket and the rings are added).
-    nlohmann::json description;
-    std::vector<std::pair<std::string, UniqueFd>> kept_fds;
-  };
-
-  // An APF connection whose VM (the Uffd connection from the same process) has not come yet.
-  struct WaitingApf {
-    UniqueFd socket;
-    pid_t pid = 0;
-    Clock::time_point deadline;
-  };
-
-  // Posted by the engine's workers when a vCPU fault posted for a VM has been served.
-  struct GuestFaultDone {
-    uint64_t vm;
-    uint32_t slot;
-    Status status;
-  };
-
-  // Posted by the engine's workers when a space ends by itself.
-  struct SpaceEnded {
-    uint64_t vm;
-    SpaceId space;
-    Status why;
-    FaultStats stats;
-  };
-
-  ServeOptions options;
-  // The memory file as new VMs see it; VMs being served keep the source they started with.
-  std::shared_ptr<const RawFileSource> source;
-  UniqueFd listener;
-  UniqueFd epoll;
-  UniqueFd stop_fd;    // eventfd: Stop() was called
-  UniqueFd notice_fd;  // eventfd: a space ended by itself
-  UniqueFd reserve;    // /dev/null, given up to shed a connection when out of descriptors
-
-  std::mutex mu;
-  std::vector<SpaceEnded> ended;           // GUARDED_BY(mu)
-  std::vector<GuestFaultDone> guest_done;  // GUARDED_BY(mu)
-  std::atomic<bool> notice_lost{false};    // a notice could not be posted: reconcile
-
-  // The loop's own state (Run()'s thread only).
-  std::unordered_map<uint64_t, Connection> connections;
-  std::set<std::pair<Clock::time_point, uint64_t>> deadlines;  // of the kHandshake connections
-  std::unordered_map<pid_t, uint64_t> vm_by_pid;  // live connections, by their peer's pid
-  // --apf: the APF socket's listener, and APF connections waiting for their VM.
-  UniqueFd apf_listener;
-  std::string apf_path;
-  std::unordered_map<uint64_t, WaitingApf> waiting_apf;
-  std::unordered_map<pid_t, uint64_t> waiting_apf_by_pid;
-  std::set<std::pair<Clock::time_point, uint64_t>> apf_deadlines;
-  uint64_t next_waiting_apf = 1;
-  // Edge-triggered descriptors (a VM's sockets, its rings) with more to read than a turn took, or
-  // held back until answers went out: read again without waiting for epoll.
-  std::vector<uint64_t> ready;
-  // VMs with exitless completions waiting for room in a full complete ring.
-  std::set<uint64_t> completion_retry;
-  uint64_t next_vm = 1;
-  size_t pending_handshakes = 0;  // connections in kHandshake
-  size_t active_vms = 0;          // connections in kServing or kClosing
-  int finished_vms = 0;
-  bool listener_watched = true;
-  Clock::time_point listener_resumes;
-  RateLimitedLog accept_log{kLogFoldWindow};
-  RateLimitedLog refused_log{kLogFoldWindow};
-  RateLimitedLog denied_log{kLogFoldWindow};
-  RateLimitedLog apf_log{kLogFoldWindow};
-
-  // Holds every VM for a successor (null with ServeOptions::keeper off).
-  std::unique_ptr<KeeperClient> keeper;
-  Inheritance inherited;      // what the keeper held at start, until resumed
-  bool handing_over = false;  // shutting down: VMs stay kept for the next daemon
-  size_t left_to_keeper = 0;
-
-  // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
-  std::unique_ptr<FaultEngine> engine;
-
-  // What a VM is served with, from a handshake or from the keeper.
-  struct VmSpec {
-    std::string name;
-    std::vector<HandshakeRegion> regions;
-    std::shared_ptr<const RawFileSource> snapshot;
-    bool fault_all = false;
-    uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
-    UniqueFd uffd;
-    UniqueFd memory_file;                  // the secret-hiding variant's guest memory file
-    std::shared_ptr<PageTracker> tracker;  // taken over; null: a new shared one
-    UniqueFd bitmap;                       // the secret-hiding variant's userfault bitmap
-    bool resume = false;
-    std::string kept_name;  // the name the keeper's description gives (name: with a note)
-  };
-
-  Status Watch(int fd, uint64_t token, uint32_t events);
-  void PauseListener(Clock::time_point now);
-  void ResumeListenerIfDue(Clock::time_point now);
-  void AcceptReady(Clock::time_point now);
-  void ShedOnePendingConnection(int err);
-  bool Allowed(const std::optional<PeerCredentials>& peer) const;
-  void AddConnection(UniqueFd socket, Clock::time_point now);
-  void HandshakeReady(Connection& c);
-  Result<SpaceId> Admit(Connection& c, ReceivedHandshake& handshake);
-  // Makes the VM's handler and space; fills c's description and kept descriptors (what the keeper
-  // needs to hold it) and, for a VM with a userfault bitmap, its vCPU faults (c.vcpu).
-  Result<SpaceId> StartSpace(Connection& c, VmSpec spec,
-                             std::unique_ptr<VcpuRequestTable> requests = nullptr);
-  // Gives the keeper everything it must hold for c now (replacing what it held).
-  void KeepVm(Connection& c);
-  // Makes c's sockets and rings edge-triggered members of the epoll set.
-  Status WatchServing(Connection& c);
-  void UnwatchServing(Connection& c);
-  VcpuFaults::PostFn PostFor(const Connection& c);
-  void OnGuestFaultDone(uint64_t vm, uint32_t slot, const Status& status);
-  // A VM's Uffd socket, APF socket or ring had an event (or is in `ready`).
-  void VcpuSocketReady(Connection& c, VcpuChannel channel, uint32_t events);
-  void RingReady(Connection& c, size_t index);
-  // Reads message 2; true once it has been read (or is not due).
-  bool ReadControl(Connection& c);
-  // Writes what c's vCPU faults queued; false when c was dropped (or hung up) meanwhile.
-  bool FinishVcpuBatch(Connection& c);
-  void DetachApf(Connection& c, const char* why);
-  void ProcessReady();
-  void AcceptApfReady(Clock::time_point now);
-  void AddApfConnection(UniqueFd socket, Clock::time_point now);
-  void AttachApf(Connection& c, UniqueFd socket);
-  void EraseWaitingApf(uint64_t id);
-  // An event of `token` (again: it was in `ready`, not reported by epoll).
-  void TokenReady(uint64_t token, uint32_t events, bool again);
-  void DropForToken(uint64_t token, const std::string& why);
-  Status TakeOverFromKeeper();
-  Status Resume(KeptVm& kept);
-  Result<std::shared_ptr<const RawFileSource>> CurrentSource();
-  void ServingReady(Connection& c, uint32_t events);
-  void ExpireHandshakes(Clock::time_point now);
-  void HandleNotices();
-  void Reconcile();
-  void SpaceEndedByItself(Connection& c, const SpaceEnded& notice);
-  void Hangup(Connection& c, const char* why);
-  void Drop(uint64_t vm, const std::string& why);
-  void Finish(Connection& c, LogLevel level, const std::string& line, const FaultStats& stats);
-  void SetPhase(Connection& c, Phase phase);
-  void Erase(uint64_t vm);
-  void OnSpaceClosed(uint64_t vm, SpaceId space, const Status& why, const FaultStats& stats);
-  std::optional<Clock::time_point> NextWake() const;
-};
 
 Status ValidateServeOptions(const ServeOptions& options) {
   auto invalid = [](const std::string& what) { return Error(ErrorCode::kInvalidArgument, what); };
@@ -428,7 +213,7 @@ HandlerServer::~HandlerServer() {
   }
 }
 
-void HandlerServer::Stop() { Signal(impl_->stop_fd.get()); }
+void HandlerServer::Stop() { SignalEventFd(impl_->stop_fd.get()); }
 
 Status HandlerServer::Impl::Watch(int fd, uint64_t token, uint32_t events) {
   epoll_event ev{};
@@ -474,7 +259,7 @@ Status HandlerServer::Run() {
         if (token == kStopToken) {
           stopping = true;
         } else if (token == kNoticeToken) {
-          Drain(s.notice_fd.get());
+          DrainEventFd(s.notice_fd.get());
         } else if (token == kListenerToken) {
           s.AcceptReady(now);
         } else if (token == kApfListenerToken) {
@@ -1132,310 +917,6 @@ void HandlerServer::Impl::KeepVm(Connection& c) {
   }
 }
 
-Status HandlerServer::Impl::WatchServing(Connection& c) {
-  // Edge-triggered: frames are only looked at until whole, so a partial one must not keep the
-  // socket "readable" for the loop; what a turn leaves is in `ready`.
-  epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-  ev.data.u64 = Token(TokenKind::kConnection, c.vm);
-  if (epoll_ctl(epoll.get(), EPOLL_CTL_MOD, c.socket.get(), &ev) != 0) {
-    return PosixError(errno, "serve: epoll_ctl MOD of " + c.name + "'s socket");
-  }
-  if (c.vcpu->apf_fd() >= 0) {
-    GM_RETURN_IF_ERROR(Watch(c.vcpu->apf_fd(), Token(TokenKind::kApfSocket, c.vm),
-                             EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET));
-  }
-  for (size_t i = 0; i < c.vcpu->ring_count(); ++i) {
-    GM_RETURN_IF_ERROR(Watch(c.vcpu->ring_notify_fd(i), Token(TokenKind::kRingNotify, c.vm, i),
-                             EPOLLIN | EPOLLET));
-  }
-  return OkStatus();
-}
-
-void HandlerServer::Impl::UnwatchServing(Connection& c) {
-  // Explicitly: the keeper holds copies of these descriptors, so closing ours would not take
-  // them out of the epoll set.
-  if (!c.vcpu) return;
-  if (c.vcpu->apf_fd() >= 0) epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.vcpu->apf_fd(), nullptr);
-  for (size_t i = 0; i < c.vcpu->ring_count(); ++i) {
-    epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.vcpu->ring_notify_fd(i), nullptr);
-  }
-}
-
-VcpuFaults::PostFn HandlerServer::Impl::PostFor(const Connection& c) {
-  const uint64_t vm = c.vm;
-  const SpaceId space = c.space;
-  return [this, vm, space](const GuestFault& fault, uint32_t slot) {
-    return engine->PostGuestFault(space, fault,
-                                  [this, vm, slot](const GuestFault&, const Status& status) {
-                                    OnGuestFaultDone(vm, slot, status);
-                                  });
-  };
-}
-
-void HandlerServer::Impl::OnGuestFaultDone(uint64_t vm, uint32_t slot, const Status& status) {
-  // A worker thread: only post.
-  try {
-    std::lock_guard lock(mu);
-    guest_done.push_back(GuestFaultDone{vm, slot, status});
-  } catch (...) {
-    // Its answer is lost until a successor replays the request table.
-    Log(LogLevel::kError, "vm " + std::to_string(vm) +
-                              ": a served vCPU fault could not be posted back for want of memory");
-    return;
-  }
-  Signal(notice_fd.get());
-}
-
-void HandlerServer::Impl::VcpuSocketReady(Connection& c, VcpuChannel channel, uint32_t events) {
-  const bool uffd = channel == VcpuChannel::kUffdSocket;
-  if ((events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) != 0) {
-    if (uffd) {
-      Hangup(c, "disconnected");
-    } else {
-      DetachApf(c, "hung up");
-    }
-    return;
-  }
-  if ((events & EPOLLOUT) != 0 && !FinishVcpuBatch(c)) return;
-  if ((events & EPOLLIN) == 0) return;
-  if (uffd && !ReadControl(c)) return;
-  auto read = c.vcpu->ReadFrames(channel, VcpuFaults::kFramesPerTurn, PostFor(c));
-  if (!read) {
-    Drop(c.vm, read.error().ToString());
-    return;
-  }
-  if (read->hung_up) {
-    if (uffd) {
-      Hangup(c, "disconnected");
-    } else {
-      DetachApf(c, "hung up");
-    }
-    return;
-  }
-  if (read->more) {
-    ready.push_back(Token(uffd ? TokenKind::kConnection : TokenKind::kApfSocket, c.vm));
-  }
-}
-
-bool HandlerServer::Impl::ReadControl(Connection& c) {
-  if (c.control_may_linger) {
-    // Taken over: message 2 was kept, and may still be on the socket, in front of the frames.
-    uint8_t first = 0;
-    const ssize_t n = recv(c.socket.get(), &first, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return false;
-    if (n <= 0) return true;  // EOF or an error: reading the frames tells
-    if (StartsLikeApfControl(first)) {
-      auto left = PeekApfControl(c.socket.get());
-      if (!left) {
-        Drop(c.vm, left.error().ToString());
-        return false;
-      }
-      if (!*left) return false;  // not all there yet
-      if (Status consumed = ConsumeApfControl(c.socket.get(), (*left)->bytes); !consumed) {
-        Drop(c.vm, consumed.error().ToString());
-        return false;
-      }
-      Log(LogLevel::kInfo, c.name +
-                               ": took message 2 off the socket (the previous daemon had set "
-                               "up what it said, and died before consuming it)");
-    }
-    c.control_may_linger = false;
-    return true;
-  }
-  if (c.control != Control::kAwaiting) return true;
-  auto peeked = PeekApfControl(c.socket.get());
-  if (!peeked) {
-    if (peeked.error().code() == ErrorCode::kPeerGone) {
-      Hangup(c, "disconnected");
-    } else {
-      Drop(c.vm, peeked.error().ToString());
-    }
-    return false;
-  }
-  if (!*peeked) return false;  // not all of it yet: the socket signals again when more comes
-  ApfControl& control = **peeked;
-  if (control.vcpus > 0) {
-    if (Status set = c.vcpu->SetUpExitless(std::move(control.fds)); !set) {
-      Drop(c.vm, set.error().ToString());
-      return false;
-    }
-    for (size_t i = 0; i < c.vcpu->ring_count(); ++i) {
-      if (Status watched = Watch(c.vcpu->ring_notify_fd(i), Token(TokenKind::kRingNotify, c.vm, i),
-                                 EPOLLIN | EPOLLET);
-          !watched) {
-        Drop(c.vm, watched.error().ToString());
-        return false;
-      }
-      ready.push_back(Token(TokenKind::kRingNotify, c.vm, i));  // drain, then arm
-    }
-    c.control = Control::kExitless;
-  } else {
-    c.control = Control::kNoExitless;
-  }
-  // Kept before it is consumed: a daemon that dies in between leaves it on the socket, and its
-  // successor, told that it was read, takes it off.
-  KeepVm(c);
-  if (Status consumed = ConsumeApfControl(c.socket.get(), control.bytes); !consumed) {
-    Drop(c.vm, consumed.error().ToString());
-    return false;
-  }
-  Log(LogLevel::kInfo, c.name + ": message 2: " +
-                           (control.vcpus > 0 ? "exitless APF rings for " +
-                                                    std::to_string(control.vcpus) + " vCPU(s)"
-                                              : std::string("no exitless APF")));
-  return true;
-}
-
-void HandlerServer::Impl::RingReady(Connection& c, size_t index) {
-  auto more = c.vcpu->DrainRing(index, PostFor(c));
-  if (!more) {
-    Drop(c.vm, more.error().ToString());
-    return;
-  }
-  if (*more) ready.push_back(Token(TokenKind::kRingNotify, c.vm, index));
-}
-
-bool HandlerServer::Impl::FinishVcpuBatch(Connection& c) {
-  auto flushed = c.vcpu->FinishBatch();
-  if (!flushed) {
-    if (flushed.error().code() == ErrorCode::kPeerGone) {
-      Hangup(c, "disconnected");
-    } else {
-      Drop(c.vm, flushed.error().ToString());
-    }
-    return false;
-  }
-  if (flushed->apf_gone) DetachApf(c, "hung up");
-  if (c.vcpu->completions_waiting()) {
-    completion_retry.insert(c.vm);
-  } else {
-    completion_retry.erase(c.vm);
-  }
-  const VcpuFaults::Unblocked unblocked = c.vcpu->TakeUnblocked();
-  if (unblocked.uffd_socket) ready.push_back(Token(TokenKind::kConnection, c.vm));
-  if (unblocked.apf_socket) ready.push_back(Token(TokenKind::kApfSocket, c.vm));
-  for (const size_t i : unblocked.rings) ready.push_back(Token(TokenKind::kRingNotify, c.vm, i));
-  return true;
-}
-
-void HandlerServer::Impl::DetachApf(Connection& c, const char* why) {
-  if (!c.vcpu || c.vcpu->apf_fd() < 0) return;
-  epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.vcpu->apf_fd(), nullptr);
-  c.vcpu->DetachApf();
-  Log(LogLevel::kWarning, c.name + ": its APF socket " + why +
-                              "; its vCPU faults go on over the "
-                              "Uffd socket");
-  KeepVm(c);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The APF socket
-
-void HandlerServer::Impl::AcceptApfReady(Clock::time_point now) {
-  for (int i = 0; i < kAcceptsPerTurn; ++i) {
-    const int fd = accept4(apf_listener.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd >= 0) {
-      AddApfConnection(UniqueFd(fd), now);
-      continue;
-    }
-    const int err = errno;
-    if (err == EAGAIN || err == EWOULDBLOCK) return;
-    if (err == EINTR || err == ECONNABORTED) continue;
-    // Out of descriptors or memory: take the waiting connection through the reserve descriptor
-    // and close it, so that the listener does not stay readable and spin the loop.
-    apf_log.Log(LogLevel::kError, "APF socket: accept: " + PosixError(err, "").ToString() +
-                                      "; a waiting APF connection is closed");
-    reserve.reset();
-    UniqueFd shed(accept4(apf_listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    shed.reset();
-    reserve.reset(open("/dev/null", O_RDONLY | O_CLOEXEC));
-    return;
-  }
-}
-
-void HandlerServer::Impl::AddApfConnection(UniqueFd socket, Clock::time_point now) {
-  std::optional<PeerCredentials> peer;
-  if (auto creds = GetPeerCredentials(socket.get())) peer = std::move(*creds);
-  if (!Allowed(peer)) {
-    denied_log.Log(LogLevel::kWarning, "refused an APF connection from " +
-                                           (peer ? "pid " + std::to_string(peer->pid)
-                                                 : std::string("an unknown peer")) +
-                                           ": not allowed by --allow-uid/--allow-gid");
-    return;
-  }
-  if (!peer || peer->pid <= 0) {
-    apf_log.Log(LogLevel::kWarning,
-                "refused an APF connection whose peer is unknown: it cannot be "
-                "paired with its VM's Uffd connection");
-    return;
-  }
-  const pid_t pid = peer->pid;
-  // Firecracker connects it first, then its Uffd socket: both come from the one process.
-  if (auto v = vm_by_pid.find(pid); v != vm_by_pid.end()) {
-    Connection& c = connections.at(v->second);
-    if (c.phase == Phase::kHandshake && !c.early_apf) {
-      c.early_apf = std::move(socket);
-      return;
-    }
-    if (c.phase == Phase::kServing && c.vcpu && c.vcpu->apf_fd() < 0) {
-      AttachApf(c, std::move(socket));
-      return;
-    }
-    apf_log.Log(LogLevel::kWarning, "refused an APF connection from pid " + std::to_string(pid) +
-                                        ": " + c.name +
-                                        " has one already, or no vCPU faults to send there");
-    return;
-  }
-  if (waiting_apf_by_pid.count(pid) != 0) {
-    apf_log.Log(LogLevel::kWarning, "refused a second APF connection from pid " +
-                                        std::to_string(pid) + " before its VM connected");
-    return;
-  }
-  if (waiting_apf.size() >= options.max_pending_handshakes) {
-    refused_log.Log(LogLevel::kWarning,
-                    "refused an APF connection: " + std::to_string(waiting_apf.size()) +
-                        " wait for their VMs, the most allowed "
-                        "(--max-pending-handshakes)");
-    return;
-  }
-  const uint64_t id = next_waiting_apf++;
-  // Only its hang-up is watched until its VM comes: nothing is read from it before.
-  if (Status watched = Watch(socket.get(), Token(TokenKind::kWaitingApf, id), EPOLLRDHUP);
-      !watched) {
-    apf_log.Log(LogLevel::kError, "refused an APF connection: " + watched.error().ToString());
-    return;
-  }
-  const Clock::time_point deadline = now + options.handshake_timeout;
-  waiting_apf.emplace(id, WaitingApf{std::move(socket), pid, deadline});
-  waiting_apf_by_pid.emplace(pid, id);
-  apf_deadlines.emplace(deadline, id);
-}
-
-void HandlerServer::Impl::AttachApf(Connection& c, UniqueFd socket) {
-  c.vcpu->AttachApf(std::move(socket));
-  if (Status watched = Watch(c.vcpu->apf_fd(), Token(TokenKind::kApfSocket, c.vm),
-                             EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET);
-      !watched) {
-    c.vcpu->DetachApf();
-    Log(LogLevel::kError, c.name + ": its APF connection is closed: " + watched.error().ToString());
-    return;
-  }
-  Log(LogLevel::kInfo, c.name + ": its APF socket connected");
-  KeepVm(c);
-  ready.push_back(Token(TokenKind::kApfSocket, c.vm));
-}
-
-void HandlerServer::Impl::EraseWaitingApf(uint64_t id) {
-  auto it = waiting_apf.find(id);
-  if (it == waiting_apf.end()) return;
-  if (it->second.socket) epoll_ctl(epoll.get(), EPOLL_CTL_DEL, it->second.socket.get(), nullptr);
-  apf_deadlines.erase({it->second.deadline, id});
-  auto by_pid = waiting_apf_by_pid.find(it->second.pid);
-  if (by_pid != waiting_apf_by_pid.end() && by_pid->second == id) waiting_apf_by_pid.erase(by_pid);
-  waiting_apf.erase(it);
-}
-
 Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
   auto changed = source->WhatChanged();
   if (!changed) {
@@ -1501,7 +982,7 @@ void HandlerServer::Impl::OnSpaceClosed(uint64_t vm, SpaceId space, const Status
   } catch (...) {
     notice_lost.store(true);  // the loop finds out which space is gone by asking the engine
   }
-  Signal(notice_fd.get());
+  SignalEventFd(notice_fd.get());
 }
 
 void HandlerServer::Impl::HandleNotices() {
