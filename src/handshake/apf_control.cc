@@ -9,6 +9,7 @@
 #include <string>
 
 #include "guestmem/os.h"
+#include "handshake/scm_rights.h"
 
 namespace guestmem {
 namespace {
@@ -107,20 +108,14 @@ Status SendApfControl(int socket_fd, std::span<const int> exitless_fds, Os* os) 
   const std::string text = exitless_fds.empty() ? std::string(kNoExitlessApf)
                                                 : std::string(kExitlessApfPrefix) +
                                                       std::to_string(exitless_fds.size() / 3);
-  std::vector<char> control;
+  std::vector<char> control = ScmRightsControl(exitless_fds);
   iovec iov{const_cast<char*>(text.data()), text.size()};
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
-  if (!exitless_fds.empty()) {
-    control.resize(CMSG_SPACE(sizeof(int) * exitless_fds.size()));
+  if (!control.empty()) {
     msg.msg_control = control.data();
     msg.msg_controllen = control.size();
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * exitless_fds.size());
-    std::memcpy(CMSG_DATA(cmsg), exitless_fds.data(), sizeof(int) * exitless_fds.size());
   }
   while (true) {
     const ssize_t n = os->Sendmsg(socket_fd, &msg, MSG_NOSIGNAL);

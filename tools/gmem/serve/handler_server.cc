@@ -76,6 +76,16 @@ std::string AccessNote(const ServeOptions& options) {
   return "; peers allowed: " + uids + (!uids.empty() && !gids.empty() ? "; " : "") + gids;
 }
 
+// The Uffd socket and the APF socket: both with the socket's mode, owner and group.
+UnixListenOptions ListenOptionsOf(const ServeOptions& options) {
+  UnixListenOptions listen;
+  listen.mode = options.socket_mode;
+  listen.owner = options.socket_owner;
+  listen.group = options.socket_group;
+  listen.backlog = 256;
+  return listen;
+}
+
 int TimeoutMs(Clock::time_point now, std::optional<Clock::time_point> wake) {
   if (!wake) return -1;
   if (*wake <= now) return 0;
@@ -145,12 +155,7 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
     // The socket a predecessor listened on, kept: VMs that connected meanwhile are in its backlog.
     impl->listener = std::move(impl->inherited.listener);
   } else {
-    UnixListenOptions listen;
-    listen.mode = options.socket_mode;
-    listen.owner = options.socket_owner;
-    listen.group = options.socket_group;
-    listen.backlog = 256;
-    GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, listen));
+    GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, ListenOptionsOf(options)));
     if (impl->keeper != nullptr)
       GM_RETURN_IF_ERROR(impl->keeper->KeepListener(impl->listener.get()));
   }
@@ -163,12 +168,7 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
         S_ISSOCK(apf_file.st_mode)) {
       impl->apf_listener = std::move(impl->inherited.apf_listener);
     } else {
-      UnixListenOptions listen;
-      listen.mode = options.socket_mode;
-      listen.owner = options.socket_owner;
-      listen.group = options.socket_group;
-      listen.backlog = 256;
-      auto apf = ListenUnix(impl->apf_path, listen);
+      auto apf = ListenUnix(impl->apf_path, ListenOptionsOf(options));
       if (!apf) return std::move(apf).error().WithContext("--apf: the APF socket");
       impl->apf_listener = std::move(*apf);
       if (impl->keeper != nullptr) {

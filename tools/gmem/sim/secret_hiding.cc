@@ -369,18 +369,9 @@ struct Outcome {
   std::optional<uint64_t> first_stuck;
 };
 
-void Keep(std::optional<Mismatch>& lowest, const Mismatch& m) {
-  if (!lowest || m.offset < lowest->offset) lowest = m;
-}
-
 void Check(const std::byte* got, const std::byte* want, uint64_t offset, bool written,
            Outcome& out) {
-  if (std::memcmp(got, want, kAccessBytes) == 0) return;
-  size_t i = 0;
-  while (got[i] == want[i]) ++i;
-  ++out.mismatches;
-  Keep(out.first,
-       Mismatch{offset + i, static_cast<uint8_t>(got[i]), static_cast<uint8_t>(want[i]), written});
+  CompareAccess(got, want, offset, written, out.mismatches, out.first);
 }
 
 Status ReadFilePage(int fd, uint64_t offset, std::byte* out) {
@@ -556,7 +547,7 @@ Result<SecretHidingResult> RunSecretHidingWorkload(const GuestVm& vm, VcpuFaultB
     wr.pages_read += o.read;
     wr.pages_written += o.written;
     wr.mismatches += o.mismatches;
-    if (o.first) Keep(wr.first_mismatch, *o.first);
+    if (o.first) KeepLowest(wr.first_mismatch, *o.first);
     (t < options.vcpus ? result.vcpu_pages : result.vmm_pages) += o.read + o.written;
   }
   result.faults = broker.counts();
