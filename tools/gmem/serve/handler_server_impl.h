@@ -10,6 +10,7 @@
 #define GUESTMEM_TOOLS_GMEM_SERVE_HANDLER_SERVER_IMPL_H_
 
 #include <sys/types.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
