@@ -14,6 +14,7 @@
 
 #include "guestmem/handshake.h"
 #include "guestmem/vcpu_fault_frames.h"
+#include "testutil/send_raw.h"
 
 namespace guestmem {
 namespace {
@@ -40,23 +41,7 @@ ino_t Inode(int fd) {
   return st.st_ino;
 }
 
-ssize_t SendRaw(int sock, std::string_view bytes, std::span<const int> fds = {}) {
-  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
-  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  if (!fds.empty()) {
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
-  return sendmsg(sock, &msg, MSG_NOSIGNAL);
-}
+using testutil::SendRaw;
 
 TEST(ApfControlTest, TheApfSocketIsBesideTheUffdSocket) {
   EXPECT_EQ(ApfSocketPath("/run/fc/uffd.sock"), "/run/fc/apf.socket");
