@@ -30,7 +30,8 @@
 // page whose userfault bit is set exits to the VMM, which forwards it as a FaultRequest; its owner
 // posts it here (PostGuestFault, from any thread). In its next turn, before the uffd's faults, the
 // handler puts the page's content (with its fault-around window) into the guest memory file,
-// clears their userfault bits, and calls the fault's callback, which answers the VMM. In the minor
+// clears their userfault bits, and calls the fault's callback, which answers the VMM. A fault
+// posted as a prefetch is served the same way, after the vCPUs' own. In the minor
 // trap every page whose content the handler puts into the file gets its bit cleared after that,
 // whichever way it went in.
 //
@@ -101,7 +102,12 @@ struct GuestFault {
   uint32_t vcpu = 0;
   uint64_t flags = 0;  // kvm_run.memory_fault.flags, echoed in the reply
   GuestPhysAddr gpa;
+  // Not a vCPU's: its owner populates ahead of the vCPUs (a learned working set). Served after
+  // every vCPU's fault waiting, at most kPrefetchesPerTurn a turn, so that a vCPU's fault posted
+  // meanwhile waits behind a few at most; not counted as a guest fault nor in the latency.
+  bool prefetch = false;
 };
+inline constexpr size_t kPrefetchesPerTurn = 4;
 // Told, on the thread that serves the handler, how a posted guest fault ended: OK once the page's
 // content is in the guest memory file and its userfault bit is clear; else why it cannot be
 // (kOutOfRange: the address is in no region; the source's error for a page it cannot supply).

@@ -385,20 +385,30 @@ bool FaultHandler::Pipeline::ServeGuestFaults(size_t budget) {
     std::lock_guard lock(guest_mu);
     uint64_t count;
     (void)!read(guest_event.get(), &count, sizeof(count));  // reset; re-signalled if more wait
-    const size_t n = std::min(budget, guest_faults.size());
-    faults.assign(std::make_move_iterator(guest_faults.begin()),
-                  std::make_move_iterator(guest_faults.begin() + static_cast<std::ptrdiff_t>(n)));
-    guest_faults.erase(guest_faults.begin(), guest_faults.begin() + static_cast<std::ptrdiff_t>(n));
+    // The vCPUs' faults first, in the order posted; then a few prefetches, also in order.
+    std::vector<std::pair<GuestFault, GuestFaultDone>> left;
+    size_t prefetches = 0;
+    for (auto& posted : guest_faults) {
+      const bool take =
+          faults.size() < budget && (!posted.first.prefetch || prefetches < kPrefetchesPerTurn);
+      if (take && posted.first.prefetch) ++prefetches;
+      (take ? faults : left).push_back(std::move(posted));
+    }
+    std::stable_partition(faults.begin(), faults.end(),
+                          [](const auto& f) { return !f.first.prefetch; });
+    guest_faults = std::move(left);
     if (!guest_faults.empty()) {
       const uint64_t one = 1;
       (void)!write(guest_event.get(), &one, sizeof(one));
     }
   }
   for (auto& [fault, done] : faults) {
-    Add(counters.faults_guest, 1);
     const auto start = Clock::now();
     const Status status = ServeGuestFault(fault);
-    latency.Record(NanosSince(start));
+    if (!fault.prefetch) {
+      Add(counters.faults_guest, 1);
+      latency.Record(NanosSince(start));
+    }
     if (done) done(fault, status);
   }
   std::lock_guard lock(guest_mu);

@@ -564,6 +564,16 @@ class SecretHidingFaultsTest : public ::testing::Test {
 
   // Serves the VM in an engine of one worker; skips where the kernel lacks shmem MINOR faults.
   void StartServing(FaultHandlerOptions options) {
+    MakeHandler(std::move(options));
+    if (IsSkipped() || HasFatalFailure()) return;
+    engine_ = StartEngine(1);
+    auto id = engine_->AddSpace(std::move(handler_));
+    ASSERT_TRUE(id.has_value());
+    id_ = *id;
+  }
+
+  // The VM's handler, in handler_, for a test that drives it by hand.
+  void MakeHandler(FaultHandlerOptions options) {
     auto file = MemoryFile::Create({.size_bytes = snapshot_.size()});
     ASSERT_TRUE(file.has_value()) << file.error().ToString();
     file_ = *file;
@@ -596,10 +606,7 @@ class SecretHidingFaultsTest : public ::testing::Test {
     auto handler =
         FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot_), options);
     ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
-    engine_ = StartEngine(1);
-    auto id = engine_->AddSpace(std::move(*handler));
-    ASSERT_TRUE(id.has_value());
-    id_ = *id;
+    handler_ = std::move(*handler);
   }
 
   // Page `p` of the guest memory file as KVM reads it (not through the registered mapping).
@@ -616,9 +623,48 @@ class SecretHidingFaultsTest : public ::testing::Test {
   std::shared_ptr<MemoryFile> file_;
   std::unique_ptr<MemoryMapping> mapping_;
   std::shared_ptr<UserfaultBitmap> bits_;
+  std::unique_ptr<FaultHandler> handler_;
   std::unique_ptr<FaultEngine> engine_;
   SpaceId id_{};
 };
+
+// A prefetch (a learned working set populated ahead of the vCPUs) waits for every vCPU's fault,
+// and a turn serves a few prefetches at most: a vCPU's fault posted behind a long prefetch is
+// served in the next turn, not after the whole of it.
+TEST_F(SecretHidingFaultsTest, PrefetchesGoAfterTheVcpusFaultsAFewATurn) {
+  MakeHandler({});
+  if (IsSkipped() || HasFatalFailure()) return;
+  std::vector<uint64_t> served;  // the pages, in the order their callbacks came
+  auto post = [&](uint64_t page, bool prefetch) {
+    const GuestFault fault{.vcpu = 1,
+                           .flags = prefetch ? 0u : 0x10u,
+                           .gpa = GuestPhysAddr(kGpaStart + page * kPageSize4K),
+                           .prefetch = prefetch};
+    Status posted = handler_->PostGuestFault(fault, [&, page](const GuestFault&, const Status& s) {
+      EXPECT_TRUE(s.has_value()) << testutil::Describe(s);
+      served.push_back(page);
+    });
+    ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
+  };
+  const uint64_t window = kDefaultFaultAroundBytes / kPageSize4K;
+  for (uint64_t i = 0; i < kPrefetchesPerTurn + 2; ++i) post(i * window, true);
+  post(400, false);
+  auto more = handler_->Serve(ServeBudget{});
+  ASSERT_TRUE(more.has_value()) << more.error().ToString();
+  EXPECT_TRUE(*more) << "two prefetches are left for the next turn";
+  ASSERT_EQ(served.size(), kPrefetchesPerTurn + 1);
+  EXPECT_EQ(served[0], 400u) << "the vCPU's fault first";
+  post(300, false);  // a vCPU's fault posted while prefetches wait: it goes first again
+  more = handler_->Serve(ServeBudget{});
+  ASSERT_TRUE(more.has_value());
+  ASSERT_EQ(served.size(), kPrefetchesPerTurn + 4);
+  EXPECT_EQ(served[kPrefetchesPerTurn + 1], 300u);
+  EXPECT_EQ(served.back(), (kPrefetchesPerTurn + 1) * window);
+  const FaultStats stats = handler_->stats();
+  EXPECT_EQ(stats.faults_guest, 2u) << "prefetches are not the vCPUs' faults";
+  EXPECT_EQ(bits_->CountSet(0, kPages), kPages - (kPrefetchesPerTurn + 4) * window);
+  for (uint64_t p = 0; p < (kPrefetchesPerTurn + 2) * window; ++p) EXPECT_EQ(CheckFilePage(p), "");
+}
 
 TEST_F(SecretHidingFaultsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
   StartServing({});

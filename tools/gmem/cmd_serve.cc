@@ -211,6 +211,9 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_flag("--apf", args->options.apf,
                 "Also listen for Firecracker's APF socket, at dirname(SOCKET)/apf.socket "
                 "(secret-hiding VMs' async page faults)");
+  cmd->add_flag("!--no-working-sets", args->options.learn_working_sets,
+                "Secret hiding: do not learn each snapshot's working set from the VM that ends "
+                "(nor populate it for the next VM before its vCPUs ask)");
   cmd->add_flag("!--no-keeper", args->options.keeper,
                 "Do not keep VMs for a successor: a daemon that dies (or stops) leaves its VMs "
                 "frozen");

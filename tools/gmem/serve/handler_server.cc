@@ -876,6 +876,11 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
                    {"bitmap", has_bitmap}};
   c.kept_fds = std::move(kept_fds);
   c.vcpu = std::move(vcpu);
+  c.learns = has_bitmap && options.learn_working_sets;
+  c.tracker = spec.tracker;
+  c.snapshot = spec.snapshot->identity();
+  c.regions = spec.regions;
+  c.fault_around_bytes = spec.fault_around_bytes;
   return space;
 }
 
@@ -988,10 +993,18 @@ void HandlerServer::Impl::OnSpaceClosed(uint64_t vm, SpaceId space, const Status
 void HandlerServer::Impl::HandleNotices() {
   std::vector<SpaceEnded> notices;
   std::vector<GuestFaultDone> done;
+  std::vector<uint64_t> prefetched;
   {
     std::lock_guard lock(mu);
     notices.swap(ended);
     done.swap(guest_done);
+    prefetched.swap(prefetch_done);
+  }
+  for (const uint64_t vm : prefetched) {
+    auto it = connections.find(vm);
+    if (it == connections.end() || it->second.phase != Phase::kServing) continue;
+    --it->second.prefetch.in_flight;
+    PostPrefetch(it->second);
   }
   // Served vCPU faults first: their answers go out in one batch per VM.
   std::vector<uint64_t> answered;
@@ -1096,6 +1109,10 @@ void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::strin
                                  const FaultStats& stats) {
   const std::string vcpu_note = c.vcpu ? c.vcpu->StatsNote() : "";
   Log(level, vcpu_note.empty() ? line : line + "; " + vcpu_note);
+  // A VM that ended as VMs end (not dropped for what it did) teaches its snapshot's working set.
+  if (c.learns && level != LogLevel::kError && c.tracker != nullptr) {
+    working_sets.Learn(c.snapshot, *c.tracker);
+  }
   const std::string name = c.name;
   Erase(c.vm);  // c is gone from here on
   if (options.on_vm_finished) options.on_vm_finished(name, stats);

@@ -34,9 +34,10 @@
 // server also listens on dirname(socket)/apf.socket, where Firecracker connects before it connects
 // to the socket: an APF connection is paired with the VM whose connection comes from the same
 // process (SO_PEERCRED), and carries the same frames. Exitless APF rings announced in message 2
-// are drained from the loop too. Everything taken and not answered yet is in a table the keeper
-// holds, so that a successor answers it. A malformed frame is a protocol error of that VM alone:
-// logged, and its connection dropped.
+// are drained from the loop too. The pages a VM had populated when it ended are its snapshot's
+// working set: the next VM of the snapshot gets them before its vCPUs ask. Everything taken and not
+// answered yet is in a table the keeper holds, so that a successor answers it. A malformed frame is
+// a protocol error of that VM alone: logged, and its connection dropped.
 //
 // Thread safety: Start() from one thread; Stop() from any thread or a signal handler
 // (async-signal-safe); Run() from one thread.
@@ -82,6 +83,10 @@ struct ServeOptions {
   // Also listen on ApfSocketPath(socket_path) (apf_control.h) for Firecracker's APF socket (with
   // the socket's mode, owner and group).
   bool apf = false;
+  // Secret hiding: when a VM ends, learn the pages it had populated as its snapshot's working set
+  // (serve/working_sets.h); the next VM of that snapshot gets them in the background as soon as
+  // message 2 makes its bitmap valid, so that its vCPUs do not exit for them.
+  bool learn_working_sets = true;
   // Keep every VM with a keeper, so that a successor can take it over (see above). The keeper
   // listens at keeper_path (default: socket_path + ".keeper") and is `keeper_program keeper
   // PATH`, started when none runs there.

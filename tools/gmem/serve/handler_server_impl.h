@@ -37,6 +37,7 @@
 #include "serve/keeper.h"
 #include "serve/vcpu_faults.h"
 #include "serve/vcpu_requests.h"
+#include "serve/working_sets.h"
 
 namespace guestmem::cli {
 
@@ -117,6 +118,20 @@ struct HandlerServer::Impl {
     // of the descriptors that do not change (the socket, the APF socket and the rings are added).
     nlohmann::json description;
     std::vector<std::pair<std::string, UniqueFd>> kept_fds;
+    // Secret hiding: what its working set is learned from at its end (learns), and the prefetch
+    // of the working set its snapshot's last VM had: guest faults posted a batch at a time.
+    bool learns = false;
+    std::shared_ptr<PageTracker> tracker;
+    FileIdentity snapshot;
+    std::vector<HandshakeRegion> regions;
+    uint64_t fault_around_bytes = 0;
+    struct Prefetch {
+      std::vector<GuestFault> faults;
+      size_t next = 0;       // the first not posted yet
+      size_t in_flight = 0;  // posted and not done
+      uint64_t pages = 0;    // in the set it comes from
+      Clock::time_point start;
+    } prefetch;
   };
 
   // An APF connection whose VM (the Uffd connection from the same process) has not come yet.
@@ -153,6 +168,7 @@ struct HandlerServer::Impl {
   std::mutex mu;
   std::vector<SpaceEnded> ended;           // GUARDED_BY(mu)
   std::vector<GuestFaultDone> guest_done;  // GUARDED_BY(mu)
+  std::vector<uint64_t> prefetch_done;     // GUARDED_BY(mu): a VM's prefetch fault was served
   std::atomic<bool> notice_lost{false};    // a notice could not be posted: reconcile
 
   // The loop's own state (Run()'s thread only).
@@ -183,6 +199,9 @@ struct HandlerServer::Impl {
   RateLimitedLog apf_log{kLogFoldWindow};
 
   // Holds every VM for a successor (null with ServeOptions::keeper off).
+  // Each snapshot's working set, learned from its last secret-hiding VM.
+  WorkingSets working_sets;
+
   std::unique_ptr<KeeperClient> keeper;
   Inheritance inherited;      // what the keeper held at start, until resumed
   bool handing_over = false;  // shutting down: VMs stay kept for the next daemon
@@ -226,6 +245,11 @@ struct HandlerServer::Impl {
   void UnwatchServing(Connection& c);
   VcpuFaults::PostFn PostFor(const Connection& c);
   void OnGuestFaultDone(uint64_t vm, uint32_t slot, const Status& status);
+  // After message 2: posts the first batch of the working set learned for c's snapshot, if any.
+  void StartPrefetch(Connection& c);
+  // Posts prefetch faults while fewer than a batch are in flight; logs the end of the prefetch.
+  void PostPrefetch(Connection& c);
+  void OnPrefetchDone(uint64_t vm);
   // A VM's Uffd socket, APF socket or ring had an event (or is in `ready`).
   void VcpuSocketReady(Connection& c, VcpuChannel channel, uint32_t events);
   void RingReady(Connection& c, size_t index);

@@ -169,7 +169,64 @@ bool HandlerServer::Impl::ReadControl(Connection& c) {
                            (control.vcpus > 0 ? "exitless APF rings for " +
                                                     std::to_string(control.vcpus) + " vCPU(s)"
                                               : std::string("no exitless APF")));
+  StartPrefetch(c);  // the bitmap is Firecracker's now: bits cleared from here on stay clear
   return true;
+}
+
+void HandlerServer::Impl::StartPrefetch(Connection& c) {
+  if (!c.learns || c.tracker == nullptr) return;
+  const std::shared_ptr<const WorkingSet> set = working_sets.Find(c.snapshot);
+  if (set == nullptr) return;
+  c.prefetch.faults = PrefetchFaults(*set, c.regions, c.fault_around_bytes, *c.tracker);
+  if (c.prefetch.faults.empty()) return;
+  c.prefetch.pages = set->pages;
+  c.prefetch.start = Clock::now();
+  Log(LogLevel::kInfo, c.name + ": populating the working set of the last VM of its snapshot: " +
+                           std::to_string(set->pages) + " page(s) in " +
+                           std::to_string(c.prefetch.faults.size()) + " window(s)");
+  PostPrefetch(c);
+}
+
+void HandlerServer::Impl::PostPrefetch(Connection& c) {
+  // A few at a time: the vCPUs' own faults, posted meanwhile, wait behind a batch at most.
+  constexpr size_t kPrefetchInFlight = 32;
+  Connection::Prefetch& p = c.prefetch;
+  while (p.in_flight < kPrefetchInFlight && p.next < p.faults.size()) {
+    const uint64_t vm = c.vm;
+    Status posted = engine->PostGuestFault(c.space, p.faults[p.next],
+                                           [this, vm](const GuestFault&, const Status&) {
+                                             // A page it could not bring in is left for the
+                                             // vCPU that asks for it, which gets the error.
+                                             OnPrefetchDone(vm);
+                                           });
+    if (!posted) {
+      Log(LogLevel::kWarning,
+          c.name + ": working set not populated further: " + posted.error().ToString());
+      p.faults = {};  // what is in flight still comes back, and finds nothing more to post
+      p.next = 0;
+      return;
+    }
+    ++p.next;
+    ++p.in_flight;
+  }
+  if (p.in_flight == 0 && !p.faults.empty()) {
+    Log(LogLevel::kInfo,
+        c.name + ": working set in: " + std::to_string(p.faults.size()) + " window(s) in " +
+            std::to_string(std::chrono::duration<double>(Clock::now() - p.start).count()) + "s");
+    p.faults = {};
+    p.next = 0;
+  }
+}
+
+void HandlerServer::Impl::OnPrefetchDone(uint64_t vm) {
+  // A worker thread: only post.
+  try {
+    std::lock_guard lock(mu);
+    prefetch_done.push_back(vm);
+  } catch (...) {
+    return;  // that VM's prefetch stops here; its vCPUs ask for the rest
+  }
+  SignalEventFd(notice_fd.get());
 }
 
 void HandlerServer::Impl::RingReady(Connection& c, size_t index) {
