@@ -255,6 +255,8 @@ struct HandlerServer::Impl {
   void RingReady(Connection& c, size_t index);
   // Reads message 2; true once it has been read (or is not due).
   bool ReadControl(Connection& c);
+  // A hang-up (kPeerGone) ends c as a hang-up; any other error drops it, logged.
+  void EndForError(Connection& c, const Error& error);
   // Writes what c's vCPU faults queued; false when c was dropped (or hung up) meanwhile.
   bool FinishVcpuBatch(Connection& c);
   void DetachApf(Connection& c, const char* why);

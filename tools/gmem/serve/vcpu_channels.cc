@@ -131,11 +131,7 @@ bool HandlerServer::Impl::ReadControl(Connection& c) {
   if (c.control != Control::kAwaiting) return true;
   auto peeked = PeekApfControl(c.socket.get());
   if (!peeked) {
-    if (peeked.error().code() == ErrorCode::kPeerGone) {
-      Hangup(c, "disconnected");
-    } else {
-      Drop(c.vm, peeked.error().ToString());
-    }
+    EndForError(c, peeked.error());
     return false;
   }
   if (!*peeked) return false;  // not all of it yet: the socket signals again when more comes
@@ -188,7 +184,8 @@ void HandlerServer::Impl::StartPrefetch(Connection& c) {
 }
 
 void HandlerServer::Impl::PostPrefetch(Connection& c) {
-  // A few at a time: the vCPUs' own faults, posted meanwhile, wait behind a batch at most.
+  // Enough in flight to keep the VM's worker busy; the engine serves them after the vCPUs' own
+  // faults, a few a turn (GuestFault::prefetch), so that a vCPU never waits behind all of them.
   constexpr size_t kPrefetchInFlight = 32;
   Connection::Prefetch& p = c.prefetch;
   while (p.in_flight < kPrefetchInFlight && p.next < p.faults.size()) {
@@ -211,7 +208,8 @@ void HandlerServer::Impl::PostPrefetch(Connection& c) {
   }
   if (p.in_flight == 0 && !p.faults.empty()) {
     Log(LogLevel::kInfo,
-        c.name + ": working set in: " + std::to_string(p.faults.size()) + " window(s) in " +
+        c.name + ": working set in: " + std::to_string(p.pages) + " page(s) in " +
+            std::to_string(p.faults.size()) + " window(s), in " +
             std::to_string(std::chrono::duration<double>(Clock::now() - p.start).count()) + "s");
     p.faults = {};
     p.next = 0;
@@ -229,6 +227,14 @@ void HandlerServer::Impl::OnPrefetchDone(uint64_t vm) {
   SignalEventFd(notice_fd.get());
 }
 
+void HandlerServer::Impl::EndForError(Connection& c, const Error& error) {
+  if (error.code() == ErrorCode::kPeerGone) {
+    Hangup(c, "disconnected");
+  } else {
+    Drop(c.vm, error.ToString());
+  }
+}
+
 void HandlerServer::Impl::RingReady(Connection& c, size_t index) {
   auto more = c.vcpu->DrainRing(index, PostFor(c));
   if (!more) {
@@ -241,11 +247,7 @@ void HandlerServer::Impl::RingReady(Connection& c, size_t index) {
 bool HandlerServer::Impl::FinishVcpuBatch(Connection& c) {
   auto flushed = c.vcpu->FinishBatch();
   if (!flushed) {
-    if (flushed.error().code() == ErrorCode::kPeerGone) {
-      Hangup(c, "disconnected");
-    } else {
-      Drop(c.vm, flushed.error().ToString());
-    }
+    EndForError(c, flushed.error());
     return false;
   }
   if (flushed->apf_gone) DetachApf(c, "hung up");

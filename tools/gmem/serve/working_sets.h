@@ -8,6 +8,9 @@
 // the least recently learned dropped first. PrefetchFaults() turns a set into the guest faults that
 // bring it in, one a fault-around window, skipping pages already served.
 //
+// Learning walks the VM's tracker once, page by page, when the VM ends (some 10 ms for 32 GiB); a
+// set holds one run per stretch of served pages.
+//
 // Thread safety: WorkingSets from one thread (the server loop); PrefetchFaults is a pure function.
 #ifndef GUESTMEM_TOOLS_GMEM_SERVE_WORKING_SETS_H_
 #define GUESTMEM_TOOLS_GMEM_SERVE_WORKING_SETS_H_
