@@ -66,6 +66,9 @@ class FaultEngine {
   // in the space's next turn, before its uffd faults; `done` runs on the space's worker.
   // ERRORS: kNotFound if the space is not (or no longer) served; the handler's.
   Status PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done);
+  // Starts prefetching `set` into the space (FaultHandler::StartPrefetch).
+  // ERRORS: kNotFound if the space is not (or no longer) served.
+  Status Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set);
   size_t space_count() const;
   unsigned worker_count() const;
 

@@ -40,8 +40,8 @@
 // that one VM's burst of faults or fault-all never stalls the others served by the same thread.
 //
 // Thread safety: Serve/ServeReadyEvents/InstallAll/OwnerAlive/TakeForkedChildren from one thread
-// at a time (the engine gives each handler to one worker); stats() and PostGuestFault from any
-// thread.
+// at a time (the engine gives each handler to one worker); stats(), PostGuestFault and
+// StartPrefetch from any thread.
 #ifndef GUESTMEM_FAULT_HANDLER_H_
 #define GUESTMEM_FAULT_HANDLER_H_
 
@@ -168,6 +168,11 @@ class FaultHandler {
   // still queued when the handler is destroyed are dropped without their callbacks.
   // ERRORS: kFailedPrecondition outside the minor trap.
   Status PostGuestFault(const GuestFault& fault, GuestFaultDone done);
+  // Starts prefetching `set` (as FaultHandlerOptions::prefetch would have from the start, in
+  // place of what is left of it) in the next turn. Any thread. For an owner that may give a
+  // working set only later: a secret-hiding VMM sets every userfault bit after its first message,
+  // so bits cleared before that would be set again.
+  Status StartPrefetch(std::shared_ptr<const WorkingSet> set);
   // Readable while work waits that the uffd does not announce (posted guest faults, a prefetch
   // that starts with the VM): poll it beside fd().
   int work_fd() const;

@@ -99,6 +99,15 @@ class FaultEngine::Worker {
     return it->second.handler->PostGuestFault(fault, std::move(done));
   }
 
+  Status Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set) {
+    std::lock_guard lock(mu_);
+    auto it = spaces_.find(id);
+    if (it == spaces_.end()) {
+      return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
+    }
+    return it->second.handler->StartPrefetch(std::move(set));
+  }
+
   bool Has(SpaceId id) const {
     std::lock_guard lock(mu_);
     return spaces_.count(id) != 0;
@@ -351,6 +360,13 @@ Result<FaultStats> FaultEngine::RemoveSpace(SpaceId id) {
 Status FaultEngine::PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
   for (auto& worker : shared_->workers) {
     if (worker->Has(id)) return worker->PostGuestFault(id, fault, std::move(done));
+  }
+  return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
+}
+
+Status FaultEngine::Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set) {
+  for (auto& worker : shared_->workers) {
+    if (worker->Has(id)) return worker->Prefetch(id, std::move(set));
   }
   return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
 }

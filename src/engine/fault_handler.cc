@@ -118,6 +118,8 @@ class FaultHandler::Pipeline {
   // Serves the guest faults posted so far (at most `budget`); returns whether more wait.
   bool ServeGuestFaults(size_t budget);
   void StartFill();
+  // A working set given by StartPrefetch since the last turn replaces the prefetch's pages.
+  void TakeLatePrefetch();
   FaultStats Stats() const;
   // The window to install for a fault on `page_offset` of region `region`.
   RegionRange WindowForFault(size_t region, uint64_t page_offset);
@@ -141,10 +143,12 @@ class FaultHandler::Pipeline {
   // Guest faults posted from other threads, served at the start of a turn.
   std::mutex guest_mu;
   std::vector<std::pair<GuestFault, GuestFaultDone>> guest_faults;  // GUARDED_BY(guest_mu)
+  std::shared_ptr<const WorkingSet> late_prefetch;                  // GUARDED_BY(guest_mu)
   UniqueFd work_event;  // eventfd: work waits that the uffd does not announce
   // The prefetch: working-set pages in order, and how far it got.
   std::vector<uint64_t> prefetch_pages;
   size_t prefetch_next = 0;
+  Clock::time_point prefetch_start;
   LatencyHistogram latency;
   std::vector<std::unique_ptr<FaultHandler>> children;
 
@@ -283,6 +287,7 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
                                              std::move(fetcher), std::move(zeros));
   pipeline->work_event = std::move(work_event);
   pipeline->prefetch_pages = std::move(prefetch_pages);
+  pipeline->prefetch_start = Clock::now();
   if (!pipeline->prefetch_pages.empty()) {
     // The prefetch starts now, not at the first fault: the worker is to give the VM a turn.
     const uint64_t one = 1;
@@ -318,6 +323,27 @@ Status FaultHandler::PostGuestFault(const GuestFault& fault, GuestFaultDone done
   const uint64_t one = 1;
   (void)!write(p_->work_event.get(), &one, sizeof(one));
   return OkStatus();
+}
+
+Status FaultHandler::StartPrefetch(std::shared_ptr<const WorkingSet> set) {
+  if (set == nullptr) return Error(ErrorCode::kInvalidArgument, "fault handler: no working set");
+  std::lock_guard lock(p_->guest_mu);
+  p_->late_prefetch = std::move(set);
+  const uint64_t one = 1;
+  (void)!write(p_->work_event.get(), &one, sizeof(one));
+  return OkStatus();
+}
+
+void FaultHandler::Pipeline::TakeLatePrefetch() {
+  std::shared_ptr<const WorkingSet> set;
+  {
+    std::lock_guard lock(guest_mu);
+    set = std::move(late_prefetch);
+  }
+  if (set == nullptr) return;
+  prefetch_pages = set->Pages();
+  prefetch_next = 0;
+  prefetch_start = Clock::now();
 }
 
 int FaultHandler::work_fd() const { return p_->work_event.get(); }
@@ -380,6 +406,7 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   uint64_t signalled;
   (void)!read(work_event.get(), &signalled, sizeof(signalled));  // this turn does what it said
   const bool more_guest_faults = minor_trap != nullptr && ServeGuestFaults(budget.faults);
+  TakeLatePrefetch();
   GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
   size_t served = 0;
   size_t retries = 0;
@@ -449,6 +476,9 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
     return Error(ErrorCode::kDataLoss,
                  Where(region, page_offset) + ": its source could not supply it");
   }
+  // A vCPU's fault starts fault-all as a uffd fault does: with the secret-hiding branch it may
+  // come first, and the fill is what spares every later page its exit.
+  if (options.fault_all) StartFill();
   pieces_.clear();
   PlanWindow(layout, WindowForFault(hit->region, page_offset), page_offset,
              /*write_fault=*/false, tracker, fetcher->source(), &pieces_,
@@ -540,7 +570,14 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
     left -= n;
     if (options.recorder != nullptr) options.recorder->NotePrefetched(prefetch_next);
   }
-  return prefetch_next < prefetch_pages.size();
+  if (prefetch_next < prefetch_pages.size()) return true;
+  Log(LogLevel::kInfo,
+      options.name + ": working set in: " + std::to_string(prefetch_pages.size()) +
+          " pages learned, " + std::to_string(Get(counters.pages_prefetched)) +
+          " installed ahead of faults, in " +
+          std::to_string(std::chrono::duration<double>(Clock::now() - prefetch_start).count()) +
+          " s");
+  return false;
 }
 
 Result<bool> FaultHandler::Pipeline::FillStep(const ServeBudget& budget) {

@@ -561,46 +561,115 @@ TEST(FaultHandlerEventsTest, ASuccessorResumesWithTheSharedTracker) {
 // Firecracker's secret-hiding restore as the handler sees it: a guest memory file (a shmem memfd
 // standing for guest_memfd) that Firecracker maps and registers MISSING|MINOR, and the userfault
 // bitmap, every bit set. Guest faults are posted; uffd faults come from the mapping.
-TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
-  constexpr uint64_t kPages = 512;  // 2 MiB
-  SnapshotFile snapshot(kPages, [](uint64_t p) { return p % 10 == 3; });
-  auto file = MemoryFile::Create({.size_bytes = snapshot.size()});
-  ASSERT_TRUE(file.has_value()) << file.error().ToString();
-  auto mapping = (*file)->Map();
-  ASSERT_TRUE(mapping.has_value());
-  auto uffd =
-      Userfaultfd::Create({.required_features = kUffdFeatureEventRemove | kUffdFeatureMinorShmem |
-                                                kUffdFeatureMissingShmem});
-  if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) {
-    GTEST_SKIP() << uffd.error().ToString();
-  }
-  ASSERT_TRUE(uffd.has_value());
-  ASSERT_TRUE(uffd->Register(mapping->host_address(), snapshot.size(),
-                             UffdModes::kMissing | UffdModes::kMinor));
-  UniqueFd bitmap_fd(memfd_create("guest_mem", MFD_CLOEXEC));
-  ASSERT_EQ(ftruncate(bitmap_fd.get(), kPages / 8), 0);
-  const std::vector<uint8_t> ones(kPages / 8, 0xff);
-  ASSERT_EQ(pwrite(bitmap_fd.get(), ones.data(), ones.size(), 0),
-            static_cast<ssize_t>(ones.size()));
-  auto bitmap = UserfaultBitmap::Map(std::move(bitmap_fd), snapshot.size());
-  ASSERT_TRUE(bitmap.has_value()) << bitmap.error().ToString();
-  std::shared_ptr<UserfaultBitmap> bits = std::move(*bitmap);
-  const uint64_t gpa_start = uint64_t{1} << 32;
-  auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(gpa_start), snapshot.size(),
-                                                 FileOffset(0), mapping->host_address()}});
-  ASSERT_TRUE(layout.has_value());
-  FaultHandlerOptions options;
-  options.adaptive_windows = false;  // a window per fault, as this test counts
-  options.mode = InstallMode::kMinorTrap;
-  options.memory_file = *file;
-  options.userfault_bitmap = bits;
-  auto handler =
-      FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot), options);
-  ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
-  auto engine = StartEngine(1);
-  auto id = engine->AddSpace(std::move(*handler));
-  ASSERT_TRUE(id.has_value());
+class SecretHidingFaultsTest : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kPages = 512;  // 2 MiB
+  static constexpr uint64_t kGpaStart = uint64_t{1} << 32;
 
+  // Serves the VM in an engine of one worker; skips where the kernel lacks shmem MINOR faults.
+  void StartServing(FaultHandlerOptions options) {
+    MakeHandler(std::move(options));
+    if (IsSkipped() || HasFatalFailure()) return;
+    engine_ = StartEngine(1);
+    auto id = engine_->AddSpace(std::move(handler_));
+    ASSERT_TRUE(id.has_value());
+    id_ = *id;
+  }
+
+  // The VM's handler, in handler_, for a test that drives it by hand.
+  void MakeHandler(FaultHandlerOptions options) {
+    auto file = MemoryFile::Create({.size_bytes = snapshot_.size()});
+    ASSERT_TRUE(file.has_value()) << file.error().ToString();
+    file_ = *file;
+    auto mapping = file_->Map();
+    ASSERT_TRUE(mapping.has_value());
+    mapping_ = std::make_unique<MemoryMapping>(std::move(*mapping));
+    auto uffd =
+        Userfaultfd::Create({.required_features = kUffdFeatureEventRemove | kUffdFeatureMinorShmem |
+                                                  kUffdFeatureMissingShmem});
+    if (!uffd && uffd.error().code() == ErrorCode::kUnsupported) {
+      GTEST_SKIP() << uffd.error().ToString();
+    }
+    ASSERT_TRUE(uffd.has_value());
+    ASSERT_TRUE(uffd->Register(mapping_->host_address(), snapshot_.size(),
+                               UffdModes::kMissing | UffdModes::kMinor));
+    UniqueFd bitmap_fd(memfd_create("guest_mem", MFD_CLOEXEC));
+    ASSERT_EQ(ftruncate(bitmap_fd.get(), kPages / 8), 0);
+    const std::vector<uint8_t> ones(kPages / 8, 0xff);
+    ASSERT_EQ(pwrite(bitmap_fd.get(), ones.data(), ones.size(), 0),
+              static_cast<ssize_t>(ones.size()));
+    auto bitmap = UserfaultBitmap::Map(std::move(bitmap_fd), snapshot_.size());
+    ASSERT_TRUE(bitmap.has_value()) << bitmap.error().ToString();
+    bits_ = std::move(*bitmap);
+    auto layout = GuestLayout::Create({GuestRegion{GuestPhysAddr(kGpaStart), snapshot_.size(),
+                                                   FileOffset(0), mapping_->host_address()}});
+    ASSERT_TRUE(layout.has_value());
+    options.mode = InstallMode::kMinorTrap;
+    options.memory_file = file_;
+    options.userfault_bitmap = bits_;
+    auto handler =
+        FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot_), options);
+    ASSERT_TRUE(handler.has_value()) << handler.error().ToString();
+    handler_ = std::move(*handler);
+  }
+
+  // Page `p` of the guest memory file as KVM reads it (not through the registered mapping).
+  std::string CheckFilePage(uint64_t p) const {
+    std::vector<uint8_t> page(kPageSize4K);
+    if (pread(file_->fd(), page.data(), kPageSize4K, static_cast<off_t>(p * kPageSize4K)) !=
+        static_cast<ssize_t>(kPageSize4K)) {
+      return "short read";
+    }
+    return snapshot_.CheckPage(p, page.data());
+  }
+
+  SnapshotFile snapshot_{kPages, [](uint64_t p) { return p % 10 == 3; }};
+  std::shared_ptr<MemoryFile> file_;
+  std::unique_ptr<MemoryMapping> mapping_;
+  std::shared_ptr<UserfaultBitmap> bits_;
+  std::unique_ptr<FaultHandler> handler_;
+  std::unique_ptr<FaultEngine> engine_;
+  SpaceId id_{};
+};
+
+// A working set given once the VM has started (after its message 2, as gmem serve gives a
+// secret-hiding VM's): its pages go into the guest memory file with their bits cleared; a vCPU's
+// fault posted meanwhile is served first.
+TEST_F(SecretHidingFaultsTest, AWorkingSetGivenLateIsPutInTheFileWithItsBitsCleared) {
+  MakeHandler({});
+  if (IsSkipped() || HasFatalFailure()) return;
+  const std::vector<uint64_t> learned = {10, 11, 12, 300, 301};
+  ASSERT_TRUE(handler_->StartPrefetch(std::make_shared<const WorkingSet>(
+                                          WorkingSet::Merge(WorkingSet(), learned)))
+                  .has_value());
+  std::vector<uint64_t> served;
+  Status posted = handler_->PostGuestFault(
+      {.vcpu = 2, .flags = 0x10, .gpa = GuestPhysAddr(kGpaStart + 400 * kPageSize4K)},
+      [&](const GuestFault&, const Status& s) {
+        EXPECT_TRUE(s.has_value()) << testutil::Describe(s);
+        served.push_back(400);
+      });
+  ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
+  auto more = handler_->Serve(ServeBudget{});
+  ASSERT_TRUE(more.has_value()) << more.error().ToString();
+  EXPECT_EQ(served, std::vector<uint64_t>{400}) << "the vCPU's fault in the first turn";
+  for (int turn = 0; *more && turn < 100; ++turn) {
+    more = handler_->Serve(ServeBudget{});
+    ASSERT_TRUE(more.has_value()) << more.error().ToString();
+  }
+  EXPECT_FALSE(*more);
+  EXPECT_EQ(handler_->stats().pages_prefetched, learned.size());
+  for (uint64_t p : learned) {
+    EXPECT_EQ(CheckFilePage(p), "") << p;
+    EXPECT_FALSE(bits_->IsSet(p)) << p;
+  }
+  EXPECT_TRUE(bits_->IsSet(200)) << "a page neither learned nor faulted keeps its bit";
+  EXPECT_EQ(handler_->stats().faults_guest, 1u);
+}
+
+TEST_F(SecretHidingFaultsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
+  StartServing({.adaptive_windows = false});  // a window per fault, as this test counts
+  if (IsSkipped() || HasFatalFailure()) return;
   std::mutex mu;
   std::vector<std::pair<GuestFault, Status>> done;
   auto record = [&](const GuestFault& f, const Status& status) {
@@ -609,11 +678,12 @@ TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
   };
   const uint64_t window = kDefaultFaultAroundBytes / kPageSize4K;
   // vCPU 2 faults on page 100 (its window: 96..111); vCPU 0 outside every region.
-  Status posted = engine->PostGuestFault(
-      *id, {.vcpu = 2, .flags = 0x10, .gpa = GuestPhysAddr(gpa_start + 100 * kPageSize4K + 17)},
+  Status posted = engine_->PostGuestFault(
+      id_, {.vcpu = 2, .flags = 0x10, .gpa = GuestPhysAddr(kGpaStart + 100 * kPageSize4K + 17)},
       record);
   ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
-  posted = engine->PostGuestFault(*id, {.vcpu = 0, .flags = 0x30, .gpa = GuestPhysAddr(0)}, record);
+  posted =
+      engine_->PostGuestFault(id_, {.vcpu = 0, .flags = 0x30, .gpa = GuestPhysAddr(0)}, record);
   ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
   ASSERT_TRUE(WaitUntil([&] {
     std::lock_guard lock(mu);
@@ -624,24 +694,20 @@ TEST(FaultHandlerEventsTest, GuestFaultsPutContentInTheFileThenClearTheirBits) {
   EXPECT_EQ(done[0].first.flags, 0x10u);
   EXPECT_TRUE(done[0].second.has_value()) << testutil::Describe(done[0].second);
   EXPECT_EQ(testutil::ErrorCodeOf(done[1].second), ErrorCode::kOutOfRange);
-  // The window's content is in the file (read it as KVM would, not through the mapping), and
-  // exactly its bits are clear.
-  std::vector<uint8_t> page(kPageSize4K);
+  // The window's content is in the file, and exactly its bits are clear.
   for (uint64_t p = 96; p < 96 + window; ++p) {
-    ASSERT_EQ(pread((*file)->fd(), page.data(), kPageSize4K, static_cast<off_t>(p * kPageSize4K)),
-              static_cast<ssize_t>(kPageSize4K));
-    EXPECT_EQ(snapshot.CheckPage(p, page.data()), "");
-    EXPECT_FALSE(bits->IsSet(p)) << p;
+    EXPECT_EQ(CheckFilePage(p), "") << p;
+    EXPECT_FALSE(bits_->IsSet(p)) << p;
   }
-  EXPECT_EQ(bits->CountSet(0, kPages), kPages - window);
+  EXPECT_EQ(bits_->CountSet(0, kPages), kPages - window);
   // Firecracker's own access to a populated page is a minor fault, only mapped; to another page,
   // a missing fault whose window gets its content and its bits cleared too.
-  const auto* host = reinterpret_cast<const uint8_t*>(mapping->data());
-  EXPECT_EQ(snapshot.CheckPage(101, host + 101 * kPageSize4K), "");
-  EXPECT_EQ(snapshot.CheckPage(300, host + 300 * kPageSize4K), "");
-  EXPECT_TRUE(WaitUntil([&] { return bits->CountSet(0, kPages) == kPages - 2 * window; }));
-  EXPECT_FALSE(bits->IsSet(300));
-  const FaultStats stats = StatsWhen(*engine, *id, [&](const FaultStats& s) {
+  const auto* host = reinterpret_cast<const uint8_t*>(mapping_->data());
+  EXPECT_EQ(snapshot_.CheckPage(101, host + 101 * kPageSize4K), "");
+  EXPECT_EQ(snapshot_.CheckPage(300, host + 300 * kPageSize4K), "");
+  EXPECT_TRUE(WaitUntil([&] { return bits_->CountSet(0, kPages) == kPages - 2 * window; }));
+  EXPECT_FALSE(bits_->IsSet(300));
+  const FaultStats stats = StatsWhen(*engine_, id_, [&](const FaultStats& s) {
     return s.faults_minor >= 1 && s.pages_installed() >= 2 * window;
   });
   EXPECT_EQ(stats.faults_guest, 2u);
@@ -661,7 +727,7 @@ TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNe
     TestVm vm = MapAnonymousVm({snapshot.size()});
     auto engine = StartEngine(1);
     FaultHandlerOptions options;
-  options.adaptive_windows = false;  // a window per fault, as this test counts
+    options.adaptive_windows = false;  // one page per fault: what was touched is recorded
     options.fault_around_bytes = kPageSize4K;  // what is recorded is exactly what was touched
     options.recorder = recorder;
     SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
@@ -689,6 +755,36 @@ TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNe
   EXPECT_EQ(snapshot.CheckPage(200, vm.PageAt(200)), "");  // the rest on demand, as before
   EXPECT_EQ(StatsWhen(*engine, id, [](const FaultStats& s) { return s.faults() >= 1; }).faults(),
             1u);
+}
+
+// Fault-all puts every page into the guest memory file in the background, data and zero pages
+// alike, and clears each page's bit once its content is in: after the fill no vCPU would exit for
+// any page. A vCPU's fault starts the fill as a uffd fault does.
+TEST_F(SecretHidingFaultsTest, FaultAllStartedByAVcpuFaultClearsEveryBitAfterItsContent) {
+  StartServing({.fault_all = true});
+  if (IsSkipped() || HasFatalFailure()) return;
+  std::atomic<bool> served{false};
+  Status posted = engine_->PostGuestFault(
+      id_, {.vcpu = 1, .flags = 0x10, .gpa = GuestPhysAddr(kGpaStart + 7 * kPageSize4K)},
+      [&](const GuestFault&, const Status& status) {
+        EXPECT_TRUE(status.has_value()) << testutil::Describe(status);
+        served = true;
+      });
+  ASSERT_TRUE(posted.has_value()) << testutil::Describe(posted);
+  const FaultStats stats =
+      StatsWhen(*engine_, id_, [](const FaultStats& s) { return s.fill_finished_ns > 0; });
+  ASSERT_GT(stats.fill_finished_ns, 0u) << "the fill never finished";
+  EXPECT_TRUE(served);
+  EXPECT_EQ(stats.faults_guest, 1u);
+  EXPECT_EQ(stats.faults_missing + stats.faults_minor, 0u) << "no uffd fault was needed";
+  EXPECT_EQ(bits_->CountSet(0, kPages), 0u);
+  for (uint64_t p = 0; p < kPages; ++p) EXPECT_EQ(CheckFilePage(p), "") << p;
+  // The VMM's own accesses after the fill find the pages in the file: minor faults at most.
+  const auto* host = reinterpret_cast<const uint8_t*>(mapping_->data());
+  for (uint64_t p = 0; p < kPages; p += 37) {
+    EXPECT_EQ(snapshot_.CheckPage(p, host + p * kPageSize4K), "") << p;
+  }
+  EXPECT_EQ(engine_->Stats(id_).value_or(FaultStats{}).faults_missing, 0u);
 }
 
 // --- VMs that misbehave -----------------------------------------------------------------------

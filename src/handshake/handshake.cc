@@ -15,6 +15,7 @@
 #include "base/hex.h"
 #include "guestmem/address.h"
 #include "guestmem/os.h"
+#include "handshake/scm_rights.h"
 
 namespace guestmem {
 namespace {
@@ -283,18 +284,7 @@ Status SendHandshake(int socket_fd, std::span<const HandshakeRegion> regions,
                      std::span<const int> fds, Os* os) {
   if (os == nullptr) os = Os::Default();
   const std::string json = EncodeHandshake(regions);
-  std::vector<char> control;
-  if (!fds.empty()) {
-    control.resize(CMSG_SPACE(sizeof(int) * fds.size()));
-    msghdr msg{};
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(cmsg), fds.data(), sizeof(int) * fds.size());
-  }
+  std::vector<char> control = ScmRightsControl(fds);
   return SendAll(os, socket_fd, json, control);
 }
 

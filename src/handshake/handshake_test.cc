@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "base/fault_injection_os.h"
+#include "testutil/send_raw.h"
 
 namespace guestmem {
 namespace {
@@ -51,24 +52,7 @@ int OpenFdCount() {
   return n;
 }
 
-// Writes `bytes` with a raw sendmsg, `fds` attached; returns what sendmsg returned.
-ssize_t SendRaw(int sock, std::string_view bytes, std::span<const int> fds = {}) {
-  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
-  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  if (!fds.empty()) {
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
-  return sendmsg(sock, &msg, MSG_NOSIGNAL);
-}
+using testutil::SendRaw;
 
 TEST(HandshakeTest, EncodesExactlyAsFirecracker) {
   std::vector<HandshakeRegion> regions = {Region(140121337511936, 3221225472, 0)};

@@ -16,6 +16,7 @@
 
 #include "base/temp_dir.h"
 #include "guestmem/unix_socket.h"
+#include "guestmem/vcpu_fault_frames.h"
 #include "sim/test_fault_server.h"
 #include "sim/trace.h"
 #include "snapshot_maker.h"
@@ -153,17 +154,69 @@ TEST_F(VmmSimCliTest, TraceWorkloadReplaysTheTrace) {
   EXPECT_EQ(server_->pages_served(), 3u);
 }
 
-TEST_F(VmmSimCliTest, BalloonAndSecretHiding) {
-  ASSERT_EQ(Run({"--secret-hiding", "--regions", "3", "--workload", "sparse", "--verify",
-                 "--balloon", "0x100000:0x200000", "--json"}),
+TEST_F(VmmSimCliTest, BalloonedPagesReadAsZero) {
+  ASSERT_EQ(Run({"--regions", "3", "--workload", "sparse", "--verify", "--balloon",
+                 "0x100000:0x200000", "--json"}),
+            0)
+      << output_;
+  const nlohmann::json j = Report();
+  EXPECT_EQ(j["balloon"]["pages_checked"], 512);
+  EXPECT_EQ(j["balloon"]["nonzero_pages"], 0);
+}
+
+// Firecracker's secret-hiding restore as the handler sees it: three descriptors, message 2, then
+// FaultRequests for the vCPUs' pages (each echoed in its reply) beside the VMM's uffd faults.
+TEST_F(VmmSimCliTest, SecretHidingPlaysFirecrackersRestore) {
+  ASSERT_EQ(Run({"--secret-hiding", "--regions", "3", "--workload", "sparse", "--threads", "2",
+                 "--vmm-threads", "1", "--verify", "--json"}),
             0)
       << output_;
   const nlohmann::json j = Report();
   EXPECT_EQ(j["secret_hiding"], true);
-  EXPECT_EQ(j["balloon"]["pages_checked"], 512);
-  EXPECT_EQ(j["balloon"]["nonzero_pages"], 0);
+  EXPECT_EQ(j["mismatches"], 0);
+  EXPECT_EQ(j["bits_left_set"], 0);
+  EXPECT_EQ(j["vcpu_faults"]["violations"], 0) << j["vcpu_faults"]["first_violation"];
+  EXPECT_GT(j["vcpu_faults"]["sync"].get<uint64_t>(), 0u);
+  EXPECT_GT(j["vmm_pages"].get<uint64_t>(), 0u);
+  server_->Stop();
+  EXPECT_EQ(server_->error(), "");
   EXPECT_EQ(server_->handshake().fds.size(), 3u);
   EXPECT_EQ(server_->handshake().regions[2].is_guest_memfd, std::optional<bool>(true));
+  EXPECT_EQ(server_->apf_control(), "no_exitless_apf");
+  const std::vector<FaultRequest> requests = server_->requests();
+  EXPECT_EQ(requests.size(), j["vcpu_faults"]["sync"].get<uint64_t>());
+  for (const FaultRequest& r : requests) {
+    EXPECT_LT(r.vcpu, 2u);
+    EXPECT_EQ(r.offset, 0u);
+    EXPECT_EQ(r.flags, 0x10u);
+    ASSERT_TRUE(r.gpa.has_value());
+    EXPECT_EQ(*r.gpa % 4096, 0u);
+    bool in_region = false;
+    for (const HandshakeRegion& region : server_->handshake().regions) {
+      in_region |= *r.gpa >= *region.gpa_start && *r.gpa - *region.gpa_start < region.size;
+    }
+    EXPECT_TRUE(in_region) << Describe(r);
+  }
+}
+
+// A handler that answers before it clears the page's bit: the vCPU finds the bit still set after
+// each answer (on KVM it would exit again, for ever); vmm-sim reports it and fails.
+TEST_F(VmmSimCliTest, AnswersBeforeTheBitIsClearedAreCaught) {
+  EXPECT_EQ(Run({"--secret-hiding", "--workload", "sequential", "--pages", "4", "--threads", "1",
+                 "--vmm-threads", "0", "--verify", "--json"},
+                {.answer_before_clearing = true}),
+            1)
+      << output_;
+  const nlohmann::json j = Report();
+  EXPECT_GT(j["vcpu_faults"]["answered_with_bit_set"].get<uint64_t>(), 0u);
+  EXPECT_EQ(j["stuck_pages"], 4);
+  EXPECT_EQ(j["passed"], false);
+}
+
+TEST_F(VmmSimCliTest, SecretHidingRefusesABalloonAsFirecrackerDoes) {
+  auto vm = Start({"--secret-hiding", "--balloon", "0:0x100000"}, "balloon.log");
+  EXPECT_EQ(vm->ExitCode(60s), 2) << vm->Output();
+  EXPECT_NE(vm->Output().find("refuses a balloon"), std::string::npos) << vm->Output();
 }
 
 TEST_F(VmmSimCliTest, BalloonThatStaysFullExitsOne) {

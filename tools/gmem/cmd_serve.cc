@@ -208,6 +208,9 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_option("--max-vms", args->max_vms,
                   "Exit after this many VMs have come and gone (0: serve until SIGINT/SIGTERM)")
       ->capture_default_str();
+  cmd->add_flag("--apf", args->options.apf,
+                "Also listen for Firecracker's APF socket, at dirname(SOCKET)/apf.socket "
+                "(secret-hiding VMs' async page faults)");
   cmd->add_flag("!--no-keeper", args->options.keeper,
                 "Do not keep VMs for a successor: a daemon that dies (or stops) leaves its VMs "
                 "frozen");

@@ -3,8 +3,18 @@
 // Maps guest memory as Firecracker does, hands its userfaultfd to the handler listening on
 // --socket (one handshake message), runs a workload over the memory from several threads,
 // verifies what it reads against the memory file if asked, and reports. Exit status: 0 when the
-// workload ran and (with --verify / --balloon) every page checked out; 1 when a page did not;
-// 2 when the simulation could not run at all.
+// workload ran and (with --verify / --balloon) every page checked out; 1 when a page did not (or,
+// with --secret-hiding, the handler broke the protocol); 2 when the simulation could not run at
+// all.
+//
+// --secret-hiding plays Firecracker's secret-hiding restore (sim/secret_hiding.h): with
+// --vcpu-faults apf, exitless or mixed it first connects to the APF socket beside --socket (and
+// goes on without it, as Firecracker does, if nobody listens); message 1 with the guest memory
+// file and the userfault bitmap; every bit set; message 2 (exitless_apf:N with each vCPU's rings
+// when --vcpu-faults takes the exitless path and the APF socket is there, else no_exitless_apf);
+// then --threads vCPU threads, which fault pages in over the sockets or rings before reading them
+// through a mapping no uffd covers, alongside --vmm-threads VMM threads touching the registered
+// mapping.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -13,14 +23,17 @@
 #include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "base/hex.h"
 #include "commands.h"
+#include "guestmem/apf_control.h"
 #include "guestmem/os.h"
 #include "guestmem/unique_fd.h"
 #include "sim/guest_vm.h"
+#include "sim/secret_hiding.h"
 #include "sim/trace.h"
 #include "sim/workload.h"
 
@@ -46,6 +59,8 @@ struct VmmSimArgs {
   bool json = false;
   uint64_t hold_ms = 0;
   std::string start_when;  // wait for this file to exist before the workload
+  std::string vcpu_faults = "sync";
+  unsigned vmm_threads = 1;
 };
 
 Result<sim::BalloonSpec> ParseBalloon(const std::string& text) {
@@ -71,9 +86,14 @@ Result<sim::BalloonSpec> ParseBalloon(const std::string& text) {
   return spec;
 }
 
+// Threads the plan deals pages to: the vCPUs and, with secret hiding, the VMM threads too.
+unsigned PlanThreads(const VmmSimArgs& args) {
+  return args.secret_hiding ? args.threads + args.vmm_threads : args.threads;
+}
+
 Result<sim::WorkloadSpec> MakeWorkloadSpec(const VmmSimArgs& args) {
   sim::WorkloadSpec spec;
-  spec.threads = args.threads;
+  spec.threads = PlanThreads(args);
   spec.pages = args.pages;
   spec.seed = args.seed;
   GM_ASSIGN_OR_RETURN(spec.access, sim::ParseAccessMode(args.access));
@@ -96,7 +116,47 @@ Result<sim::WorkloadSpec> MakeWorkloadSpec(const VmmSimArgs& args) {
 struct Simulation {
   std::unique_ptr<sim::GuestVm> vm;
   sim::WorkloadResult result;
+  std::optional<sim::SecretHidingResult> secret_hiding;
 };
+
+void WaitToStart(const VmmSimArgs& args) {
+  if (args.start_when.empty()) return;
+  std::fprintf(stderr, "vmm-sim: handed over; waiting for %s\n", args.start_when.c_str());
+  while (access(args.start_when.c_str(), F_OK) != 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+// Firecracker's secret-hiding restore, in its order (sim/secret_hiding.h).
+Status SimulateSecretHiding(const VmmSimArgs& args, const sim::WorkloadPlan& plan,
+                            const sim::RunOptions& run, Simulation& simulation) {
+  GM_ASSIGN_OR_RETURN(const sim::VcpuFaultPath path, sim::ParseVcpuFaultPath(args.vcpu_faults));
+  sim::GuestVm& vm = *simulation.vm;
+  if (path != sim::VcpuFaultPath::kSync) {
+    // Firecracker tries the APF socket before anything else, and goes on without it.
+    const std::string apf = ApfSocketPath(args.socket);
+    if (Status connected = vm.ConnectApf(apf); !connected) {
+      std::fprintf(stderr, "vmm-sim: no APF socket (%s): vCPU faults take the synchronous path\n",
+                   connected.error().ToString().c_str());
+    }
+  }
+  GM_RETURN_IF_ERROR(vm.Connect(args.socket));  // message 1
+  vm.FillUserfaultBitmap();                     // no page is populated yet
+  const bool exitless = vm.apf_socket_fd() >= 0 && (path == sim::VcpuFaultPath::kExitless ||
+                                                    path == sim::VcpuFaultPath::kMixed);
+  GM_ASSIGN_OR_RETURN(
+      auto broker, sim::VcpuFaultBroker::Start(vm, {.vcpus = args.threads, .exitless = exitless}));
+  GM_RETURN_IF_ERROR(vm.SendApfControl(broker->exitless_fds()));  // message 2
+  WaitToStart(args);
+  sim::SecretHidingOptions options;
+  options.vcpus = args.threads;
+  options.vmm_threads = args.vmm_threads;
+  options.path = path;
+  GM_ASSIGN_OR_RETURN(simulation.secret_hiding,
+                      sim::RunSecretHidingWorkload(vm, *broker, plan, options, run));
+  simulation.result = simulation.secret_hiding->workload;
+  return OkStatus();
+}
 
 Result<Simulation> Simulate(const VmmSimArgs& args) {
   Os* os = Os::Default();
@@ -119,22 +179,65 @@ Result<Simulation> Simulate(const VmmSimArgs& args) {
   vm_options.memory_bytes = static_cast<uint64_t>(size);
   vm_options.page_size = args.page_size == "2m" ? kHugePageSize2M : kPageSize4K;
   if (run.balloon) {  // refused before the handler is bothered
+    if (args.secret_hiding) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "--balloon with --secret-hiding: Firecracker refuses a balloon device in a "
+                   "secret-free VM");
+    }
     GM_RETURN_IF_ERROR(
         sim::ValidateBalloon(*run.balloon, vm_options.memory_bytes, vm_options.page_size));
+  }
+  if (PlanThreads(args) == 0) {
+    return Error(ErrorCode::kInvalidArgument, "--threads 0 needs --secret-hiding and VMM threads");
   }
   vm_options.regions = args.regions;
   vm_options.secret_hiding = args.secret_hiding;
   Simulation simulation;
   GM_ASSIGN_OR_RETURN(simulation.vm, sim::GuestVm::Create(vm_options));
-  GM_RETURN_IF_ERROR(simulation.vm->Connect(args.socket));
-  if (!args.start_when.empty()) {
-    std::fprintf(stderr, "vmm-sim: handed over; waiting for %s\n", args.start_when.c_str());
-    while (access(args.start_when.c_str(), F_OK) != 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+  if (args.secret_hiding) {
+    GM_RETURN_IF_ERROR(SimulateSecretHiding(args, plan, run, simulation));
+    return simulation;
   }
+  GM_RETURN_IF_ERROR(simulation.vm->Connect(args.socket));
+  WaitToStart(args);
   GM_ASSIGN_OR_RETURN(simulation.result, sim::RunWorkload(*simulation.vm, plan, run));
   return simulation;
+}
+
+void PrintSecretHiding(const sim::SecretHidingResult& sh) {
+  const sim::VcpuFaultCounts& f = sh.faults;
+  std::printf(
+      "secret hiding: %llu page(s) read by vCPUs through the guest memory file, %llu by "
+      "VMM threads through the registered mapping; APF socket %s, exitless rings %s\n",
+      static_cast<unsigned long long>(sh.vcpu_pages), static_cast<unsigned long long>(sh.vmm_pages),
+      sh.apf_socket ? "yes" : "no", sh.exitless ? "yes" : "no");
+  std::printf(
+      "  vCPU faults: %llu sync, %llu APF, %llu exitless; %llu answered, %llu spurious "
+      "replies\n",
+      static_cast<unsigned long long>(f.sync), static_cast<unsigned long long>(f.apf),
+      static_cast<unsigned long long>(f.exitless), static_cast<unsigned long long>(f.answered),
+      static_cast<unsigned long long>(f.spurious));
+  if (f.violations > 0) {
+    std::printf("  PROTOCOL VIOLATIONS: %llu; first: %s\n",
+                static_cast<unsigned long long>(f.violations), f.first_violation.c_str());
+  }
+  if (f.answered_with_bit_set > 0) {
+    std::printf("  %llu answer(s) came while the page's bit was still set\n",
+                static_cast<unsigned long long>(f.answered_with_bit_set));
+  }
+  if (sh.stuck_pages > 0) {
+    std::printf(
+        "  %llu page(s) never had their bit cleared however often answered (a livelock); "
+        "the first at offset %s\n",
+        static_cast<unsigned long long>(sh.stuck_pages), Hex(*sh.first_stuck_page).c_str());
+  }
+  if (sh.bits_left_set > 0) {
+    std::printf("  %llu touched page(s) kept their bit set; the first at offset %s\n",
+                static_cast<unsigned long long>(sh.bits_left_set),
+                Hex(*sh.first_bit_left_set).c_str());
+  } else {
+    std::printf("  every touched page's bit is clear\n");
+  }
 }
 
 void PrintHuman(const VmmSimArgs& args, const sim::GuestVm& vm, const sim::WorkloadResult& r) {
@@ -189,8 +292,10 @@ int RunVmmSim(const VmmSimArgs& args) {
   }
   const sim::GuestVm& vm = *simulation->vm;
   const sim::WorkloadResult& result = simulation->result;
+  const auto& secret_hiding = simulation->secret_hiding;
   if (args.json) {
-    nlohmann::json j = sim::WorkloadResultToJson(result);
+    nlohmann::json j = secret_hiding ? sim::SecretHidingResultToJson(*secret_hiding)
+                                     : sim::WorkloadResultToJson(result);
     j["memory_bytes"] = vm.memory_bytes();
     j["page_size"] = vm.page_size();
     j["regions"] = vm.regions().size();
@@ -199,11 +304,13 @@ int RunVmmSim(const VmmSimArgs& args) {
     std::printf("%s\n", j.dump().c_str());
   } else {
     PrintHuman(args, vm, result);
+    if (secret_hiding) PrintSecretHiding(*secret_hiding);
   }
   std::fflush(stdout);
   // The VM stays alive (memory mapped, socket open) for as long as asked.
   if (args.hold_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(args.hold_ms));
-  return result.passed() ? 0 : kExitMismatch;
+  const bool passed = secret_hiding ? secret_hiding->passed() : result.passed();
+  return passed ? 0 : kExitMismatch;
 }
 
 }  // namespace
@@ -225,11 +332,23 @@ void RegisterVmmSimCommand(CLI::App& app) {
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
   cmd->add_flag("--secret-hiding", args->secret_hiding,
-                "Secret-hiding handshake: guest memory file and bitmap, MISSING|MINOR");
+                "Firecracker's secret-hiding restore: guest memory file and userfault bitmap "
+                "(MISSING|MINOR), message 2, vCPU faults over the socket (and APF socket, rings)");
+  cmd->add_option("--vcpu-faults", args->vcpu_faults,
+                  "--secret-hiding: how vCPU faults travel: sync (Uffd socket), apf (APF socket), "
+                  "exitless (APF rings), mixed (each in turn)")
+      ->check(CLI::IsMember({"sync", "apf", "exitless", "mixed"}))
+      ->capture_default_str();
+  cmd->add_option("--vmm-threads", args->vmm_threads,
+                  "--secret-hiding: threads touching the uffd-registered mapping beside the "
+                  "--threads vCPU threads")
+      ->check(CLI::Range(0, 64))
+      ->capture_default_str();
   cmd->add_option("--workload", args->workload, "sequential, random, sparse or trace:FILE")
       ->capture_default_str();
-  cmd->add_option("--threads", args->threads, "Threads touching memory")
-      ->check(CLI::Range(1, 256))
+  cmd->add_option("--threads", args->threads,
+                  "Threads touching memory (--secret-hiding: vCPU threads, 0 allowed)")
+      ->check(CLI::Range(0, 256))
       ->capture_default_str();
   cmd->add_option("--access", args->access, "read, write or mixed")
       ->check(CLI::IsMember({"read", "write", "mixed"}))

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "guestmem/apf_control.h"
 #include "guestmem/fault_engine.h"
 #include "guestmem/guest_layout.h"
 #include "guestmem/handshake.h"
@@ -29,28 +30,24 @@
 #include "guestmem/snapshot_cache.h"
 #include "guestmem/working_set_learner.h"
 #include "guestmem/unix_socket.h"
+#include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
 #include "guestmem/zero_map.h"
+#include "serve/handler_server_impl.h"
 #include "serve/keeper.h"
+#include "serve/vcpu_faults.h"
+#include "serve/vcpu_requests.h"
 
 namespace guestmem::cli {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// epoll tokens of the server's own descriptors; connections use their number (from 1).
-constexpr uint64_t kStopToken = UINT64_MAX;
-constexpr uint64_t kNoticeToken = UINT64_MAX - 1;
-constexpr uint64_t kListenerToken = UINT64_MAX - 2;
-
 constexpr int kEventsPerTurn = 64;
-constexpr int kAcceptsPerTurn = 64;
+// How long completions that found an exitless complete ring full wait before they are tried again.
+constexpr std::chrono::milliseconds kCompletionRetry{1};
 // Bytes read (and dropped) per turn from a VM's socket after its handshake.
 constexpr size_t kDiscardBytesPerTurn = 4096;
 // How long the listener rests when accept fails for want of descriptors or memory.
 constexpr std::chrono::milliseconds kAcceptBackoff{100};
-// How often folded log lines are reported while they keep coming.
-constexpr std::chrono::seconds kLogFoldWindow{5};
 
 std::string Seconds(Clock::duration d) {
   char buf[32];
@@ -69,18 +66,6 @@ std::string PeerName(uint64_t vm, const std::optional<PeerCredentials>& peer) {
   return name;
 }
 
-void Signal(int fd) {
-  uint64_t one = 1;
-  ssize_t rc = write(fd, &one, sizeof(one));
-  (void)rc;  // EAGAIN: the counter is already non-zero, the loop wakes anyway
-}
-
-void Drain(int fd) {
-  uint64_t count;
-  ssize_t rc = read(fd, &count, sizeof(count));
-  (void)rc;
-}
-
 // "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
 std::string AccessNote(const ServeOptions& options) {
   if (options.allow_uids.empty() && options.allow_gids.empty()) return "";
@@ -94,6 +79,16 @@ std::string AccessNote(const ServeOptions& options) {
   return "; peers allowed: " + uids + (!uids.empty() && !gids.empty() ? "; " : "") + gids;
 }
 
+// The Uffd socket and the APF socket: both with the socket's mode, owner and group.
+UnixListenOptions ListenOptionsOf(const ServeOptions& options) {
+  UnixListenOptions listen;
+  listen.mode = options.socket_mode;
+  listen.owner = options.socket_owner;
+  listen.group = options.socket_group;
+  listen.backlog = 256;
+  return listen;
+}
+
 int TimeoutMs(Clock::time_point now, std::optional<Clock::time_point> wake) {
   if (!wake) return -1;
   if (*wake <= now) return 0;
@@ -102,119 +97,6 @@ int TimeoutMs(Clock::time_point now, std::optional<Clock::time_point> wake) {
 }
 
 }  // namespace
-
-struct HandlerServer::Impl {
-  enum class Phase {
-    kHandshake,  // reading the handshake, until its deadline
-    kServing,    // a space of the engine
-    kClosing,    // the socket hung up and the space had ended by itself: its notice is due
-  };
-
-  struct Connection {
-    uint64_t vm = 0;
-    std::string name;
-    UniqueFd socket;
-    Phase phase = Phase::kHandshake;
-    Clock::time_point accepted;
-    Clock::time_point deadline;             // kHandshake
-    std::optional<HandshakeReader> reader;  // kHandshake
-    SpaceId space = 0;                      // kServing, kClosing
-    // What the VM's faults needed, learned from when it ends well (kServing, kClosing; null
-    // when not learning).
-    std::shared_ptr<WorkingSetRecorder> recorder;
-    std::shared_ptr<const RawFileSource> snapshot;
-  };
-
-  // Posted by the engine's workers when a space ends by itself.
-  struct SpaceEnded {
-    uint64_t vm;
-    SpaceId space;
-    Status why;
-    FaultStats stats;
-  };
-
-  ServeOptions options;
-  // The memory file as new VMs see it; VMs being served keep the source they started with.
-  std::shared_ptr<const RawFileSource> source;
-  UniqueFd listener;
-  UniqueFd epoll;
-  UniqueFd stop_fd;    // eventfd: Stop() was called
-  UniqueFd notice_fd;  // eventfd: a space ended by itself
-  UniqueFd reserve;    // /dev/null, given up to shed a connection when out of descriptors
-
-  std::mutex mu;
-  std::vector<SpaceEnded> ended;         // GUARDED_BY(mu)
-  std::atomic<bool> notice_lost{false};  // a notice could not be posted: reconcile
-
-  // The loop's own state (Run()'s thread only).
-  std::unordered_map<uint64_t, Connection> connections;
-  std::set<std::pair<Clock::time_point, uint64_t>> deadlines;  // of the kHandshake connections
-  uint64_t next_vm = 1;
-  size_t pending_handshakes = 0;  // connections in kHandshake
-  size_t active_vms = 0;          // connections in kServing or kClosing
-  int finished_vms = 0;
-  bool listener_watched = true;
-  Clock::time_point listener_resumes;
-  RateLimitedLog accept_log{kLogFoldWindow};
-  RateLimitedLog refused_log{kLogFoldWindow};
-  RateLimitedLog denied_log{kLogFoldWindow};
-
-  // Where zero maps are kept between runs; none when the directory cannot be used.
-  std::optional<SnapshotCache> cache;
-  // Working sets learned per snapshot (none with ServeOptions::learn off).
-  std::optional<WorkingSetLearner> learner;
-  // Holds every VM for a successor (null with ServeOptions::keeper off).
-  std::unique_ptr<KeeperClient> keeper;
-  Inheritance inherited;      // what the keeper held at start, until resumed
-  bool handing_over = false;  // shutting down: VMs stay kept for the next daemon
-  size_t left_to_keeper = 0;
-
-  // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
-  std::unique_ptr<FaultEngine> engine;
-
-  // What a VM is served with, from a handshake or from the keeper.
-  struct VmSpec {
-    std::string name;
-    std::vector<HandshakeRegion> regions;
-    std::shared_ptr<const RawFileSource> snapshot;
-    bool fault_all = false;
-    uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
-    UniqueFd uffd;
-    UniqueFd memory_file;                  // the secret-hiding variant's guest memory file
-    std::shared_ptr<PageTracker> tracker;  // taken over; null: a new shared one
-    bool resume = false;
-  };
-
-  Status Watch(int fd, uint64_t token, uint32_t events);
-  void PauseListener(Clock::time_point now);
-  void ResumeListenerIfDue(Clock::time_point now);
-  void AcceptReady(Clock::time_point now);
-  void ShedOnePendingConnection(int err);
-  bool Allowed(const std::optional<PeerCredentials>& peer) const;
-  void AddConnection(UniqueFd socket, Clock::time_point now);
-  void ConnectionReady(uint64_t vm, uint32_t events);
-  void HandshakeReady(Connection& c);
-  Result<SpaceId> Admit(Connection& c, ReceivedHandshake& handshake);
-  // Makes the VM's handler and space; *kept gets what the keeper needs to hold it.
-  Result<SpaceId> StartSpace(uint64_t vm, VmSpec spec, KeptVm* kept);
-  Status TakeOverFromKeeper();
-  Status Resume(KeptVm& kept);
-  Result<std::shared_ptr<const RawFileSource>> CurrentSource();
-  // Opens a snapshot with its zero map (kept in the cache, or found by a scan).
-  Result<std::unique_ptr<RawFileSource>> OpenSnapshot(const std::string& path);
-  void ServingReady(Connection& c, uint32_t events);
-  void ExpireHandshakes(Clock::time_point now);
-  void HandleNotices();
-  void Reconcile();
-  void SpaceEndedByItself(Connection& c, const SpaceEnded& notice);
-  void Hangup(Connection& c, const char* why);
-  void Drop(uint64_t vm, const std::string& why);
-  void Finish(Connection& c, LogLevel level, const std::string& line, const FaultStats& stats);
-  void SetPhase(Connection& c, Phase phase);
-  void Erase(uint64_t vm);
-  void OnSpaceClosed(uint64_t vm, SpaceId space, const Status& why, const FaultStats& stats);
-  std::optional<Clock::time_point> NextWake() const;
-};
 
 Status ValidateServeOptions(const ServeOptions& options) {
   auto invalid = [](const std::string& what) { return Error(ErrorCode::kInvalidArgument, what); };
@@ -286,18 +168,34 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
     // The socket a predecessor listened on, kept: VMs that connected meanwhile are in its backlog.
     impl->listener = std::move(impl->inherited.listener);
   } else {
-    UnixListenOptions listen;
-    listen.mode = options.socket_mode;
-    listen.owner = options.socket_owner;
-    listen.group = options.socket_group;
-    listen.backlog = 256;
-    GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, listen));
+    GM_ASSIGN_OR_RETURN(impl->listener, ListenUnix(options.socket_path, ListenOptionsOf(options)));
     if (impl->keeper != nullptr)
       GM_RETURN_IF_ERROR(impl->keeper->KeepListener(impl->listener.get()));
+  }
+  if (options.apf) {
+    // Firecracker connects to it first, at the very start of a snapshot load: it listens before
+    // any VM could come.
+    impl->apf_path = ApfSocketPath(options.socket_path);
+    struct stat apf_file {};
+    if (impl->inherited.apf_listener && stat(impl->apf_path.c_str(), &apf_file) == 0 &&
+        S_ISSOCK(apf_file.st_mode)) {
+      impl->apf_listener = std::move(impl->inherited.apf_listener);
+    } else {
+      auto apf = ListenUnix(impl->apf_path, ListenOptionsOf(options));
+      if (!apf) return std::move(apf).error().WithContext("--apf: the APF socket");
+      impl->apf_listener = std::move(*apf);
+      if (impl->keeper != nullptr) {
+        GM_RETURN_IF_ERROR(
+            impl->keeper->KeepListener(impl->apf_listener.get(), ListenerRole::kApf));
+      }
+    }
   }
   GM_RETURN_IF_ERROR(impl->Watch(impl->stop_fd.get(), kStopToken, EPOLLIN));
   GM_RETURN_IF_ERROR(impl->Watch(impl->notice_fd.get(), kNoticeToken, EPOLLIN));
   GM_RETURN_IF_ERROR(impl->Watch(impl->listener.get(), kListenerToken, EPOLLIN));
+  if (impl->apf_listener) {
+    GM_RETURN_IF_ERROR(impl->Watch(impl->apf_listener.get(), kApfListenerToken, EPOLLIN));
+  }
   GM_RETURN_IF_ERROR(impl->TakeOverFromKeeper());
 
   char mode[8];
@@ -312,7 +210,8 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
           "; at most " + std::to_string(options.max_pending_handshakes) +
           " connections waiting for their handshake (" +
           std::to_string(options.handshake_timeout.count()) + " ms each) and " +
-          std::to_string(options.max_active_vms) + " VMs served at once" + AccessNote(options));
+          std::to_string(options.max_active_vms) + " VMs served at once" + AccessNote(options) +
+          (impl->apf_listener ? "; APF socket " + impl->apf_path : std::string()));
   return std::unique_ptr<HandlerServer>(new HandlerServer(std::move(impl)));
 }
 
@@ -320,11 +219,14 @@ HandlerServer::HandlerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 
 HandlerServer::~HandlerServer() {
   impl_->engine.reset();  // closes whatever is still served; its callbacks use impl_
-  // With VMs left to the keeper, the socket stays: the keeper holds it for the next daemon.
-  if (impl_->left_to_keeper == 0) unlink(impl_->options.socket_path.c_str());
+  // With VMs left to the keeper, the sockets stay: the keeper holds them for the next daemon.
+  if (impl_->left_to_keeper == 0) {
+    unlink(impl_->options.socket_path.c_str());
+    if (!impl_->apf_path.empty()) unlink(impl_->apf_path.c_str());
+  }
 }
 
-void HandlerServer::Stop() { Signal(impl_->stop_fd.get()); }
+void HandlerServer::Stop() { SignalEventFd(impl_->stop_fd.get()); }
 
 Status HandlerServer::Impl::Watch(int fd, uint64_t token, uint32_t events) {
   epoll_event ev{};
@@ -340,9 +242,13 @@ std::optional<Clock::time_point> HandlerServer::Impl::NextWake() const {
   std::optional<Clock::time_point> wake;
   auto consider = [&](Clock::time_point t) { wake = wake ? std::min(*wake, t) : t; };
   if (!deadlines.empty()) consider(deadlines.begin()->first);
+  if (!apf_deadlines.empty()) consider(apf_deadlines.begin()->first);
   if (!listener_watched) consider(listener_resumes);
+  if (!ready.empty()) consider(Clock::now());
+  if (!completion_retry.empty()) consider(Clock::now() + kCompletionRetry);
   // Folded lines are reported once their window has passed, even when nothing else happens.
-  if (accept_log.has_pending() || refused_log.has_pending() || denied_log.has_pending()) {
+  if (accept_log.has_pending() || refused_log.has_pending() || denied_log.has_pending() ||
+      apf_log.has_pending()) {
     consider(Clock::now() + kLogFoldWindow);
   }
   return wake;
@@ -366,27 +272,31 @@ Status HandlerServer::Run() {
         if (token == kStopToken) {
           stopping = true;
         } else if (token == kNoticeToken) {
-          Drain(s.notice_fd.get());
+          DrainEventFd(s.notice_fd.get());
         } else if (token == kListenerToken) {
           s.AcceptReady(now);
+        } else if (token == kApfListenerToken) {
+          s.AcceptApfReady(now);
         } else {
-          s.ConnectionReady(token, events[i].events);
+          s.TokenReady(token, events[i].events, /*again=*/false);
         }
       } catch (const std::exception& e) {
-        if (token < kListenerToken) {
-          s.Drop(token, e.what());
+        if (token < kApfListenerToken) {
+          s.DropForToken(token, e.what());
         } else {
           Log(LogLevel::kError, std::string("serve: ") + e.what() + " while handling an event");
         }
       }
     }
     try {
+      s.ProcessReady();
       s.HandleNotices();
       s.ExpireHandshakes(now);
       s.ResumeListenerIfDue(now);
       s.accept_log.Flush();
       s.refused_log.Flush();
       s.denied_log.Flush();
+      s.apf_log.Flush();
     } catch (const std::exception& e) {
       Log(LogLevel::kError, std::string("serve: ") + e.what() + " in the server loop");
     }
@@ -421,6 +331,8 @@ Status HandlerServer::Run() {
   s.accept_log.Flush(/*force=*/true);
   s.refused_log.Flush(/*force=*/true);
   s.denied_log.Flush(/*force=*/true);
+  s.apf_log.Flush(/*force=*/true);
+  while (!s.waiting_apf.empty()) s.EraseWaitingApf(s.waiting_apf.begin()->first);
   if (s.keeper != nullptr) {
     if (s.left_to_keeper > 0) {
       Log(LogLevel::kInfo, "left " + std::to_string(s.left_to_keeper) + " VM(s) to the keeper at " +
@@ -460,12 +372,40 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
     return Error(ErrorCode::kProtocolError, "its description is not one this daemon writes");
   }
   const bool minor_trap = d.value("minor_trap", false);
-  if (kept.fds.size() != (minor_trap ? 4u : 3u)) {
-    return Error(ErrorCode::kProtocolError,
-                 "kept with " + std::to_string(kept.fds.size()) + " descriptors");
+  // Which descriptor is which: named in the description (older daemons: uffd, connection,
+  // tracker and, in the minor trap, the guest memory file).
+  std::vector<std::string> roles;
+  if (auto listed = d.find("fds"); listed != d.end() && listed->is_array()) {
+    for (const auto& role : *listed) {
+      if (!role.is_string()) return Error(ErrorCode::kProtocolError, "a descriptor without a role");
+      roles.push_back(role.get<std::string>());
+    }
+  } else {
+    roles = {"uffd", "connection", "tracker"};
+    if (minor_trap) roles.push_back("memory_file");
+  }
+  if (kept.fds.size() != roles.size()) {
+    return Error(ErrorCode::kProtocolError, "kept with " + std::to_string(kept.fds.size()) +
+                                                " descriptors; its description names " +
+                                                std::to_string(roles.size()));
+  }
+  std::unordered_map<std::string, UniqueFd> named;
+  std::vector<UniqueFd> ring_fds;
+  for (size_t i = 0; i < roles.size(); ++i) {
+    if (roles[i].rfind("ring_", 0) == 0) {
+      ring_fds.push_back(std::move(kept.fds[i]));
+    } else {
+      named[roles[i]] = std::move(kept.fds[i]);
+    }
+  }
+  for (const char* required : {"uffd", "connection", "tracker"}) {
+    if (!named[required]) {
+      return Error(ErrorCode::kProtocolError, std::string("kept without its ") + required);
+    }
   }
   VmSpec spec;
-  spec.name = d.value("name", "vm " + std::to_string(kept.id)) + " [taken over]";
+  spec.kept_name = d.value("name", "vm " + std::to_string(kept.id));
+  spec.name = spec.kept_name + " [taken over]";
   GM_ASSIGN_OR_RETURN(spec.regions, ParseHandshake(d["regions"].dump()));
   const std::string snapshot_path = d["snapshot"].get<std::string>();
   if (snapshot_path == options.mem_file_path) {
@@ -476,31 +416,82 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
   GM_RETURN_IF_ERROR(ValidateHandshake(spec.regions, spec.snapshot->size()));
   spec.fault_all = d.value("fault_all", false);
   spec.fault_around_bytes = d.value("fault_around_bytes", kDefaultFaultAroundBytes);
-  spec.uffd = std::move(kept.fds[0]);
-  GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::AttachShared(std::move(kept.fds[2]),
+  spec.uffd = std::move(named["uffd"]);
+  GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::AttachShared(std::move(named["tracker"]),
                                                               d["tracker_pages"].get<uint64_t>()));
-  if (minor_trap) spec.memory_file = std::move(kept.fds[3]);
+  if (minor_trap) {
+    spec.memory_file = std::move(named["memory_file"]);
+    if (!spec.memory_file) {
+      return Error(ErrorCode::kProtocolError, "kept without its guest memory file");
+    }
+    spec.bitmap = std::move(named["bitmap"]);
+  }
+  std::unique_ptr<VcpuRequestTable> requests;
+  if (spec.bitmap) {
+    if (!named["requests"]) {
+      return Error(ErrorCode::kProtocolError, "kept with a userfault bitmap but no request table");
+    }
+    GM_ASSIGN_OR_RETURN(requests, VcpuRequestTable::Attach(std::move(named["requests"])));
+  }
   spec.resume = true;
   Connection c;
   c.vm = kept.id;
   c.name = spec.name;
   c.accepted = Clock::now();
-  c.socket = std::move(kept.fds[1]);
+  c.socket = std::move(named["connection"]);
+  if (auto peer = GetPeerCredentials(c.socket.get()); peer && peer->pid > 0) c.pid = peer->pid;
   GM_RETURN_IF_ERROR(Watch(c.socket.get(), c.vm, EPOLLIN | EPOLLRDHUP));
   c.phase = Phase::kServing;
   const std::string name = c.name;
   auto [it, inserted] = connections.emplace(c.vm, std::move(c));
+  Connection& vm = it->second;
   ++active_vms;
-  auto space = StartSpace(kept.id, std::move(spec), nullptr);
+  if (vm.pid) vm_by_pid.emplace(*vm.pid, vm.vm);
+  auto space = StartSpace(vm, std::move(spec), std::move(requests));
   if (!space) {
-    epoll_ctl(epoll.get(), EPOLL_CTL_DEL, it->second.socket.get(), nullptr);
-    connections.erase(it);
-    --active_vms;
+    Erase(vm.vm);  // counted as a VM that came and went
+    --finished_vms;
     return std::move(space).error();
   }
-  it->second.space = *space;
-  Log(LogLevel::kInfo,
-      name + ": taken over from the previous daemon; serving as space " + std::to_string(*space));
+  vm.space = *space;
+  std::string note;
+  if (vm.vcpu) {
+    const std::string control = d.value("apf_control", "awaiting");
+    vm.control = control == "exitless" ? Control::kExitless
+                 : control == "none"   ? Control::kNoExitless
+                                       : Control::kAwaiting;
+    vm.control_may_linger = vm.control != Control::kAwaiting;
+    if (vm.control == Control::kExitless) {
+      if (ring_fds.empty() || ring_fds.size() % 3 != 0) {
+        Drop(vm.vm,
+             "kept with exitless APF but " + std::to_string(ring_fds.size()) + " ring descriptors");
+        return OkStatus();
+      }
+      if (Status set = vm.vcpu->SetUpExitless(std::move(ring_fds)); !set) {
+        Drop(vm.vm, set.error().ToString());
+        return OkStatus();
+      }
+    }
+    if (named["apf_socket"]) vm.vcpu->AttachApf(std::move(named["apf_socket"]));
+    if (Status watched = WatchServing(vm); !watched) {
+      Drop(vm.vm, watched.error().ToString());
+      return OkStatus();
+    }
+    // What the predecessor took and did not answer: each gets its answer now.
+    auto replayed = vm.vcpu->Replay(PostFor(vm));
+    if (!replayed) {
+      Drop(vm.vm, replayed.error().ToString());
+      return OkStatus();
+    }
+    note = "; " + std::to_string(*replayed) + " vCPU fault(s) it had taken are answered again";
+    ready.push_back(Token(TokenKind::kConnection, vm.vm));
+    if (vm.vcpu->apf_fd() >= 0) ready.push_back(Token(TokenKind::kApfSocket, vm.vm));
+    for (size_t i = 0; i < vm.vcpu->ring_count(); ++i) {
+      ready.push_back(Token(TokenKind::kRingNotify, vm.vm, i));
+    }
+  }
+  Log(LogLevel::kInfo, name + ": taken over from the previous daemon; serving as space " +
+                           std::to_string(*space) + note);
   return OkStatus();
 }
 
@@ -599,6 +590,7 @@ void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) 
   c.vm = vm;
   c.name = PeerName(vm, peer);
   c.accepted = now;
+  if (peer && peer->pid > 0) c.pid = peer->pid;
   c.deadline = now + options.handshake_timeout;
   c.reader.emplace();
   if (Status watched = Watch(socket.get(), vm, EPOLLIN | EPOLLRDHUP); !watched) {
@@ -608,25 +600,89 @@ void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) 
   c.socket = std::move(socket);
   deadlines.emplace(c.deadline, vm);
   ++pending_handshakes;
+  if (c.pid) {
+    vm_by_pid.emplace(*c.pid, vm);
+    // Its APF connection came first, as Firecracker makes it.
+    if (auto w = waiting_apf_by_pid.find(*c.pid); w != waiting_apf_by_pid.end()) {
+      const uint64_t id = w->second;
+      epoll_ctl(epoll.get(), EPOLL_CTL_DEL, waiting_apf.at(id).socket.get(), nullptr);
+      c.early_apf = std::move(waiting_apf.at(id).socket);
+      EraseWaitingApf(id);
+    }
+  }
   connections.emplace(vm, std::move(c));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Connections
 
-void HandlerServer::Impl::ConnectionReady(uint64_t vm, uint32_t events) {
-  auto it = connections.find(vm);
+void HandlerServer::Impl::TokenReady(uint64_t token, uint32_t events, bool again) {
+  const uint64_t number = NumberOf(token);
+  if (KindOf(token) == TokenKind::kWaitingApf) {
+    // Only its hang-up is watched: it went away before its VM came.
+    auto it = waiting_apf.find(number);
+    if (it == waiting_apf.end()) return;
+    apf_log.Log(LogLevel::kInfo, "an APF connection from pid " + std::to_string(it->second.pid) +
+                                     " closed before its VM connected");
+    EraseWaitingApf(number);
+    return;
+  }
+  auto it = connections.find(number);
   if (it == connections.end()) return;
   Connection& c = it->second;
-  switch (c.phase) {
-    case Phase::kHandshake:
-      HandshakeReady(c);
+  switch (KindOf(token)) {
+    case TokenKind::kConnection:
+      if (c.phase == Phase::kHandshake) {
+        HandshakeReady(c);
+      } else if (c.phase == Phase::kServing && c.vcpu) {
+        VcpuSocketReady(c, VcpuChannel::kUffdSocket, again ? EPOLLIN : events);
+      } else if (c.phase == Phase::kServing) {
+        ServingReady(c, events);
+      }
       return;
-    case Phase::kServing:
-      ServingReady(c, events);
+    case TokenKind::kApfSocket:
+      if (c.phase == Phase::kServing && c.vcpu && c.vcpu->apf_fd() >= 0) {
+        VcpuSocketReady(c, VcpuChannel::kApfSocket, again ? EPOLLIN : events);
+      }
       return;
-    case Phase::kClosing:
-      return;  // its socket is closed already
+    case TokenKind::kRingNotify: {
+      const size_t index = IndexOf(token);
+      if (c.phase != Phase::kServing || !c.vcpu || index >= c.vcpu->ring_count()) return;
+      if (!again) c.vcpu->AcknowledgeNotify(index);
+      RingReady(c, index);
+      return;
+    }
+    case TokenKind::kWaitingApf:
+      return;
+  }
+}
+
+void HandlerServer::Impl::DropForToken(uint64_t token, const std::string& why) {
+  if (KindOf(token) == TokenKind::kWaitingApf) {
+    EraseWaitingApf(NumberOf(token));
+  } else {
+    Drop(NumberOf(token), why);
+  }
+}
+
+void HandlerServer::Impl::ProcessReady() {
+  std::vector<uint64_t> tokens;
+  tokens.swap(ready);
+  for (const uint64_t token : tokens) {
+    try {
+      TokenReady(token, 0, /*again=*/true);
+    } catch (const std::exception& e) {
+      DropForToken(token, e.what());
+    }
+  }
+  const std::vector<uint64_t> retry(completion_retry.begin(), completion_retry.end());
+  for (const uint64_t vm : retry) {
+    auto it = connections.find(vm);
+    if (it == connections.end() || !it->second.vcpu) {
+      completion_retry.erase(vm);
+      continue;
+    }
+    FinishVcpuBatch(it->second);
   }
 }
 
@@ -651,9 +707,26 @@ void HandlerServer::Impl::HandshakeReady(Connection& c) {
   }
   c.space = *space;
   SetPhase(c, Phase::kServing);
+  std::string note;
+  if (c.vcpu) {
+    if (c.early_apf) c.vcpu->AttachApf(std::move(c.early_apf));
+    if (Status watched = WatchServing(c); !watched) {
+      Drop(c.vm, watched.error().ToString());
+      return;
+    }
+    note = "; vCPU faults over its socket" +
+           std::string(c.vcpu->apf_fd() >= 0 ? " and its APF socket" : "");
+    ready.push_back(Token(TokenKind::kConnection, c.vm));  // message 2 may be there already
+  } else if (c.early_apf) {
+    apf_log.Log(LogLevel::kWarning, c.name +
+                                        ": its APF connection is closed: a VM without a "
+                                        "userfault bitmap has no vCPU faults to send there");
+    c.early_apf.reset();
+  }
+  KeepVm(c);
   Log(LogLevel::kInfo, c.name + " connected: " + std::to_string(handshake.regions.size()) +
                            " region(s), " + std::to_string(handshake.fds.size()) +
-                           " descriptor(s); serving as space " + std::to_string(c.space));
+                           " descriptor(s); serving as space " + std::to_string(c.space) + note);
 }
 
 Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& handshake) {
@@ -682,21 +755,13 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
                    "is_guest_memfd is set but no guest memory file descriptor was attached");
     }
     spec.memory_file = std::move(handshake.fds[1]);
+    if (handshake.fds.size() >= 3) spec.bitmap = std::move(handshake.fds[2]);
   }
-  KeptVm kept;
-  GM_ASSIGN_OR_RETURN(SpaceId space, StartSpace(c.vm, std::move(spec), &kept));
-  if (keeper != nullptr) {
-    std::vector<int> fds{kept.fds[0].get(), c.socket.get()};
-    for (size_t i = 1; i < kept.fds.size(); ++i) fds.push_back(kept.fds[i].get());
-    if (Status kept_ok = keeper->Keep(c.vm, kept.description, fds, /*watch=*/1); !kept_ok) {
-      Log(LogLevel::kWarning, c.name + " is served but not kept (a restart would lose it): " +
-                                  kept_ok.error().ToString());
-    }
-  }
-  return space;
+  return StartSpace(c, std::move(spec));
 }
 
-Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm* kept) {
+Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
+                                                std::unique_ptr<VcpuRequestTable> requests) {
   std::vector<GuestRegion> regions;
   uint64_t regions_end = 0;
   for (const HandshakeRegion& r : spec.regions) {
@@ -707,8 +772,14 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
   }
   GM_ASSIGN_OR_RETURN(GuestLayout layout, GuestLayout::Create(std::move(regions)));
   // Copies for the keeper, taken before the library adopts the descriptors.
-  UniqueFd uffd_copy(fcntl(spec.uffd.get(), F_DUPFD_CLOEXEC, 0));
-  if (!uffd_copy) return PosixError(errno, "duplicating the uffd for the keeper");
+  std::vector<std::pair<std::string, UniqueFd>> kept_fds;
+  auto keep_copy = [&](const char* role, int fd) -> Status {
+    UniqueFd copy(fcntl(fd, F_DUPFD_CLOEXEC, 0));
+    if (!copy) return PosixError(errno, std::string("duplicating the ") + role + " for the keeper");
+    kept_fds.emplace_back(role, std::move(copy));
+    return OkStatus();
+  };
+  GM_RETURN_IF_ERROR(keep_copy("uffd", spec.uffd.get()));
   GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(spec.uffd)));
 
   FaultHandlerOptions handler_options;
@@ -720,17 +791,17 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
   if (spec.tracker == nullptr) {
     GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::CreateShared(tracker_pages));
   }
-  UniqueFd tracker_copy(fcntl(spec.tracker->shared_fd(), F_DUPFD_CLOEXEC, 0));
-  if (!tracker_copy) return PosixError(errno, "duplicating the page tracker for the keeper");
+  GM_RETURN_IF_ERROR(keep_copy("tracker", spec.tracker->shared_fd()));
   handler_options.tracker = spec.tracker;
+  // Learned from at its end; a VM taken over is not: what it needed before is not known.
   std::shared_ptr<WorkingSetRecorder> recorder;
+  std::shared_ptr<const WorkingSet> learned;
   if (learner && !spec.resume) {
-    // A VM taken over is not learned from: what it needed before the takeover is not known.
-    handler_options.prefetch = learner->LearnedFor(*spec.snapshot);
+    learned = learner->LearnedFor(*spec.snapshot);
     recorder = std::make_shared<WorkingSetRecorder>();
     handler_options.recorder = recorder;
   }
-  UniqueFd memory_file_copy;
+  bool has_bitmap = false;
   if (spec.memory_file) {
     // The secret-hiding variant: uffd, guest memory file, bitmap. Content goes into the file,
     // then UFFDIO_CONTINUE maps it (the full minor trap).
@@ -753,8 +824,22 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
                                                     std::to_string(spec.snapshot->size()) +
                                                     " bytes); it must be the regions back to back");
     }
-    memory_file_copy.reset(fcntl(guest_memfd_fd, F_DUPFD_CLOEXEC, 0));
-    if (!memory_file_copy) return PosixError(errno, "duplicating the guest memory file");
+    GM_RETURN_IF_ERROR(keep_copy("memory_file", guest_memfd_fd));
+    if (spec.bitmap) {
+      // One bit per 4 KiB page of the guest memory file; cleared once a page's content is in.
+      // Firecracker seals it; unsealed, it could shrink under the daemon's mapping (a SIGBUS).
+      const int seals = fcntl(spec.bitmap.get(), F_GET_SEALS);
+      if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+        return Error(ErrorCode::kInvalidArgument,
+                     "the userfault bitmap is not a memfd sealed against shrinking "
+                     "(F_SEAL_SHRINK), as Firecracker seals it");
+      }
+      GM_RETURN_IF_ERROR(keep_copy("bitmap", spec.bitmap.get()));
+      auto bitmap = UserfaultBitmap::Map(std::move(spec.bitmap), file_size);
+      if (!bitmap) return std::move(bitmap).error().WithContext("the userfault bitmap");
+      handler_options.userfault_bitmap = std::move(*bitmap);
+      has_bitmap = true;
+    }
     MemoryFileOptions file_options;
     file_options.name = spec.name;
     file_options.size_bytes = file_size;
@@ -781,35 +866,46 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(uint64_t vm, VmSpec spec, KeptVm
     handler_options.mode = InstallMode::kMinorTrap;
     handler_options.memory_file = std::move(memory_file);
   }
+  std::unique_ptr<VcpuFaults> vcpu;
+  if (has_bitmap) {
+    // vCPU faults come over the sockets and rings; what is taken and not answered is kept.
+    if (requests == nullptr) {
+      GM_ASSIGN_OR_RETURN(requests, VcpuRequestTable::Create());
+    }
+    GM_RETURN_IF_ERROR(keep_copy("requests", requests->fd()));
+    vcpu = std::make_unique<VcpuFaults>(spec.name, c.socket.get(), std::move(requests));
+  }
+  // A secret-hiding VM's working set waits for its message 2: Firecracker sets every bit of the
+  // bitmap after message 1, so bits cleared before it would be set again.
+  if (has_bitmap) {
+    c.deferred_prefetch = std::move(learned);
+  } else {
+    handler_options.prefetch = std::move(learned);
+  }
   const bool minor_trap = handler_options.mode == InstallMode::kMinorTrap;
   GM_ASSIGN_OR_RETURN(auto handler,
                       FaultHandler::Create(std::move(uffd), std::move(layout), spec.snapshot,
                                            std::move(handler_options)));
   // The connection's record exists before the space does: whenever the space ends, its notice
   // finds the record.
+  const uint64_t vm = c.vm;
   GM_ASSIGN_OR_RETURN(SpaceId space,
                       engine->AddSpace(std::move(handler), [this, vm](SpaceId id, const Status& why,
                                                                       const FaultStats& stats) {
                         OnSpaceClosed(vm, id, why, stats);
                       }));
-  Connection& c = connections.at(vm);
+  c.description = {{"name", spec.kept_name.empty() ? spec.name : spec.kept_name},
+                   {"snapshot", spec.snapshot->path()},
+                   {"regions", nlohmann::json::parse(EncodeHandshake(spec.regions))},
+                   {"fault_all", spec.fault_all},
+                   {"fault_around_bytes", spec.fault_around_bytes},
+                   {"tracker_pages", tracker_pages},
+                   {"minor_trap", minor_trap},
+                   {"bitmap", has_bitmap}};
+  c.kept_fds = std::move(kept_fds);
+  c.vcpu = std::move(vcpu);
   c.recorder = std::move(recorder);
   c.snapshot = spec.snapshot;
-  if (kept != nullptr) {
-    nlohmann::json description = {{"name", spec.name},
-                                  {"snapshot", spec.snapshot->path()},
-                                  {"regions", nlohmann::json::parse(EncodeHandshake(spec.regions))},
-                                  {"fault_all", spec.fault_all},
-                                  {"fault_around_bytes", spec.fault_around_bytes},
-                                  {"tracker_pages", tracker_pages},
-                                  {"minor_trap", minor_trap}};
-    kept->id = vm;
-    kept->description = description.dump();
-    kept->fds.clear();
-    kept->fds.push_back(std::move(uffd_copy));
-    kept->fds.push_back(std::move(tracker_copy));
-    if (memory_file_copy) kept->fds.push_back(std::move(memory_file_copy));
-  }
   return space;
 }
 
@@ -824,6 +920,44 @@ Result<std::unique_ptr<RawFileSource>> HandlerServer::Impl::OpenSnapshot(const s
                                 "): only its holes are known zero");
   }
   return snapshot;
+}
+
+void HandlerServer::Impl::KeepVm(Connection& c) {
+  if (keeper == nullptr || c.kept_fds.empty()) return;
+  nlohmann::json d = c.description;
+  std::vector<int> fds;
+  nlohmann::json roles = nlohmann::json::array();
+  auto add = [&](const std::string& role, int fd) {
+    roles.push_back(role);
+    fds.push_back(fd);
+  };
+  // The uffd first and the connection second (the one whose hang-up means the VM is gone).
+  add(c.kept_fds[0].first, c.kept_fds[0].second.get());
+  add("connection", c.socket.get());
+  for (size_t i = 1; i < c.kept_fds.size(); ++i)
+    add(c.kept_fds[i].first, c.kept_fds[i].second.get());
+  if (c.vcpu) {
+    if (c.vcpu->apf_fd() >= 0) add("apf_socket", c.vcpu->apf_fd());
+    const std::vector<int> rings = c.vcpu->ring_fds();
+    for (size_t i = 0; i < rings.size(); ++i) {
+      static const char* const kRingRoles[] = {"ring_notify", "ring_complete", "ring_vcpu"};
+      add(kRingRoles[i % 3], rings[i]);
+    }
+    d["apf_control"] = c.control == Control::kAwaiting   ? "awaiting"
+                       : c.control == Control::kExitless ? "exitless"
+                                                         : "none";
+  }
+  d["fds"] = std::move(roles);
+  if (fds.size() > kMaxKeptFds) {
+    Log(LogLevel::kWarning, c.name + " is served but not kept (a restart would lose it): " +
+                                std::to_string(fds.size()) + " descriptors, more than the " +
+                                std::to_string(kMaxKeptFds) + " a message can carry");
+    return;
+  }
+  if (Status kept = keeper->Keep(c.vm, d.dump(), fds, /*watch=*/1); !kept) {
+    Log(LogLevel::kWarning,
+        c.name + " is served but not kept (a restart would lose it): " + kept.error().ToString());
+  }
 }
 
 Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
@@ -867,6 +1001,14 @@ void HandlerServer::Impl::ExpireHandshakes(Clock::time_point now) {
                               std::to_string(c.reader->bytes_received()) + " bytes received)");
     Erase(vm);
   }
+  while (!apf_deadlines.empty() && apf_deadlines.begin()->first <= now) {
+    const uint64_t id = apf_deadlines.begin()->second;
+    apf_log.Log(LogLevel::kWarning,
+                "an APF connection from pid " + std::to_string(waiting_apf.at(id).pid) +
+                    " was not followed by its VM's Uffd connection within " +
+                    std::to_string(options.handshake_timeout.count()) + " ms; closed");
+    EraseWaitingApf(id);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -883,14 +1025,40 @@ void HandlerServer::Impl::OnSpaceClosed(uint64_t vm, SpaceId space, const Status
   } catch (...) {
     notice_lost.store(true);  // the loop finds out which space is gone by asking the engine
   }
-  Signal(notice_fd.get());
+  SignalEventFd(notice_fd.get());
 }
 
 void HandlerServer::Impl::HandleNotices() {
   std::vector<SpaceEnded> notices;
+  std::vector<GuestFaultDone> done;
   {
     std::lock_guard lock(mu);
     notices.swap(ended);
+    done.swap(guest_done);
+  }
+  // Served vCPU faults first: their answers go out in one batch per VM.
+  std::vector<uint64_t> answered;
+  for (GuestFaultDone& d : done) {
+    auto it = connections.find(d.vm);
+    if (it == connections.end() || it->second.phase != Phase::kServing || !it->second.vcpu) {
+      continue;
+    }
+    Connection& c = it->second;
+    if (!d.status) {
+      const Error& e = d.status.error();
+      Drop(c.vm, e.code() == ErrorCode::kOutOfRange
+                     ? "protocol error: a vCPU fault outside the VM's memory: " + e.context()
+                     : "a vCPU fault could not be served: " + e.ToString());
+      continue;
+    }
+    c.vcpu->Complete(d.slot);
+    if (answered.empty() || answered.back() != d.vm) answered.push_back(d.vm);
+  }
+  std::sort(answered.begin(), answered.end());
+  answered.erase(std::unique(answered.begin(), answered.end()), answered.end());
+  for (const uint64_t vm : answered) {
+    auto it = connections.find(vm);
+    if (it != connections.end() && it->second.vcpu) FinishVcpuBatch(it->second);
   }
   for (const SpaceEnded& notice : notices) {
     auto it = connections.find(notice.vm);
@@ -940,7 +1108,9 @@ void HandlerServer::Impl::Hangup(Connection& c, const char* why) {
     // The space ended by itself a moment ago; its notice (with the reason and statistics) is
     // posted or about to be. Close the socket now and finish when it arrives.
     epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.socket.get(), nullptr);
+    UnwatchServing(c);
     c.socket.reset();
+    c.vcpu.reset();  // its statistics note is lost with it; the space's own come with the notice
     SetPhase(c, Phase::kClosing);
     return;
   }
@@ -967,7 +1137,8 @@ void HandlerServer::Impl::Drop(uint64_t vm, const std::string& why) {
 
 void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::string& line,
                                  const FaultStats& stats) {
-  Log(level, line);
+  const std::string vcpu_note = c.vcpu ? c.vcpu->StatsNote() : "";
+  Log(level, vcpu_note.empty() ? line : line + "; " + vcpu_note);
   if (c.recorder != nullptr && level == LogLevel::kInfo) {
     // A VM that ended well (not dropped, not failed) is what the next restores will look like.
     const std::vector<uint64_t> needed = c.recorder->Take();
@@ -1013,6 +1184,12 @@ void HandlerServer::Impl::Erase(uint64_t vm) {
     }
   }
   if (c.socket) epoll_ctl(epoll.get(), EPOLL_CTL_DEL, c.socket.get(), nullptr);
+  UnwatchServing(c);
+  if (c.pid) {
+    auto by_pid = vm_by_pid.find(*c.pid);
+    if (by_pid != vm_by_pid.end() && by_pid->second == vm) vm_by_pid.erase(by_pid);
+  }
+  completion_retry.erase(vm);
   connections.erase(it);  // closes the socket
 }
 

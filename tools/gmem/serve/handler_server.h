@@ -25,6 +25,20 @@
 // keeper kept, so that VMs that connected meanwhile wait in its backlog. At shutdown, VMs still
 // connected are left to the keeper for the next daemon; with none left, the keeper ends.
 //
+// Secret hiding (Firecracker's feature/secret-hiding branch; docs/secret-hiding.md). A VM that
+// sends three descriptors (uffd, guest_memfd, userfault bitmap) is served with the full minor
+// trap, its bitmap mapped: a page's bit is cleared once its content is in the guest memory file,
+// whichever way it went in. After message 1 its connection carries message 2 (apf_control.h) and
+// then its vCPUs' faults as FaultRequest frames (vcpu_fault_frames.h), which the loop reads and
+// answers (serve/vcpu_faults.h) while the engine's workers populate the pages. With `apf`, the
+// server also listens on dirname(socket)/apf.socket, where Firecracker connects before it connects
+// to the socket: an APF connection is paired with the VM whose connection comes from the same
+// process (SO_PEERCRED), and carries the same frames. Exitless APF rings announced in message 2
+// are drained from the loop too. The pages a VM had populated when it ended are its snapshot's
+// working set: the next VM of the snapshot gets them before its vCPUs ask. Everything taken and not
+// answered yet is in a table the keeper holds, so that a successor answers it. A malformed frame is
+// a protocol error of that VM alone: logged, and its connection dropped.
+//
 // Thread safety: Start() from one thread; Stop() from any thread or a signal handler
 // (async-signal-safe); Run() from one thread.
 #ifndef GUESTMEM_TOOLS_GMEM_SERVE_HANDLER_SERVER_H_
@@ -66,6 +80,9 @@ struct ServeOptions {
   // VMs served at once; a handshake beyond it is rejected.
   size_t max_active_vms = 1024;
   int max_vms = 0;  // exit after this many VMs have come and gone (0: serve forever)
+  // Also listen on ApfSocketPath(socket_path) (apf_control.h) for Firecracker's APF socket (with
+  // the socket's mode, owner and group).
+  bool apf = false;
   // Keep every VM with a keeper, so that a successor can take it over (see above). The keeper
   // listens at keeper_path (default: socket_path + ".keeper") and is `keeper_program keeper
   // PATH`, started when none runs there.
@@ -73,7 +90,9 @@ struct ServeOptions {
   // Where what is learnt about snapshots (their zero maps and working sets) is kept between
   // runs; empty: SnapshotCache::DefaultDirectory().
   std::string cache_dir;
-  // Learn each snapshot's working set from its restores and prefetch it on the next ones.
+  // Learn each snapshot's working set from its restores and prefetch it on the next ones, from
+  // the handshake on (a secret-hiding VM: from its message 2, once its bitmap is Firecracker's),
+  // so that its faults — vCPU exits, for secret hiding — do not come for those pages.
   bool learn = true;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";

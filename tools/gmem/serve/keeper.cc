@@ -27,7 +27,7 @@ namespace {
 using Json = nlohmann::json;
 
 constexpr uint32_t kMaxMessageBytes = 4u << 20;
-constexpr size_t kMaxFdsPerMessage = 16;
+constexpr size_t kMaxFdsPerMessage = kMaxKeptFds;
 constexpr std::chrono::seconds kIoTimeout{5};
 
 struct Message {
@@ -198,8 +198,10 @@ class Keeper {
                         {});
       return;
     }
-    Json reply = {
-        {"ok", true}, {"vms", vms_.size()}, {"listener", static_cast<bool>(kept_listener_)}};
+    Json reply = {{"ok", true},
+                  {"vms", vms_.size()},
+                  {"listener", static_cast<bool>(kept_listener_)},
+                  {"apf_listener", static_cast<bool>(kept_apf_listener_)}};
     if (!SendMessage(conn.get(), reply, {})) return;
     for (const auto& [id, vm] : vms_) {
       const std::vector<int> raw = Raw(vm.fds);
@@ -208,6 +210,10 @@ class Keeper {
     if (kept_listener_) {
       const int raw = kept_listener_.get();
       if (!SendMessage(conn.get(), {{"listener", true}}, std::span(&raw, 1))) return;
+    }
+    if (kept_apf_listener_) {
+      const int raw = kept_apf_listener_.get();
+      if (!SendMessage(conn.get(), {{"apf_listener", true}}, std::span(&raw, 1))) return;
     }
     Log(LogLevel::kInfo, "keeper: a daemon took over " + std::to_string(vms_.size()) + " VM(s)");
     // The owner is trusted to finish what it sends: only its hang-up ends its ownership.
@@ -247,6 +253,8 @@ class Keeper {
     } else if (op == "listener") {
       if (request->fds.size() != 1) {
         done = Protocol("a listener request without its descriptor");
+      } else if (request->json.value("role", "uffd") == "apf") {
+        kept_apf_listener_ = std::move(request->fds[0]);
       } else {
         kept_listener_ = std::move(request->fds[0]);
       }
@@ -266,6 +274,7 @@ class Keeper {
   UniqueFd listener_;
   UniqueFd owner_;
   UniqueFd kept_listener_;
+  UniqueFd kept_apf_listener_;
   std::map<uint64_t, Vm> vms_;
 };
 
@@ -345,11 +354,20 @@ Result<Inheritance> KeeperClient::TakeOver() {
     if (listener.fds.size() != 1) return Protocol("the kept listener came without its descriptor");
     out.listener = std::move(listener.fds[0]);
   }
+  if (reply.json.value("apf_listener", false)) {
+    GM_ASSIGN_OR_RETURN(Message listener, ReceiveMessage(socket_.get()));
+    if (listener.fds.size() != 1) {
+      return Protocol("the kept APF listener came without its descriptor");
+    }
+    out.apf_listener = std::move(listener.fds[0]);
+  }
   return out;
 }
 
-Status KeeperClient::KeepListener(int listener_fd) {
-  return Call(R"({"op":"listener"})", std::span(&listener_fd, 1));
+Status KeeperClient::KeepListener(int listener_fd, ListenerRole role) {
+  return Call(
+      role == ListenerRole::kApf ? R"({"op":"listener","role":"apf"})" : R"({"op":"listener"})",
+      std::span(&listener_fd, 1));
 }
 
 Status KeeperClient::Keep(uint64_t id, std::string_view description, std::span<const int> fds,

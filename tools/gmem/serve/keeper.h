@@ -4,10 +4,11 @@
 // A page-fault handler that dies freezes every VM it served: Firecracker keeps its uffd, and
 // nobody answers. So the daemon gives the keeper a copy of everything a successor needs, per VM:
 // the uffd, its end of the VM's connection, the memfd holding the VM's page tracker (which pages
-// were served or removed by the balloon), the guest memory file and bitmap where there are, and a
-// description (regions, mode, snapshot) of its own making; and the listening socket, so that VMs
-// that connect while no daemon runs wait in its backlog. A daemon that starts finds the keeper at
-// its socket path (or starts one) and takes over whatever it holds.
+// were served or removed by the balloon), the guest memory file, userfault bitmap, table of
+// unanswered vCPU faults, APF socket and exitless APF rings where there are, and a description
+// (regions, mode, snapshot, which descriptor is which) of its own making; and the listening
+// sockets, so that VMs that connect while no daemon runs wait in their backlogs. A daemon that
+// starts finds the keeper at its socket path (or starts one) and takes over whatever it holds.
 //
 // Ownership: one daemon at a time. The first request on a connection is TakeOver(); while the
 // owner's connection is open, another TakeOver() is refused (kFailedPrecondition): two daemons
@@ -47,8 +48,14 @@ struct KeptVm {
 // What a successor takes over.
 struct Inheritance {
   std::vector<KeptVm> vms;
-  UniqueFd listener;  // the listening socket, if one was kept
+  UniqueFd listener;      // the listening socket, if one was kept
+  UniqueFd apf_listener;  // the APF socket's, if one was kept
 };
+
+// The most descriptors one VM may be kept with (the kernel's SCM_MAX_FD).
+inline constexpr size_t kMaxKeptFds = 253;
+
+enum class ListenerRole { kUffd, kApf };
 
 class KeeperClient {
  public:
@@ -60,10 +67,11 @@ class KeeperClient {
   // Becomes the keeper's owner and takes what it holds (nothing, from a new keeper).
   // ERRORS: kFailedPrecondition while another daemon owns the keeper.
   Result<Inheritance> TakeOver();
-  // Keeps (a copy of) the listening socket.
-  Status KeepListener(int listener_fd);
+  // Keeps (a copy of) a listening socket: the Uffd socket's or the APF socket's.
+  Status KeepListener(int listener_fd, ListenerRole role = ListenerRole::kUffd);
   // Keeps (copies of) `fds` for VM `id`; `watch` is the index in `fds` of the VM's connection,
-  // whose hang-up means the VM is gone. Replaces what was kept for `id` before.
+  // whose hang-up means the VM is gone. Replaces what was kept for `id` before. At most
+  // kMaxKeptFds descriptors.
   Status Keep(uint64_t id, std::string_view description, std::span<const int> fds, size_t watch);
   Status Forget(uint64_t id);
   // This daemon stops for good: the keeper lets everything go and exits.

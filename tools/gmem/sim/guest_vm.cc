@@ -5,11 +5,14 @@
 #include <linux/mman.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
+#include <cstring>
 
 #include "base/hex.h"
+#include "guestmem/apf_control.h"
 #include "guestmem/os.h"
 #include "guestmem/unix_socket.h"
 
@@ -27,6 +30,10 @@ Status ValidateOptions(const GuestVmOptions& o) {
   if (o.memory_bytes == 0 || !IsAligned(o.memory_bytes, o.page_size)) {
     return BadOption("memory size " + Hex(o.memory_bytes) +
                      " is not a non-zero multiple of the page size " + Hex(o.page_size));
+  }
+  if (o.secret_hiding && o.memory_bytes % (8 * kPageSize4K) != 0) {
+    return BadOption("memory size " + Hex(o.memory_bytes) +
+                     " is not a multiple of 32 KiB, which a userfault bitmap of whole bytes needs");
   }
   if (o.regions < 1 || static_cast<uint64_t>(o.regions) > o.memory_bytes / o.page_size) {
     return BadOption(std::to_string(o.regions) + " regions cannot split " +
@@ -109,8 +116,19 @@ Result<std::unique_ptr<GuestVm>> GuestVm::Create(const GuestVmOptions& options_i
     GM_ASSIGN_OR_RETURN(vm->memory_file_,
                         CreateMemfd(os, "guestmem-guest-memory",
                                     huge ? MFD_HUGETLB | MFD_HUGE_2MB : 0u, options.memory_bytes));
-    GM_ASSIGN_OR_RETURN(vm->bitmap_,
-                        CreateMemfd(os, "guestmem-guest-memory-bitmap", 0, (pages + 7) / 8));
+    // One bit per 4 KiB page whatever the page size, sealed against resizing, as Firecracker's.
+    const uint64_t bitmap_bytes = options.memory_bytes / kPageSize4K / 8;
+    GM_ASSIGN_OR_RETURN(vm->bitmap_, CreateMemfd(os, "guestmem-guest-memory-bitmap",
+                                                 MFD_ALLOW_SEALING, bitmap_bytes));
+    if (fcntl(vm->bitmap_.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+      return PosixError(errno, "guest vm: sealing the userfault bitmap");
+    }
+    GM_ASSIGN_OR_RETURN(vm->bitmap_view_,
+                        Mapping::Map(*AlignUp(bitmap_bytes, kPageSize4K), PROT_READ | PROT_WRITE,
+                                     MAP_SHARED, vm->bitmap_.get(), 0, nullptr, os));
+    GM_ASSIGN_OR_RETURN(vm->kvm_view_,
+                        Mapping::Map(options.memory_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+                                     vm->memory_file_.get(), 0, nullptr, os));
   }
 
   // One reservation for all regions and the gaps between them; regions are mapped over it.
@@ -203,6 +221,44 @@ Status GuestVm::SendHandshakeOn(UniqueFd socket) {
   if (!sent) return std::move(sent).error().WithContext("guest vm: handshake");
   socket_ = std::move(socket);
   return OkStatus();
+}
+
+Status GuestVm::ConnectApf(const std::string& path) {
+  auto socket = ConnectUnix(path);
+  if (!socket) return std::move(socket).error().WithContext("guest vm: connect " + path);
+  apf_socket_ = std::move(*socket);
+  return OkStatus();
+}
+
+void GuestVm::FillUserfaultBitmap() {
+  std::memset(bitmap_view_.data(), 0xff, options_.memory_bytes / kPageSize4K / 8);
+}
+
+bool GuestVm::UserfaultBitSet(uint64_t file_offset) const {
+  const uint64_t page = file_offset / kPageSize4K;
+  auto* words = static_cast<uint64_t*>(bitmap_view_.data());
+  const uint64_t word = std::atomic_ref<uint64_t>(words[page / 64]).load(std::memory_order_acquire);
+  return ((word >> (page % 64)) & 1) != 0;
+}
+
+Status GuestVm::SendApfControl(std::span<const int> exitless_fds) {
+  if (!connected()) {
+    return Error(ErrorCode::kFailedPrecondition, "guest vm: message 2 before the handshake");
+  }
+  return guestmem::SendApfControl(socket_.get(), exitless_fds, options_.os);
+}
+
+std::byte* GuestVm::KvmAddress(uint64_t file_offset) const {
+  return kvm_view_.bytes() + file_offset;
+}
+
+uint64_t GuestVm::GuestPhys(uint64_t file_offset) const {
+  for (const GuestVmRegion& r : regions_) {
+    if (file_offset >= r.file_offset && file_offset - r.file_offset < r.host.size()) {
+      return r.guest_phys + (file_offset - r.file_offset);
+    }
+  }
+  return 0;
 }
 
 std::byte* GuestVm::HostAddress(uint64_t file_offset) const {

@@ -18,6 +18,13 @@
 // and keeps its own copy of the uffd. Nothing is global: several GuestVms may live in one process,
 // with their handlers in threads of the same process.
 //
+// The secret-hiding variant plays the rest of Firecracker's restore too, step by step for its
+// caller (sim/secret_hiding.h): ConnectApf() before Connect() (Firecracker tries the APF socket
+// first and goes on without it), FillUserfaultBitmap() after message 1 (every bit set: no page is
+// populated yet), SendApfControl() (message 2). The bitmap is a sealed memfd of one bit per 4 KiB
+// page, as Firecracker's; KvmAddress() reads the guest memory file through a second mapping that
+// no uffd covers, as KVM reads guest_memfd.
+//
 // Thread safety: Create/Connect/destruction from one thread. Once connected, guest memory may be
 // touched from any number of threads; the accessors are const and safe to call concurrently.
 #ifndef GUESTMEM_TOOLS_GMEM_SIM_GUEST_VM_H_
@@ -76,6 +83,23 @@ class GuestVm {
   // The same over a socket the caller already connected (the VM keeps it open).
   Status SendHandshakeOn(UniqueFd socket);
   bool connected() const { return socket_.valid(); }
+  int socket_fd() const { return socket_.get(); }
+
+  // --- secret hiding (REQUIRES secret_hiding())
+  // Connects to the APF socket at `path`; its errors (nobody listens) leave the VM without one.
+  Status ConnectApf(const std::string& path);
+  int apf_socket_fd() const { return apf_socket_.get(); }
+  // Sets every bit of the userfault bitmap.
+  void FillUserfaultBitmap();
+  // Whether the page at memory-file offset `file_offset` is still to be populated (acquire).
+  bool UserfaultBitSet(uint64_t file_offset) const;
+  // Message 2 on the connected socket: no_exitless_apf, or exitless_apf:N with these 3·N
+  // descriptors. kFailedPrecondition before Connect().
+  Status SendApfControl(std::span<const int> exitless_fds);
+  // The guest memory file at `file_offset` through a mapping no uffd covers.
+  std::byte* KvmAddress(uint64_t file_offset) const;
+  // The guest-physical address of memory-file offset `file_offset` (in a region).
+  uint64_t GuestPhys(uint64_t file_offset) const;
 
   uint64_t memory_bytes() const { return options_.memory_bytes; }
   uint64_t page_size() const { return options_.page_size; }
@@ -100,6 +124,9 @@ class GuestVm {
   Mapping reservation_;  // every region and the gaps between them
   UniqueFd memory_file_;
   UniqueFd bitmap_;
+  Mapping kvm_view_;     // the guest memory file, not registered with the uffd
+  Mapping bitmap_view_;  // the userfault bitmap
+  UniqueFd apf_socket_;
   Userfaultfd uffd_;
   std::vector<GuestVmRegion> regions_;  // in file (and host) order
   std::vector<HandshakeRegion> handshake_;

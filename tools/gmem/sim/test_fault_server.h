@@ -3,10 +3,13 @@
 // It receives one Firecracker handshake on an accepted socket and serves the uffd in a thread:
 // a missing fault is answered with UFFDIO_COPY of the page read from the memory file; in the
 // secret-hiding variant (is_guest_memfd) the content is pwritten into the guest memory file and
-// mapped with UFFDIO_CONTINUE. Pages named by a REMOVE event (balloon) are served as zeros the
-// next time. A test can make it serve one corrupted byte, or ignore REMOVE events, to check that
-// the VM side notices. It is independent of the real fault engine on purpose: tests of vmm-sim
-// must not depend on the code vmm-sim exists to test.
+// mapped with UFFDIO_CONTINUE, and, with a userfault bitmap, the page's bit is cleared. It then
+// reads message 2 from the socket and answers the FaultRequest frames after it, one page each
+// (pwrite, clear the bit, reply). Pages named by a REMOVE event (balloon) are served as zeros the
+// next time. A test can make it serve one corrupted byte, ignore REMOVE events, or answer vCPU
+// faults without clearing their bits, to check that the VM side notices. It is independent of the
+// real fault engine on purpose: tests of vmm-sim must not depend on the code vmm-sim exists to
+// test.
 //
 // Thread safety: construct, query and stop from one thread; the serving thread is internal.
 #ifndef GUESTMEM_TOOLS_GMEM_SIM_TEST_FAULT_SERVER_H_
@@ -15,7 +18,9 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -30,10 +35,13 @@
 #include <vector>
 
 #include "guestmem/address.h"
+#include "guestmem/apf_control.h"
 #include "guestmem/handshake.h"
+#include "guestmem/mapping.h"
 #include "guestmem/result.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/vcpu_fault_frames.h"
 
 namespace guestmem::sim::testutil {
 
@@ -41,6 +49,7 @@ struct TestFaultServerOptions {
   std::string mem_file;                    // the snapshot memory file to serve
   std::optional<uint64_t> corrupt_offset;  // this file offset is served with its bits flipped
   bool ignore_remove = false;              // serve file content even after a REMOVE
+  bool answer_before_clearing = false;     // reply to vCPU faults without clearing their bits
 };
 
 class TestFaultServer {
@@ -72,6 +81,15 @@ class TestFaultServer {
     GM_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Adopt(std::move(handshake.fds[0])));
     s->uffd_ = std::make_unique<Userfaultfd>(std::move(uffd));
     if (handshake.fds.size() > 1) s->guest_memfd_ = std::move(handshake.fds[1]);
+    if (handshake.fds.size() > 2) {
+      struct stat st {};
+      if (fstat(handshake.fds[2].get(), &st) != 0) return PosixError(errno, "test server: fstat");
+      GM_ASSIGN_OR_RETURN(
+          s->bitmap_,
+          Mapping::Map(
+              AlignUp(static_cast<uint64_t>(st.st_size), kPageSize4K).value_or(kPageSize4K),
+              PROT_READ | PROT_WRITE, MAP_SHARED, handshake.fds[2].get(), 0));
+    }
     s->handshake_ = std::move(handshake);
     s->stop_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     s->thread_ = std::thread([raw = s.get()] { raw->Serve(); });
@@ -102,6 +120,15 @@ class TestFaultServer {
     std::lock_guard lock(mu_);
     return error_;
   }
+  // Message 2 as it came ("" until then), and the FaultRequests answered, in order.
+  std::string apf_control() const {
+    std::lock_guard lock(mu_);
+    return apf_control_;
+  }
+  std::vector<FaultRequest> requests() const {
+    std::lock_guard lock(mu_);
+    return requests_;
+  }
 
  private:
   enum : uint8_t { kFresh, kServed, kRemoved };
@@ -112,6 +139,105 @@ class TestFaultServer {
   void Fail(const std::string& what) {
     std::lock_guard lock(mu_);
     if (error_.empty()) error_ = what;
+  }
+
+  void ClearBit(uint64_t file_offset, uint64_t length) {
+    if (!bitmap_.valid() || options_.answer_before_clearing) return;
+    auto* bytes = static_cast<uint8_t*>(bitmap_.data());
+    for (uint64_t p = file_offset / kPageSize4K; p < (file_offset + length) / kPageSize4K; ++p) {
+      std::atomic_ref<uint8_t>(bytes[p / 8])
+          .fetch_and(static_cast<uint8_t>(~(1u << (p % 8))), std::memory_order_release);
+    }
+  }
+
+  // The page of a vCPU fault into the guest memory file (once), its bit cleared, then the reply.
+  bool AnswerRequest(const FaultRequest& request) {
+    const HandshakeRegion* r = nullptr;
+    for (const HandshakeRegion& region : handshake_.regions) {
+      const uint64_t start = region.gpa_start.value_or(region.offset);
+      if (request.gpa && *request.gpa >= start && *request.gpa - start < region.size) r = &region;
+    }
+    if (r == nullptr) {
+      Fail("a FaultRequest outside every region: " + Describe(request));
+      return false;
+    }
+    const uint64_t page = r->page_size;
+    const uint64_t file_offset =
+        r->offset + AlignDown(*request.gpa - r->gpa_start.value_or(r->offset), page);
+    uint8_t& state = state_[file_offset / kPageSize4K];
+    if (state != kServed) {
+      buffer_.assign(page, std::byte{0});
+      if (state != kRemoved &&
+          pread(mem_.get(), buffer_.data(), page, static_cast<off_t>(file_offset)) !=
+              static_cast<ssize_t>(page)) {
+        Fail("pread of the memory file failed at " + std::to_string(file_offset));
+        return false;
+      }
+      if (pwrite(guest_memfd_.get(), buffer_.data(), page, static_cast<off_t>(file_offset)) !=
+          static_cast<ssize_t>(page)) {
+        Fail("pwrite of the guest memory file failed at " + std::to_string(file_offset));
+        return false;
+      }
+      state = kServed;
+      ++pages_served_;
+    }
+    ClearBit(file_offset, page);
+    {
+      std::lock_guard lock(mu_);
+      requests_.push_back(request);
+    }
+    const Frame reply = EncodeFaultReply(ReplyTo(request));
+    if (send(socket_.get(), reply.bytes().data(), reply.size(), MSG_NOSIGNAL) !=
+        static_cast<ssize_t>(reply.size())) {
+      Fail("sending a FaultReply failed");
+      return false;
+    }
+    return true;
+  }
+
+  // Message 2, then the frames after it. False when serving must stop.
+  bool ReadSocket() {
+    if (!control_read_) {
+      auto control = PeekApfControl(socket_.get());
+      if (!control) {
+        if (control.error().code() != ErrorCode::kPeerGone) Fail(control.error().ToString());
+        return false;
+      }
+      if (!*control) return true;
+      if (!ConsumeApfControl(socket_.get(), (*control)->bytes)) return false;
+      std::lock_guard lock(mu_);
+      apf_control_ = (*control)->vcpus == 0
+                         ? std::string(kNoExitlessApf)
+                         : std::string(kExitlessApfPrefix) + std::to_string((*control)->vcpus);
+      control_read_ = true;
+      return true;
+    }
+    const ssize_t n =
+        recv(socket_.get(), frames_ + frames_size_, sizeof(frames_) - frames_size_, MSG_DONTWAIT);
+    if (n == 0) return false;
+    if (n < 0) return errno == EAGAIN || errno == EINTR;
+    frames_size_ += static_cast<size_t>(n);
+    size_t pos = 0;
+    while (true) {
+      const std::span<const uint8_t> rest(frames_ + pos, frames_size_ - pos);
+      auto size = FrameSize(rest, kMaxFaultRequestPayload);
+      if (!size) {
+        Fail(size.error().ToString());
+        return false;
+      }
+      if (!*size) break;
+      auto request =
+          DecodeFaultRequest(rest.subspan(kFrameHeaderBytes, **size - kFrameHeaderBytes));
+      if (!request) {
+        Fail(request.error().ToString());
+        return false;
+      }
+      if (!AnswerRequest(*request)) return false;
+      pos += **size;
+    }
+    std::memmove(frames_, frames_ + pos, frames_size_ - pos);
+    frames_size_ -= pos;
+    return true;
   }
 
   const HandshakeRegion* RegionOf(uint64_t addr) const {
@@ -168,7 +294,10 @@ class TestFaultServer {
     const HostVirtAddr host(r->base_host_virt_addr + in_region);
     uint8_t& state = state_[file_offset / kPageSize4K];
     const bool in_file = r->is_guest_memfd.value_or(false);
-    if (in_file && state == kServed) return Settle(uffd_->Continue(host, page), host, page);
+    if (in_file && state == kServed) {
+      ClearBit(file_offset, page);
+      return Settle(uffd_->Continue(host, page), host, page);
+    }
     buffer_.assign(page, std::byte{0});
     const bool zero = state == kRemoved;
     if (!zero) {
@@ -191,6 +320,7 @@ class TestFaultServer {
         return Served::kStop;
       }
       state = kServed;
+      ClearBit(file_offset, page);
       served = Settle(uffd_->Continue(host, page), host, page, &installed);
     } else {
       served = Settle(uffd_->Copy(host, buffer_.data(), page), host, page, &installed);
@@ -207,9 +337,13 @@ class TestFaultServer {
     std::deque<PagefaultEvent> pending;
     std::vector<UffdEvent> events;
     while (true) {
-      pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
-      poll(fds, 2, pending.empty() ? 200 : 1);
+      // The socket is read only for a VM with a bitmap: others send nothing after message 1.
+      pollfd fds[3] = {{uffd_->fd(), POLLIN, 0},
+                       {stop_.get(), POLLIN, 0},
+                       {bitmap_.valid() && socket_open_ ? socket_.get() : -1, POLLIN, 0}};
+      poll(fds, 3, pending.empty() ? 200 : 1);
       if (fds[1].revents != 0) return;
+      if (fds[2].revents != 0 && !ReadSocket()) socket_open_ = false;
       events.clear();
       auto read = uffd_->ReadEvents(&events);
       if (!read) {
@@ -238,7 +372,14 @@ class TestFaultServer {
   UniqueFd stop_;
   std::unique_ptr<Userfaultfd> uffd_;
   ReceivedHandshake handshake_;
-  std::vector<uint8_t> state_;  // per 4 KiB of file: kFresh / kServed / kRemoved
+  Mapping bitmap_;  // the userfault bitmap (secret hiding)
+  bool control_read_ = false;
+  bool socket_open_ = true;
+  uint8_t frames_[4096];
+  size_t frames_size_ = 0;
+  std::string apf_control_;             // GUARDED_BY(mu_)
+  std::vector<FaultRequest> requests_;  // GUARDED_BY(mu_)
+  std::vector<uint8_t> state_;          // per 4 KiB of file: kFresh / kServed / kRemoved
   std::vector<std::byte> buffer_;
   std::atomic<uint64_t> pages_served_{0};
   std::atomic<uint64_t> zero_pages_served_{0};

@@ -130,19 +130,10 @@ struct ThreadOutcome {
   std::optional<Mismatch> first;
 };
 
-void KeepLowest(std::optional<Mismatch>& lowest, const Mismatch& m) {
-  if (!lowest || m.offset < lowest->offset) lowest = m;
-}
-
 // Compares a guest page with what it must hold; counts and records a difference.
 void CheckPage(const std::byte* guest, const std::byte* want, uint64_t offset, bool written,
                ThreadOutcome& out) {
-  if (std::memcmp(guest, want, kAccessBytes) == 0) return;
-  size_t i = 0;
-  while (guest[i] == want[i]) ++i;
-  ++out.mismatches;
-  KeepLowest(out.first, Mismatch{offset + i, static_cast<uint8_t>(guest[i]),
-                                 static_cast<uint8_t>(want[i]), written});
+  CompareAccess(guest, want, offset, written, out.mismatches, out.first);
 }
 
 Status ReadFilePage(Os* os, int fd, uint64_t offset, std::byte* out) {
@@ -441,6 +432,20 @@ nlohmann::json WorkloadResultToJson(const WorkloadResult& r) {
   }
   j["passed"] = r.passed();
   return j;
+}
+
+void KeepLowest(std::optional<Mismatch>& lowest, const Mismatch& m) {
+  if (!lowest || m.offset < lowest->offset) lowest = m;
+}
+
+void CompareAccess(const std::byte* got, const std::byte* want, uint64_t offset, bool written,
+                   uint64_t& mismatches, std::optional<Mismatch>& first) {
+  if (std::memcmp(got, want, kAccessBytes) == 0) return;
+  size_t i = 0;
+  while (got[i] == want[i]) ++i;
+  ++mismatches;
+  KeepLowest(first, Mismatch{offset + i, static_cast<uint8_t>(got[i]),
+                             static_cast<uint8_t>(want[i]), written});
 }
 
 }  // namespace guestmem::sim

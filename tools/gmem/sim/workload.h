@@ -108,6 +108,13 @@ struct Mismatch {
   bool written = false;  // the page had been written by the workload (want is the pattern)
 };
 
+// Keeps in `lowest` whichever of it and `m` lies at the lower offset.
+void KeepLowest(std::optional<Mismatch>& lowest, const Mismatch& m);
+// Compares one access (kAccessBytes) read at memory-file `offset` with what it must hold: a
+// difference is counted in `mismatches` and its first byte kept in `first` if lowest.
+void CompareAccess(const std::byte* got, const std::byte* want, uint64_t offset, bool written,
+                   uint64_t& mismatches, std::optional<Mismatch>& first);
+
 struct BalloonResult {
   uint64_t offset = 0;
   uint64_t length = 0;
