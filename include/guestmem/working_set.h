@@ -37,7 +37,9 @@ namespace guestmem {
 
 class WorkingSetRecorder {
  public:
-  // Records pages [first, first + count) (4 KiB indexes into the snapshot) as needed now.
+  // Records pages [first, first + count) (4 KiB indexes into the snapshot) as needed now; a page
+  // recorded before is not recorded again, so that what a recorder holds is bounded by the
+  // snapshot's pages however often a VM balloons and faults the same pages back.
   void Append(uint64_t first, uint64_t count);
   // What was recorded, in order, each page once; the recorder starts empty again.
   std::vector<uint64_t> Take();
@@ -49,6 +51,7 @@ class WorkingSetRecorder {
  private:
   std::mutex mu_;
   std::vector<uint64_t> pages_;  // GUARDED_BY(mu_)
+  std::vector<uint64_t> seen_;   // GUARDED_BY(mu_): a bit per page recorded
   std::atomic<size_t> prefetched_{0};
 };
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <bit>
 #include <unordered_map>
-#include <unordered_set>
+#include <utility>
 
 #include "source/kept_form.h"
 
@@ -24,23 +24,22 @@ float Float(uint32_t bits) { return std::bit_cast<float>(bits); }
 
 void WorkingSetRecorder::Append(uint64_t first, uint64_t count) {
   std::lock_guard lock(mu_);
-  for (uint64_t p = first; p < first + count; ++p) pages_.push_back(p);
+  if (count == 0) return;
+  const uint64_t words = (first + count + 63) / 64;
+  if (seen_.size() < words) seen_.resize(words, 0);
+  for (uint64_t p = first; p < first + count; ++p) {
+    uint64_t& word = seen_[p / 64];
+    const uint64_t bit = uint64_t{1} << (p % 64);
+    if ((word & bit) != 0) continue;
+    word |= bit;
+    pages_.push_back(p);
+  }
 }
 
 std::vector<uint64_t> WorkingSetRecorder::Take() {
-  std::vector<uint64_t> taken;
-  {
-    std::lock_guard lock(mu_);
-    taken.swap(pages_);
-  }
-  // Each page once, where it was first needed.
-  std::unordered_set<uint64_t> seen;
-  std::vector<uint64_t> out;
-  out.reserve(taken.size());
-  for (uint64_t p : taken) {
-    if (seen.insert(p).second) out.push_back(p);
-  }
-  return out;
+  std::lock_guard lock(mu_);
+  seen_.clear();
+  return std::exchange(pages_, {});
 }
 
 std::vector<uint64_t> WorkingSet::Pages() const {

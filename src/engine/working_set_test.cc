@@ -22,6 +22,9 @@ TEST(WorkingSetRecorderTest, KeepsEachPageOnceWhereItWasFirstNeeded) {
   recorder.Append(11, 4);  // 11, 12 again
   EXPECT_EQ(recorder.Take(), (std::vector<uint64_t>{10, 11, 12, 5, 13, 14}));
   EXPECT_TRUE(recorder.Take().empty());
+  // A VM that balloons and faults the same pages back again and again: recorded once.
+  for (int storm = 0; storm < 1000; ++storm) recorder.Append(0, 512);
+  EXPECT_EQ(recorder.Take().size(), 512u);
 }
 
 TEST(WorkingSetTest, WhatFaultsNeededIsInRankedByFirstNeed) {
