@@ -103,8 +103,10 @@ Result<WorkingSet> WorkingSet::Parse(std::span<const std::byte> bytes,
     return Error(ErrorCode::kFailedPrecondition,
                  "working set: learned of another version of the file");
   }
-  if (in.left() != count * 16) return corrupt("its length does not match its entries");
   const uint64_t pages = expected.file.size / kPageSize4K;
+  if (count > pages || in.left() != count * 16) {
+    return corrupt("its length does not match its entries");
+  }
   out.entries_.reserve(count);
   for (uint64_t i = 0; i < count; ++i) {
     Entry e;
