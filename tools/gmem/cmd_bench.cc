@@ -10,6 +10,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -51,6 +52,8 @@ struct BenchArgs {
   bool cold = false;
   bool holes = false;  // the demo snapshot's zero pages as sparse holes
   bool json = false;
+  unsigned vms = 0;  // > 0: N VMs restoring at once against one VM's floor, instead of the tables
+  unsigned workers_given = 0;  // --workers was on the command line
 };
 
 struct Config {
@@ -235,6 +238,50 @@ nlohmann::json ToJson(const ConfigResult& result, uint64_t size) {
           {"contestants", std::move(contestants)}};
 }
 
+// --vms N: N VMs restore at once on one engine (one worker per CPU unless --workers says), each
+// config's plan per VM; compared, round by round, with the bound 2 x (N x one VM's floor / CPUs).
+int RunManyVmsBench(const BenchArgs& args, const bench::RestoreSnapshot& snapshot,
+                    const std::vector<Config>& configs, bench::RestoreOptions options) {
+  const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
+  bool failed = false;
+  for (const Config& config : configs) {
+    auto plan = sim::PlanWorkload(
+        {.kind = config.kind, .access = config.access, .threads = config.threads, .seed = args.seed},
+        snapshot.size());
+    if (!plan) {
+      std::fprintf(stderr, "bench: %s\n", plan.error().ToString().c_str());
+      return 2;
+    }
+    std::vector<double> totals, medians, floors, over_bound;
+    for (unsigned round = 0; round <= args.rounds; ++round) {  // round 0 is the warm-up
+      auto floor = bench::RunRestore(Contestant::kFloor, snapshot, *plan, options);
+      auto many = bench::RunManyVms(snapshot, *plan, args.vms, options);
+      if (!floor || !many) {
+        std::fprintf(stderr, "bench: %s\n",
+                     (!floor ? floor.error() : many.error()).ToString().c_str());
+        return 1;
+      }
+      if (many->mismatches != 0 || floor->mismatches != 0) failed = true;
+      if (round == 0) continue;
+      const double bound_ms = Ms(floor->elapsed_ns) * args.vms / cpus;
+      totals.push_back(Ms(many->total_ns));
+      medians.push_back(Ms(many->median_vm_ns));
+      floors.push_back(Ms(floor->elapsed_ns));
+      over_bound.push_back(Ms(many->total_ns) / bound_ms);
+    }
+    std::printf("\n%s, %u VMs at once on %u CPUs (engine workers: %s)\n", config.Label().c_str(),
+                args.vms, cpus,
+                options.workers == 0 ? "one per CPU" : std::to_string(options.workers).c_str());
+    std::printf("  all VMs done: median %.2f ms; one VM's own time, median over VMs: %.2f ms\n",
+                Median(totals), Median(medians));
+    std::printf("  one VM's floor: %.2f ms; N x floor / CPUs: %.2f ms; all VMs / that: %.2fx "
+                "(target <= 2x)\n",
+                Median(floors), Median(floors) * args.vms / cpus, Median(over_bound));
+  }
+  std::printf(failed ? "\nMISMATCH: some VM read wrong bytes.\n" : "\nEvery VM verified.\n");
+  return failed ? 1 : 0;
+}
+
 int RunBench(const BenchArgs& args) {
   SetLogSink({}, LogLevel::kWarning);  // the handlers' info lines would break up the tables
   auto configs = ParseConfigs(args);
@@ -272,6 +319,11 @@ int RunBench(const BenchArgs& args) {
                                       .adaptive_windows = !args.fixed_windows,
                                       .workers = args.workers,
                                       .cold = args.cold};
+  if (args.vms > 0) {
+    bench::RestoreOptions many = options;
+    if (args.workers_given == 0) many.workers = 0;
+    return RunManyVmsBench(args, *snapshot, *configs, many);
+  }
   if (!args.json) {
     std::printf("gmem bench: %s (%llu MiB), %u rounds after a warm-up, contestants alternating%s\n",
                 path.c_str(), static_cast<unsigned long long>(snapshot->size() >> 20), args.rounds,
@@ -375,9 +427,15 @@ void RegisterBenchCommand(CLI::App& app) {
   cmd->add_option("--fault-around-kib", args->fault_around_kib,
                   "guestmem's window installed around each fault, KiB")
       ->capture_default_str();
-  cmd->add_option("--workers", args->workers, "guestmem fault engine threads")
+  cmd->add_option("--workers", args->workers,
+                  "guestmem fault engine threads (with --vms: default one per CPU)")
       ->check(CLI::Range(1, 64))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->each([args](const std::string&) { args->workers_given = 1; });
+  cmd->add_option("--vms", args->vms,
+                  "Restore N VMs at once on one engine and compare with N x one VM's floor / "
+                  "CPUs, instead of the contestants' tables")
+      ->check(CLI::Range(1, 1024));
   cmd->add_option("--seed", args->seed, "Seed of the snapshot and the workloads")
       ->capture_default_str();
   cmd->add_flag("--holes", args->holes,

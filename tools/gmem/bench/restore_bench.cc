@@ -471,6 +471,49 @@ Status RestoreSnapshot::Evict() const {
   return OkStatus();
 }
 
+Result<ManyVmsRun> RunManyVms(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
+                              unsigned vms, const RestoreOptions& options) {
+  if (vms == 0) return Error(ErrorCode::kInvalidArgument, "bench: no VMs");
+  if (options.cold) GM_RETURN_IF_ERROR(snapshot.Evict());
+  GM_ASSIGN_OR_RETURN(auto engine, FaultEngine::Start({.workers = options.workers}));
+  std::vector<UffdMemory> memories;
+  std::vector<SpaceId> spaces;
+  for (unsigned i = 0; i < vms; ++i) {
+    GM_ASSIGN_OR_RETURN(UffdMemory dest, FreshUffdMemory(snapshot.size()));
+    GM_ASSIGN_OR_RETURN(GuestLayout layout, OneRegionAt(dest.memory.bytes(), snapshot.size()));
+    FaultHandlerOptions handler_options;
+    handler_options.name = "bench vm " + std::to_string(i);
+    handler_options.fault_around_bytes = options.fault_around_bytes;
+    handler_options.adaptive_windows = options.adaptive_windows;
+    GM_ASSIGN_OR_RETURN(auto handler,
+                        FaultHandler::Create(std::move(dest.uffd), std::move(layout),
+                                             snapshot.source(), std::move(handler_options)));
+    GM_ASSIGN_OR_RETURN(SpaceId space, engine->AddSpace(std::move(handler)));
+    spaces.push_back(space);
+    memories.push_back(std::move(dest));
+  }
+  std::vector<uint64_t> vm_ns(vms);
+  std::vector<std::thread> guests;
+  const auto start = Clock::now();
+  for (unsigned i = 0; i < vms; ++i) {
+    guests.emplace_back([&, i] { vm_ns[i] = Touch(memories[i].memory.bytes(), plan); });
+  }
+  for (std::thread& guest : guests) guest.join();
+  ManyVmsRun run;
+  run.total_ns = NanosSince(start);
+  std::vector<uint64_t> sorted = vm_ns;
+  std::sort(sorted.begin(), sorted.end());
+  run.median_vm_ns = sorted[sorted.size() / 2];
+  for (unsigned i = 0; i < vms; ++i) {
+    GM_ASSIGN_OR_RETURN(FaultStats stats, engine->RemoveSpace(spaces[i]));
+    run.faults += stats.faults();
+    uint64_t verified = 0;
+    run.mismatches += Verify(memories[i].memory.bytes(), snapshot.view(), plan, &verified);
+    run.pages_verified += verified;
+  }
+  return run;
+}
+
 sim::WorkloadPlan PerturbPlan(const sim::WorkloadPlan& plan, uint64_t snapshot_pages, double share,
                               uint64_t seed) {
   std::unordered_set<uint64_t> touched;

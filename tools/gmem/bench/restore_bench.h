@@ -129,6 +129,19 @@ struct RestoreRun {
 Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
                               const sim::WorkloadPlan& plan, const RestoreOptions& options = {});
 
+// Many VMs restoring the same snapshot at once on one FaultEngine (guestmem on-demand, the
+// options' workers; 0: one per CPU): each VM its own fresh memory and its own guest threads
+// running `plan`, all started together.
+struct ManyVmsRun {
+  uint64_t total_ns = 0;      // from the first VM's start to the last one's end
+  uint64_t median_vm_ns = 0;  // one VM's own time, the median over the VMs
+  uint64_t faults = 0;        // in all
+  uint64_t pages_verified = 0;
+  uint64_t mismatches = 0;
+};
+Result<ManyVmsRun> RunManyVms(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
+                              unsigned vms, const RestoreOptions& options = {});
+
 // `plan` with `share` of its distinct pages swapped for pages it does not touch (each swapped page
 // the same way in every access to it; no page in two threads' lists), from `seed`.
 sim::WorkloadPlan PerturbPlan(const sim::WorkloadPlan& plan, uint64_t snapshot_pages, double share,

@@ -166,5 +166,22 @@ TEST(MemcpyBandwidthTest, IsMeasured) {
   EXPECT_GT(MeasureMemcpyBandwidth(*snapshot), 1e8);  // any machine copies 100 MB/s
 }
 
+// Many VMs at once on one engine: every VM's pages verified.
+TEST(RestoreBenchManyVmsTest, ManyVmsAtOnceEachReadEveryByte) {
+  TempDir dir;
+  const std::string path = dir.File("bench.mem");
+  ASSERT_TRUE(cli::MakeSnapshot(path, {.size_bytes = kSize, .seed = 7}));
+  auto snapshot = RestoreSnapshot::Open(path);
+  ASSERT_TRUE(snapshot.has_value()) << snapshot.error().ToString();
+  auto plan = sim::PlanWorkload({.kind = sim::WorkloadKind::kSparse, .threads = 1}, kSize);
+  ASSERT_TRUE(plan.has_value()) << plan.error().ToString();
+  auto run = RunManyVms(*snapshot, *plan, 4, {.workers = 2});
+  ASSERT_TRUE(run.has_value()) << run.error().ToString();
+  EXPECT_EQ(run->mismatches, 0u);
+  EXPECT_EQ(run->pages_verified, 4 * plan->distinct_pages());
+  EXPECT_GT(run->faults, 0u);
+  EXPECT_GE(run->total_ns, run->median_vm_ns);
+}
+
 }  // namespace
 }  // namespace guestmem::bench
