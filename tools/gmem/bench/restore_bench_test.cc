@@ -47,7 +47,9 @@ TEST_P(RestoreBenchTest, SequentialReadsRestoreEveryPage) {
   EXPECT_EQ(run->pages_verified, kSize / kPageSize4K);
   EXPECT_EQ(run->mismatches, 0u);
   EXPECT_GT(run->elapsed_ns, 0u);
-  if (GetParam() != Contestant::kFloor) {
+  // The floor takes no fault; the learned restore may take none either, when its prefetch gets
+  // ahead of the guest (a slow guest, a sanitizer build): how many it takes depends on speed.
+  if (GetParam() != Contestant::kFloor && GetParam() != Contestant::kLearned) {
     EXPECT_GT(run->faults, 0u);
   }
   switch (GetParam()) {
