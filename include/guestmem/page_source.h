@@ -57,6 +57,9 @@ class PageSource {
   virtual std::span<const std::byte> View(FileOffset /*offset*/, uint64_t /*length*/) const {
     return {};
   }
+  // A hint that [offset, offset + length) will be read soon (a working set about to be
+  // prefetched): the source may start reading it in the background. Nothing where it cannot.
+  virtual void WillNeed(FileOffset /*offset*/, uint64_t /*length*/) const {}
   // For logs: "raw file snapshot.mem (256 MiB, 12% holes)".
   virtual std::string Describe() const = 0;
 };
@@ -95,6 +98,8 @@ class RawFileSource final : public PageSource {
   Status ReadAt(FileOffset offset, std::span<std::byte> out) const override;
   Result<Extent> ExtentAt(FileOffset offset) const override;
   std::span<const std::byte> View(FileOffset offset, uint64_t length) const override;
+  // posix_fadvise(WILLNEED): the kernel reads the range into the page cache asynchronously.
+  void WillNeed(FileOffset offset, uint64_t length) const override;
   std::string Describe() const override;
 
   // Knows the zero pages by their content from now on (zero_map.h): ExtentAt reports them as

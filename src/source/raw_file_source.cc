@@ -204,6 +204,13 @@ std::span<const std::byte> RawFileSource::View(FileOffset offset, uint64_t lengt
   return std::span<const std::byte>(view_.bytes() + at, length);
 }
 
+void RawFileSource::WillNeed(FileOffset offset, uint64_t length) const {
+  const uint64_t at = offset.value();
+  if (at >= size_) return;
+  (void)posix_fadvise(fd_.get(), static_cast<off_t>(at),
+                      static_cast<off_t>(std::min(length, size_ - at)), POSIX_FADV_WILLNEED);
+}
+
 void RawFileSource::SetZeroMap(std::shared_ptr<const ZeroMap> zero_map) {
   zero_map_ = std::move(zero_map);
 }
