@@ -40,6 +40,9 @@ struct Scenario {
   std::string title;       // shown in the table
   bool fault_all = false;  // daemon mode
   std::vector<std::string> workload;
+  // Learn the working set from this restore and prefetch what earlier learning ones taught; off,
+  // each restore's figures are its own.
+  bool learn = false;
 };
 
 struct Outcome {
@@ -68,6 +71,7 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
   options.fault_all = scenario.fault_all;
   options.max_vms = 1;
   options.keeper = false;  // the demo's VMs are its own children: no daemon outlives them
+  options.learn = scenario.learn;
   // The demo's snapshot is new each run: what is learnt of it stays beside it.
   options.cache_dir = std::filesystem::path(mem).parent_path().string() + "/cache";
   options.on_vm_finished = [&](const std::string&, const FaultStats& stats) {
@@ -156,10 +160,11 @@ int RunDemo(const DemoArgs& args) {
               static_cast<unsigned long long>(args.size_mib));
   const std::vector<Scenario> scenarios = {
       {"on demand: sequential scan", false, {"--workload", "sequential"}},
-      {"on demand: sparse working set", false, {"--workload", "sparse"}},
+      {"on demand: sparse working set", false, {"--workload", "sparse"}, /*learn=*/true},
       {"on demand: random 4 KiB reads", false, {"--workload", "random"}},
       {"on demand: secret hiding (minor trap)", false, {"--workload", "sparse", "--secret-hiding"}},
       {"fault-all: sequential scan", true, {"--workload", "sequential"}},
+      {"learned: sparse again, 2nd restore", false, {"--workload", "sparse"}, /*learn=*/true},
   };
   const size_t steps = scenarios.size() + 1;
   std::printf("[1/%zu] writing the demo memory file %s ...\n", steps, mem.c_str());
