@@ -105,10 +105,18 @@ class Subprocess {
   // "" at the deadline.
   std::string WaitForLine(const std::vector<std::string>& fragments,
                           std::chrono::milliseconds timeout = std::chrono::seconds(20)) const {
+    return WaitForAnyLine({fragments}, timeout);
+  }
+  // The first line that holds every fragment of one of `alternatives`, waiting for it up to
+  // `timeout`; "" at the deadline.
+  std::string WaitForAnyLine(const std::vector<std::vector<std::string>>& alternatives,
+                             std::chrono::milliseconds timeout = std::chrono::seconds(20)) const {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (true) {
-      std::string line = FindLine(fragments);
-      if (!line.empty() || std::chrono::steady_clock::now() >= deadline) return line;
+      for (const std::vector<std::string>& fragments : alternatives) {
+        if (std::string line = FindLine(fragments); !line.empty()) return line;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) return "";
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   }

@@ -65,14 +65,7 @@ class ServeTest : public ::testing::Test {
   // " disconnected " when its socket hung up first, " ended after " when its space found first that
   // its process had exited. "" at the deadline.
   std::string WaitForVmEnd(const std::string& who, std::chrono::milliseconds timeout = 20s) {
-    std::string line;
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (line.empty() && std::chrono::steady_clock::now() < deadline) {
-      line = server_->FindLine({who, " disconnected "});
-      if (line.empty()) line = server_->FindLine({who, " ended after "});
-      if (line.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return line;
+    return server_->WaitForAnyLine({{who, " disconnected "}, {who, " ended after "}}, timeout);
   }
 
   void ExpectVmVerifies(std::vector<std::string> extra, const std::string& name = "vm") {

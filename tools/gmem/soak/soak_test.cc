@@ -6,12 +6,16 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <string>
 #include <thread>
@@ -23,6 +27,7 @@
 #include "soak/content.h"
 #include "soak/failing_source_os.h"
 #include "soak/launcher.h"
+#include "testutil/test_vm.h"
 
 namespace guestmem::soak {
 namespace {
@@ -147,7 +152,8 @@ TEST(SoakInjectionsTest, ListsParseAndPrintBack) {
   EXPECT_FALSE(ParseInjections("balloon,").has_value());
 }
 
-// Collects launcher events until `done` holds for them; fails the test after 30 s.
+// Collects launcher events until `done` holds for them, waiting on the launcher's descriptor;
+// fails the test after 30 s.
 template <typename Done>
 std::vector<LauncherEvent> EventsUntil(Launcher& launcher, Done done) {
   std::vector<LauncherEvent> events;
@@ -158,9 +164,12 @@ std::vector<LauncherEvent> EventsUntil(Launcher& launcher, Done done) {
     if (!next) break;
     if (next->has_value()) {
       events.push_back(**next);
-    } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      continue;
     }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    pollfd ready{.fd = launcher.fd(), .events = POLLIN, .revents = 0};
+    (void)poll(&ready, 1, static_cast<int>(std::max<int64_t>(left.count(), 0)));
   }
   EXPECT_TRUE(done(events)) << "launcher events missing after 30 s";
   return events;
@@ -199,11 +208,15 @@ TEST(SoakLauncherTest, KillingAVmsGroupKillsItsChildrenToo) {
   TempDir dir;
   const std::string marker = dir.File("grandchild");
   auto launcher = Launcher::Start([&](const SpawnRequest&) {
-    if (fork() == 0) {
-      // The VM's own child: it would leave a mark if it outlived the kill.
-      for (int i = 0; i < 3000; ++i) usleep(1000);
-      UniqueFd fd(open(marker.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
-      _exit(0);
+    if (const pid_t child = fork(); child == 0) {
+      // The VM's own child: it says who it is, then waits to be killed with its group.
+      const std::string pid = std::to_string(getpid());
+      const std::string temporary = marker + ".tmp";
+      UniqueFd fd(open(temporary.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
+      (void)!write(fd.get(), pid.data(), pid.size());
+      fd.reset();
+      (void)rename(temporary.c_str(), marker.c_str());
+      for (;;) pause();
     }
     pause();
     return 0;
@@ -212,6 +225,11 @@ TEST(SoakLauncherTest, KillingAVmsGroupKillsItsChildrenToo) {
   ASSERT_TRUE((*launcher)->Spawn({.index = 7}));
   auto spawned = EventsUntil(**launcher, [](const auto& e) { return !e.empty(); });
   ASSERT_EQ(spawned[0].kind, LauncherEvent::Kind::kSpawned);
+  ASSERT_TRUE(testutil::WaitUntil([&] { return access(marker.c_str(), F_OK) == 0; }))
+      << "the VM's child never started";
+  pid_t grandchild = 0;
+  std::ifstream(marker) >> grandchild;
+  ASSERT_GT(grandchild, 0);
   ASSERT_EQ(kill(-spawned[0].pid, SIGKILL), 0);
   auto exited = EventsUntil(**launcher, [](const auto& e) { return !e.empty(); });
   ASSERT_EQ(exited[0].kind, LauncherEvent::Kind::kExited);
@@ -219,7 +237,9 @@ TEST(SoakLauncherTest, KillingAVmsGroupKillsItsChildrenToo) {
   ASSERT_TRUE(WIFSIGNALED(exited[0].status));
   EXPECT_EQ(WTERMSIG(exited[0].status), SIGKILL);
   launcher->reset();  // waits for the launcher, which reaps what is left
-  EXPECT_NE(access(marker.c_str(), F_OK), 0) << "the VM's child outlived the kill";
+  const bool gone = testutil::WaitUntil([&] { return kill(grandchild, 0) != 0 && errno == ESRCH; });
+  if (!gone) kill(grandchild, SIGKILL);
+  EXPECT_TRUE(gone) << "the VM's child outlived the kill of its group";
 }
 
 // A short run's options: a small snapshot, few VMs, bounded by faults.
