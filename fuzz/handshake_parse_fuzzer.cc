@@ -12,17 +12,11 @@
 #include <string_view>
 #include <vector>
 
+#include "fuzz_check.h"
 #include "guestmem/handshake.h"
 
 namespace guestmem {
 namespace {
-
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "handshake_parse_fuzzer: property violated: %s\n", what);
-    std::abort();
-  }
-}
 
 bool SameRegion(const HandshakeRegion& a, const HandshakeRegion& b) {
   return a.base_host_virt_addr == b.base_host_virt_addr && a.size == b.size &&

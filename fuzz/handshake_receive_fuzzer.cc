@@ -14,7 +14,6 @@
 // When the input runs out the peer hangs up. Descriptors are real (duplicates of /dev/null), so a
 // leaked one is seen: after each input the process must hold exactly the descriptors it held
 // before. The socket the receiver polls is one end of a socketpair with a byte always waiting.
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -29,29 +28,13 @@
 #include <span>
 #include <vector>
 
+#include "fuzz_check.h"
+#include "base/open_fds.h"
 #include "guestmem/handshake.h"
 #include "guestmem/os.h"
 
 namespace guestmem {
 namespace {
-
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "handshake_receive_fuzzer: property violated: %s\n", what);
-    std::abort();
-  }
-}
-
-int CountOpenFds() {
-  DIR* dir = opendir("/proc/self/fd");
-  Check(dir != nullptr, "/proc/self/fd can be listed");
-  int count = 0;
-  while (dirent* entry = readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
-  }
-  closedir(dir);
-  return count;
-}
 
 // The peer, played from the fuzz input.
 class ScriptedPeerOs : public OsWrapper {

@@ -8,17 +8,11 @@
 #include <string_view>
 #include <vector>
 
+#include "fuzz_check.h"
 #include "sim/trace.h"
 
 namespace guestmem::sim {
 namespace {
-
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "trace_parse_fuzzer: property violated: %s\n", what);
-    std::abort();
-  }
-}
 
 void FuzzOne(std::string_view text) {
   Result<std::vector<TraceAccess>> parsed = ParseTrace(text);

@@ -10,7 +10,6 @@
 //   - on success, one event per whole 32-byte message, in order, each decoded from its message;
 //   - on failure nothing is appended;
 //   - either way every descriptor the read carried is closed once the events are gone.
-#include <dirent.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <unistd.h>
@@ -25,29 +24,13 @@
 #include <variant>
 #include <vector>
 
+#include "fuzz_check.h"
+#include "base/open_fds.h"
 #include "guestmem/os.h"
 #include "guestmem/userfaultfd.h"
 
 namespace guestmem {
 namespace {
-
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "uffd_events_fuzzer: property violated: %s\n", what);
-    std::abort();
-  }
-}
-
-int CountOpenFds() {
-  DIR* dir = opendir("/proc/self/fd");
-  Check(dir != nullptr, "/proc/self/fd can be listed");
-  int count = 0;
-  while (dirent* entry = readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
-  }
-  closedir(dir);
-  return count;
-}
 
 class ScriptedUffdOs : public OsWrapper {
  public:

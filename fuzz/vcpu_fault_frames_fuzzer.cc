@@ -17,17 +17,11 @@
 #include <cstring>
 #include <span>
 
+#include "fuzz_check.h"
 #include "guestmem/vcpu_fault_frames.h"
 
 namespace guestmem {
 namespace {
-
-void Check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "vcpu_fault_frames_fuzzer: property violated: %s\n", what);
-    std::abort();
-  }
-}
 
 uint32_t HeaderOf(const Frame& frame) {
   uint32_t length = 0;

@@ -120,6 +120,9 @@ class MinorTrapInstaller final : public PageInstaller {
                   const Content& content);
 
  private:
+  // The length of the run of pages from region offset `at` (up to `end`) that the file holds
+  // already (*prepared) or that it does not (!*prepared).
+  uint64_t RunFrom(const GuestRegion& region, uint64_t at, uint64_t end, bool* prepared) const;
   // One run of pages that the file holds already (prepared) or not.
   Result<InstallProgress> InstallRun(const GuestRegion& region, uint64_t offset, uint64_t length,
                                      bool prepared, const Content& content);

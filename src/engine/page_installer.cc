@@ -133,16 +133,10 @@ Result<InstallProgress> MinorTrapInstaller::Install(const GuestRegion& region, u
                                                     uint64_t length, const Content& content) {
   assert(length > 0 && IsAligned(offset | length, region.page_size));
   assert(content.kind != ContentKind::kData || content.data.size() == length);
-  const uint64_t page = region.page_size;
-  const PageStateMap& states = file_->pages();
   // Runs of pages the file holds already (only continued) and pages it does not (written first).
   for (uint64_t run = offset; run < offset + length;) {
-    const uint64_t first = FileOf(region, run) / page;
-    const uint64_t last = FileOf(region, offset + length) / page;
-    const bool prepared = states.Get(first) == PageState::kPrepared;
-    const uint64_t run_end_page =
-        prepared ? states.NextNotPrepared(first, last) : states.NextPrepared(first, last);
-    const uint64_t run_length = (run_end_page - first) * page;
+    bool prepared = false;
+    const uint64_t run_length = RunFrom(region, run, offset + length, &prepared);
     Content piece = content;
     if (content.kind == ContentKind::kData) {
       piece.data = content.data.subspan(run - offset, run_length);
@@ -152,6 +146,18 @@ Result<InstallProgress> MinorTrapInstaller::Install(const GuestRegion& region, u
     run += run_length;
   }
   return InstallProgress{Outcome::kDone, length};
+}
+
+uint64_t MinorTrapInstaller::RunFrom(const GuestRegion& region, uint64_t at, uint64_t end,
+                                     bool* prepared) const {
+  const uint64_t page = region.page_size;
+  const PageStateMap& states = file_->pages();
+  const uint64_t first = FileOf(region, at) / page;
+  const uint64_t last = FileOf(region, end) / page;
+  *prepared = states.Get(first) == PageState::kPrepared;
+  const uint64_t run_end =
+      *prepared ? states.NextNotPrepared(first, last) : states.NextPrepared(first, last);
+  return (run_end - first) * page;
 }
 
 Result<InstallProgress> MinorTrapInstaller::InstallRun(const GuestRegion& region, uint64_t offset,
@@ -215,15 +221,9 @@ Result<InstallProgress> MinorTrapInstaller::InstallRun(const GuestRegion& region
 Status MinorTrapInstaller::Populate(const GuestRegion& region, uint64_t offset, uint64_t length,
                                     const Content& content) {
   assert(length > 0 && IsAligned(offset | length, region.page_size));
-  const uint64_t page = region.page_size;
-  const PageStateMap& states = file_->pages();
   for (uint64_t run = offset; run < offset + length;) {
-    const uint64_t first = FileOf(region, run) / page;
-    const uint64_t last = FileOf(region, offset + length) / page;
-    const bool prepared = states.Get(first) == PageState::kPrepared;
-    const uint64_t run_end_page =
-        prepared ? states.NextNotPrepared(first, last) : states.NextPrepared(first, last);
-    const uint64_t run_length = (run_end_page - first) * page;
+    bool prepared = false;
+    const uint64_t run_length = RunFrom(region, run, offset + length, &prepared);
     if (!prepared && content.kind == ContentKind::kData) {
       auto populated = file_->Populate(FileOffset(FileOf(region, run)),
                                        content.data.subspan(run - offset, run_length));

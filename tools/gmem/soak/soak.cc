@@ -1,6 +1,5 @@
 #include "soak/soak.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -25,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/open_fds.h"
 #include "base/hex.h"
 #include "base/temp_dir.h"
 #include "guestmem/fault_engine.h"
@@ -84,17 +84,6 @@ std::string Bytes(uint64_t n) {
     std::snprintf(buf, sizeof(buf), "%.1f MiB", static_cast<double>(n) / (1 << 20));
   }
   return buf;
-}
-
-int CountOpenFds() {
-  DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return -1;
-  int count = 0;
-  while (dirent* entry = readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
-  }
-  closedir(dir);
-  return count;
 }
 
 std::string WaitStatusText(int status) {
