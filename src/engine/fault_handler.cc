@@ -118,8 +118,9 @@ class FaultHandler::Pipeline {
   // Serves the guest faults posted so far (at most `budget`); returns whether more wait.
   bool ServeGuestFaults(size_t budget);
   void StartFill();
-  // A working set given by StartPrefetch since the last turn replaces the prefetch's pages.
-  void TakeLatePrefetch();
+  // A working set given since the last turn (given_prefetch) replaces the prefetch's pages. Pages
+  // no region holds are passed over by the prefetch (the recorder counts them as reached).
+  void TakeGivenPrefetch();
   // Tells the source which of the prefetch's pages hold data, in sorted runs, so that a cold
   // snapshot is read in ahead of the prefetch in few large I/Os instead of page by page.
   void AdvisePrefetch() const;
@@ -146,7 +147,8 @@ class FaultHandler::Pipeline {
   // Guest faults posted from other threads, served at the start of a turn.
   std::mutex guest_mu;
   std::vector<std::pair<GuestFault, GuestFaultDone>> guest_faults;  // GUARDED_BY(guest_mu)
-  std::shared_ptr<const WorkingSet> late_prefetch;                  // GUARDED_BY(guest_mu)
+  // A working set to start prefetching (options.prefetch, or StartPrefetch's).
+  std::shared_ptr<const WorkingSet> given_prefetch;                  // GUARDED_BY(guest_mu)
   UniqueFd work_event;  // eventfd: work waits that the uffd does not announce
   // The prefetch: working-set pages in order, and how far it got.
   std::vector<uint64_t> prefetch_pages;
@@ -276,9 +278,6 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   GM_ASSIGN_OR_RETURN(Mapping zeros, MapZeros(staging));
   UniqueFd work_event(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!work_event) return PosixError(errno, "fault handler: eventfd");
-  // Pages no region holds are passed over by the prefetch (the recorder counts them as reached).
-  std::vector<uint64_t> prefetch_pages;
-  if (options.prefetch != nullptr) prefetch_pages = options.prefetch->Pages();
   if (options.userfault_bitmap != nullptr &&
       options.userfault_bitmap->page_count() < PageIndex(layout.file_end())) {
     return Error(ErrorCode::kInvalidArgument,
@@ -289,11 +288,10 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   auto pipeline = std::make_unique<Pipeline>(std::move(uffd), std::move(layout), std::move(options),
                                              std::move(fetcher), std::move(zeros));
   pipeline->work_event = std::move(work_event);
-  pipeline->prefetch_pages = std::move(prefetch_pages);
-  pipeline->prefetch_start = Clock::now();
-  pipeline->AdvisePrefetch();
-  if (!pipeline->prefetch_pages.empty()) {
-    // The prefetch starts now, not at the first fault: the worker is to give the VM a turn.
+  if (pipeline->options.prefetch != nullptr && !pipeline->options.prefetch->empty()) {
+    // Taken up in the VM's first turn, on its worker, as one given later is; that turn comes now,
+    // not at the first fault.
+    pipeline->given_prefetch = pipeline->options.prefetch;
     const uint64_t one = 1;
     (void)!write(pipeline->work_event.get(), &one, sizeof(one));
   }
@@ -332,17 +330,17 @@ Status FaultHandler::PostGuestFault(const GuestFault& fault, GuestFaultDone done
 Status FaultHandler::StartPrefetch(std::shared_ptr<const WorkingSet> set) {
   if (set == nullptr) return Error(ErrorCode::kInvalidArgument, "fault handler: no working set");
   std::lock_guard lock(p_->guest_mu);
-  p_->late_prefetch = std::move(set);
+  p_->given_prefetch = std::move(set);
   const uint64_t one = 1;
   (void)!write(p_->work_event.get(), &one, sizeof(one));
   return OkStatus();
 }
 
-void FaultHandler::Pipeline::TakeLatePrefetch() {
+void FaultHandler::Pipeline::TakeGivenPrefetch() {
   std::shared_ptr<const WorkingSet> set;
   {
     std::lock_guard lock(guest_mu);
-    set = std::move(late_prefetch);
+    set = std::move(given_prefetch);
   }
   if (set == nullptr) return;
   prefetch_pages = set->Pages();
@@ -430,7 +428,7 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   uint64_t signalled;
   (void)!read(work_event.get(), &signalled, sizeof(signalled));  // this turn does what it said
   const bool more_guest_faults = minor_trap != nullptr && ServeGuestFaults(budget.faults);
-  TakeLatePrefetch();
+  TakeGivenPrefetch();
   GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/false));
   size_t served = 0;
   size_t retries = 0;
