@@ -115,7 +115,9 @@ bool LooksPacked(std::span<const std::byte> bytes);
 // ERRORS: kDataLoss for a header that is not one (magic, checksum, sizes), naming what is wrong;
 // kUnsupported for another version.
 Result<PackHeader> ParsePackHeader(std::span<const std::byte> header, uint64_t file_size);
-// ERRORS: kDataLoss for an index that does not match its header or is inconsistent in itself.
+// ERRORS: kDataLoss for an index that does not match its header's checksum or is inconsistent in
+// itself. Whether it is the index the header names (header.identity == Identity()) is for the
+// caller to check: PackedSource::Open does.
 Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::byte> index);
 
 }  // namespace guestmem

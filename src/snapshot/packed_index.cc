@@ -20,6 +20,16 @@ Error Corrupt(const std::string& why) {
   return Error(ErrorCode::kDataLoss, "packed snapshot: " + why);
 }
 
+// Reads `n` reserved bytes; false unless they are all zero (so that an index has one form).
+bool Reserved(ByteReader& in, size_t n) {
+  uint8_t b = 0, any = 0;
+  for (size_t i = 0; i < n; ++i) {
+    in.Get8(&b);
+    any |= b;
+  }
+  return any == 0;
+}
+
 bool IsZero(const ChunkHash& hash) {
   return std::all_of(hash.begin(), hash.end(), [](uint8_t b) { return b == 0; });
 }
@@ -245,7 +255,7 @@ Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::
     in.Get64(&r.pages);
     in.Get64(&r.stored_first);
     in.Get8(&kind);
-    in.Skip(7);
+    if (!Reserved(in, 7)) return Corrupt("reserved bytes of a run are not zero");
     if (kind > static_cast<uint8_t>(PageKind::kParent) ||
         (kind == static_cast<uint8_t>(PageKind::kParent) && IsZero(header.parent_id))) {
       return Corrupt("run at page " + std::to_string(r.first_page) + " of unknown kind " +
@@ -286,7 +296,7 @@ Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::
     in.Get32(&c.pages);
     in.Get8(&codec);
     in.Get8(&location);
-    in.Skip(6);
+    if (!Reserved(in, 6)) return Corrupt("reserved bytes of a chunk are not zero");
     if (codec > static_cast<uint8_t>(Codec::kZstd) ||
         location > static_cast<uint8_t>(ChunkLocation::kStore) || c.pages == 0 ||
         c.pages > header.chunk_pages || c.pages > stored_pages - chunked) {
@@ -334,9 +344,6 @@ Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::
   for (uint64_t& page : out.working_set) {
     in.Get64(&page);
     if (page >= pages) return Corrupt("working set names page " + std::to_string(page));
-  }
-  if (out.Identity() != header.identity) {
-    return Corrupt("index does not match the identity its header names");
   }
   return out;
 }

@@ -53,6 +53,10 @@ Result<std::unique_ptr<PackedSource>> PackedSource::OpenLayer(
   GM_RETURN_IF_ERROR(file->ReadAt(FileOffset(parsed_header->index_offset), index_bytes));
   auto index = ParsePackIndex(*parsed_header, index_bytes);
   if (!index) return std::move(index).error().WithContext(path);
+  if (index->Identity() != parsed_header->identity) {
+    return Error(ErrorCode::kDataLoss,
+                 path + ": packed snapshot: its index is not the one its header names");
+  }
 
   std::unique_ptr<PackedSource> parent;
   if (index->has_parent()) {
