@@ -12,7 +12,8 @@
 //
 // WillNeed() decodes the chunks of a range on a background thread of the source's own, so that a
 // working set about to be prefetched is decompressed ahead of the installs that need it, in
-// parallel with them.
+// parallel with them; and a chunk a read had to wait for has the chunks after it decoded ahead
+// the same way (kReadAheadChunks), for a guest that reads on.
 //
 // Thread safety: ReadAt, ExtentAt and WillNeed are safe from many threads at once.
 #ifndef GUESTMEM_PACKED_SOURCE_H_
@@ -48,6 +49,7 @@ struct PackedSourceOptions {
 class PackedSource final : public PageSource {
  public:
   static constexpr int kMaxLayers = 32;
+  static constexpr size_t kReadAheadChunks = 2;
 
   // Opens the packed snapshot at `path` and the layers below it. ERRORS: the PosixError of
   // open(2); kDataLoss for a file that is not a whole packed snapshot (naming what is wrong);
@@ -61,6 +63,8 @@ class PackedSource final : public PageSource {
   uint64_t size() const override { return index_.raw_size; }
   Status ReadAt(FileOffset offset, std::span<std::byte> out) const override;
   Result<Extent> ExtentAt(FileOffset offset) const override;
+  // The bytes of a decompressed chunk when the range lies in one stored run of one chunk.
+  Result<HeldView> HoldView(FileOffset offset, uint64_t length) const override;
   void WillNeed(FileOffset offset, uint64_t length) const override;
   std::string Describe() const override;
 
@@ -88,6 +92,8 @@ class PackedSource final : public PageSource {
                                                          const std::shared_ptr<ChunkCache>& cache,
                                                          int depth);
   Error ChunkError(size_t chunk, const Error& why) const;
+  // Queues chunks for the background decoders (bounded by what the cache can hold).
+  void DecodeAhead(const std::vector<size_t>& chunks) const;
   void DecodeLoop();
 
   std::unique_ptr<RawFileSource> file_;

@@ -355,6 +355,32 @@ TEST(PackedIndexTest, RefusesFilesThatAreNotWholeSnapshots) {
   EXPECT_NE(dynamic_cast<PackedSource*>(packed->get()), nullptr);
 }
 
+TEST(PackedSourceTest, AHeldViewOutlivesItsChunkInTheCache) {
+  TempDir dir;
+  const uint64_t pages = 64;
+  std::vector<Fill> fills(pages, Fill::kText);
+  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
+  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
+  // A cache of one chunk: reading another evicts the first.
+  auto source = PackedSource::Open(dir.File("s.gmp"), {.cache_bytes = 16 * kPage});
+  ASSERT_TRUE(source) << Describe(source);
+  auto held = (*source)->HoldView(FileOffset(2 * kPage), 3 * kPage);
+  ASSERT_TRUE(held) << Describe(held);
+  ASSERT_EQ(held->bytes.size(), 3 * kPage);
+  std::vector<std::byte> other(kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(40 * kPage), other));
+  EXPECT_FALSE((*source)->cache()->Contains((*source)->index().chunks[0].hash));
+  for (uint64_t p = 0; p < 3; ++p) {
+    const auto expected = PageContent(Fill::kText, 2 + p, 1);
+    EXPECT_TRUE(std::equal(expected.begin(), expected.end(), held->bytes.begin() + p * kPage))
+        << "page " << 2 + p;
+  }
+  // A range across two chunks has no view (the fetcher reads it instead); nor has a zero run.
+  auto across = (*source)->HoldView(FileOffset(14 * kPage), 4 * kPage);
+  ASSERT_TRUE(across);
+  EXPECT_TRUE(across->bytes.empty());
+}
+
 TEST(SnapshotDiffTest, FindsExactlyThePagesThatDiffer) {
   TempDir dir;
   const uint64_t pages = 200;

@@ -11,6 +11,9 @@ namespace {
 
 constexpr uint64_t kPage = 4096;
 
+// Set on the background decoders' threads: what they decode is ahead already, not read ahead of.
+thread_local bool t_decoding_ahead = false;
+
 // `name` as the layer at `from` names it: relative to that file's directory unless absolute.
 std::string Beside(const std::string& from, const std::string& name) {
   if (name.empty() || name.front() == '/') return name;
@@ -153,7 +156,42 @@ Result<ChunkCache::Chunk> PackedSource::LoadChunk(size_t chunk) const {
 }
 
 Result<ChunkCache::Chunk> PackedSource::Chunk(size_t chunk) const {
-  return cache_->Get(index_.chunks.at(chunk).hash, [this, chunk] { return LoadChunk(chunk); });
+  bool loaded_here = false;
+  auto got = cache_->Get(index_.chunks.at(chunk).hash, [this, chunk, &loaded_here] {
+    loaded_here = true;
+    return LoadChunk(chunk);
+  });
+  if (loaded_here && !t_decoding_ahead) {
+    // A reader waited for this one: the next ones are decoded while it installs it.
+    std::vector<size_t> next;
+    for (size_t c = chunk + 1; c < index_.chunks.size() && next.size() < kReadAheadChunks; ++c) {
+      next.push_back(c);
+    }
+    DecodeAhead(next);
+  }
+  return got;
+}
+
+Result<PageSource::HeldView> PackedSource::HoldView(FileOffset offset, uint64_t length) const {
+  if (length == 0 || offset.value() >= size() || length > size() - offset.value() ||
+      offset.value() % kPage != 0) {
+    return HeldView{};
+  }
+  const uint64_t page = offset.value() / kPage;
+  const PageRun& run = index_.RunAt(page);
+  const uint64_t pages = (length + kPage - 1) / kPage;
+  if (run.kind != PageKind::kStored || page + pages > run.end_page()) {
+    if (run.kind == PageKind::kParent && page + pages <= run.end_page()) {
+      return parent_->HoldView(offset, length);
+    }
+    return HeldView{};
+  }
+  const uint64_t stored = run.stored_first + (page - run.first_page);
+  const size_t chunk = index_.ChunkOf(stored);
+  if (stored + pages > index_.chunk_first[chunk + 1]) return HeldView{};  // spans two chunks
+  GM_ASSIGN_OR_RETURN(ChunkCache::Chunk content, Chunk(chunk));
+  const uint64_t in_chunk = (stored - index_.chunk_first[chunk]) * kPage;
+  return HeldView{.bytes = content->bytes().subspan(in_chunk, length), .keep = content};
 }
 
 Status PackedSource::ReadAt(FileOffset offset, std::span<std::byte> out) const {
@@ -230,6 +268,10 @@ void PackedSource::WillNeed(FileOffset offset, uint64_t length) const {
     }
     page = stop;
   }
+  DecodeAhead(chunks);
+}
+
+void PackedSource::DecodeAhead(const std::vector<size_t>& chunks) const {
   if (decoders_.empty() || chunks.empty()) return;
   {
     std::lock_guard lock(decode_mu_);
@@ -244,6 +286,7 @@ void PackedSource::WillNeed(FileOffset offset, uint64_t length) const {
 }
 
 void PackedSource::DecodeLoop() {
+  t_decoding_ahead = true;
   std::unique_lock lock(decode_mu_);
   while (true) {
     decode_cv_.wait(lock, [this] { return stopping_ || !decode_queue_.empty(); });
