@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -67,6 +68,9 @@ TEST_F(ServeCliTest, BadOptionsFailAtStartWithAClearMessage) {
       {{"--max-pending-handshakes", "0"}, "--max-pending-handshakes"},
       {{"--max-active-vms", "0"}, "--max-active-vms"},
       {{"--workers", "100000"}, "--workers"},
+      {{"--chunk-cache-mib", "0"}, "--chunk-cache-mib"},
+      {{"--chunk-cache-mib", "99999999999999999999"}, "--chunk-cache-mib"},
+      {{"--chunk-cache-mib", "1G"}, "--chunk-cache-mib"},
   };
   for (const Case& c : cases) ExpectRefusedAtStart(dir_, socket_, mem, c.args, c.fragment);
 }
@@ -78,6 +82,22 @@ TEST_F(ServeCliTest, AMemoryFileThatIsNotARegularFileOrBlockDeviceIsRefusedAtOnc
   ExpectRefusedAtStart(dir_, socket_, fifo, {}, "not a regular file or a block device");
   ExpectRefusedAtStart(dir_, socket_, "/dev/zero", {}, "not a regular file or a block device");
   ExpectRefusedAtStart(dir_, socket_, dir_ + "/missing", {}, "missing");
+}
+
+TEST_F(ServeCliTest, APackedSnapshotThatIsNotWholeIsRefusedAtStartWithWhatIsWrong) {
+  // The packed magic and version, then nothing a packed snapshot holds.
+  const std::string torn = dir_ + "/torn.gmp";
+  {
+    std::ofstream out(torn, std::ios::binary);
+    out << "GMEMPACK" << std::string("\x01\x00\x00\x00", 4) << std::string(300, '\x01');
+  }
+  ExpectRefusedAtStart(dir_, socket_, torn, {}, "header checksum mismatch");
+  // Another version is named as such.
+  {
+    std::ofstream out(torn, std::ios::binary | std::ios::trunc);
+    out << "GMEMPACK" << std::string("\x09\x00\x00\x00", 4) << std::string(300, '\x01');
+  }
+  ExpectRefusedAtStart(dir_, socket_, torn, {}, "format version 9 (this gmem reads version 1)");
 }
 
 TEST_F(ServeCliTest, GoodOptionsAreTakenAsWritten) {

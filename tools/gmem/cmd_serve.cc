@@ -41,6 +41,7 @@ struct ServeArgs {
   std::string max_pending_handshakes = "256";
   std::string max_active_vms = "1024";
   std::string max_vms = "0";
+  std::string chunk_cache_mib = "256";
   bool json_logs = false;
   bool verbose = false;
 };
@@ -122,6 +123,9 @@ Status ParseArgs(ServeArgs& args) {
   GM_ASSIGN_OR_RETURN(const uint64_t max_vms, ParseNumber("--max-vms", args.max_vms, 0,
                                                           std::numeric_limits<int32_t>::max()));
   options.max_vms = static_cast<int>(max_vms);
+  GM_ASSIGN_OR_RETURN(const uint64_t chunk_cache_mib,
+                      ParseNumber("--chunk-cache-mib", args.chunk_cache_mib, 1, uint64_t{1} << 20));
+  options.chunk_cache_bytes = chunk_cache_mib << 20;
   // A power of two is the last check: the parsers above already named a value out of range.
   return ValidateServeOptions(options);
 }
@@ -217,6 +221,10 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_option("--cache-dir", args->options.cache_dir,
                   "Where zero maps and working sets of snapshots are kept between runs (default: "
                   "/var/cache/guestmem as root, $XDG_CACHE_HOME/guestmem otherwise)");
+  cmd->add_option("--chunk-cache-mib", args->chunk_cache_mib,
+                  "A packed snapshot's decompressed chunks kept in memory, shared by its VMs, in "
+                  "MiB (1 to 1048576)")
+      ->capture_default_str();
   cmd->add_flag("--no-learn{false}", args->options.learn,
                 "Do not learn working sets: each restore faults its pages in as if it were the "
                 "first (gmem ws clear forgets what was learned)");

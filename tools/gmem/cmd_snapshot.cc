@@ -13,6 +13,8 @@ namespace {
 
 struct SnapshotCreateArgs {
   std::string path;
+  std::string from;  // a variant of this memory file instead
+  VariantOptions variant;
   uint64_t size_mib = 0;
   uint64_t size_bytes = 0;
   SnapshotMakerOptions options;
@@ -22,7 +24,23 @@ double Percent(uint64_t part, uint64_t whole) {
   return whole == 0 ? 0 : 100.0 * static_cast<double>(part) / static_cast<double>(whole);
 }
 
+int RunVariantCreate(const SnapshotCreateArgs& args) {
+  auto made = MakeVariant(args.from, args.path, args.variant);
+  if (!made) {
+    std::fprintf(stderr, "snapshot create: %s\n", made.error().ToString().c_str());
+    return 1;
+  }
+  std::printf("%s: %llu of %llu pages of %s changed (%.1f%%)%s; seed %llu\n", args.path.c_str(),
+              static_cast<unsigned long long>(made->changed_pages),
+              static_cast<unsigned long long>(made->pages), args.from.c_str(),
+              Percent(made->changed_pages, made->pages),
+              args.variant.diff_only ? ", only they written (a diff snapshot)" : "",
+              static_cast<unsigned long long>(args.variant.seed));
+  return 0;
+}
+
 int RunSnapshotCreate(SnapshotCreateArgs& args) {
+  if (!args.from.empty()) return RunVariantCreate(args);
   args.options.size_bytes = args.size_bytes != 0 ? args.size_bytes : args.size_mib << 20;
   auto made = MakeSnapshot(args.path, args.options);
   if (!made) {
@@ -71,9 +89,20 @@ void RegisterSnapshotCommand(CLI::App& app) {
                    "Leave zero pages as sparse holes (default: written as zeros, as Firecracker "
                    "writes them)");
   create->add_flag("--force", args->options.overwrite, "Replace an existing file");
+  create->add_option("--from", args->from,
+                     "Write a later snapshot of this memory file instead: --change of its pages "
+                     "rewritten, scattered (--seed picks them)");
+  create->add_option("--change", args->variant.change_fraction,
+                     "With --from: the fraction of pages that change")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  create->add_flag("--diff-only", args->variant.diff_only,
+                   "With --from: write only the changed pages, the rest holes (a diff snapshot)");
   RegisterPackedSnapshotCommands(*snapshot);
   create->callback([args] {
-    if (args->size_mib == 0 && args->size_bytes == 0) {
+    args->variant.seed = args->options.seed;
+    args->variant.overwrite = args->options.overwrite;
+    if (args->from.empty() && args->size_mib == 0 && args->size_bytes == 0) {
       std::fprintf(stderr, "snapshot create: give --size-mib or --size-bytes\n");
       CommandExitCode() = 1;
       return;

@@ -1,6 +1,8 @@
 #include "snapshot_maker.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -179,6 +181,58 @@ Result<SnapshotSummary> MakeSnapshot(const std::string& path, const SnapshotMake
     page += run;
   }
   if (chunk_pages > 0) GM_RETURN_IF_ERROR(flush());
+  return summary;
+}
+
+Result<VariantSummary> MakeVariant(const std::string& base, const std::string& path,
+                                   const VariantOptions& options) {
+  if (!(options.change_fraction >= 0 && options.change_fraction <= 1)) {
+    return Error(ErrorCode::kInvalidArgument, "snapshot create: --change must lie in [0, 1]");
+  }
+  UniqueFd in(open(base.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!in) return PosixError(errno, "snapshot create: open " + base);
+  struct stat st {};
+  if (fstat(in.get(), &st) != 0) return PosixError(errno, "snapshot create: stat " + base);
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size == 0 || size % kPage != 0) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "snapshot create: " + base + " is not a whole number of 4 KiB pages");
+  }
+  const int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (options.overwrite ? O_TRUNC : O_EXCL);
+  UniqueFd out(open(path.c_str(), flags, 0644));
+  if (!out) return PosixError(errno, "snapshot create: open " + path);
+  if (ftruncate(out.get(), static_cast<off_t>(size)) != 0) {
+    return PosixError(errno, "snapshot create: ftruncate " + path);
+  }
+  VariantSummary summary{.pages = size / kPage};
+  SplitMix64 pick(options.seed ^ 0x7a11a7e5ULL);
+  std::vector<std::byte> chunk(kWriteChunkPages * kPage);
+  for (uint64_t first = 0; first < summary.pages; first += kWriteChunkPages) {
+    const uint64_t pages = std::min<uint64_t>(kWriteChunkPages, summary.pages - first);
+    const uint64_t bytes = pages * kPage;
+    const off_t at = static_cast<off_t>(first * kPage);
+    if (pread(in.get(), chunk.data(), bytes, at) != static_cast<ssize_t>(bytes)) {
+      return PosixError(errno != 0 ? errno : EIO, "snapshot create: read " + base);
+    }
+    for (uint64_t p = 0; p < pages; ++p) {
+      std::span<std::byte> page = std::span(chunk).subspan(p * kPage, kPage);
+      const double u = static_cast<double>(pick.Next() >> 11) * 0x1.0p-53;
+      if (u < options.change_fraction) {
+        ++summary.changed_pages;
+        const auto kind = pick.Next() % 5 < 3 ? SnapshotPageKind::kText : SnapshotPageKind::kRandom;
+        FillSnapshotPage(kind, options.seed + 0x100000, first + p, page);
+        if (options.diff_only &&
+            pwrite(out.get(), page.data(), kPage, at + static_cast<off_t>(p * kPage)) !=
+                static_cast<ssize_t>(kPage)) {
+          return PosixError(errno, "snapshot create: write " + path);
+        }
+      }
+    }
+    if (!options.diff_only && pwrite(out.get(), chunk.data(), bytes, at) !=
+                                  static_cast<ssize_t>(bytes)) {
+      return PosixError(errno, "snapshot create: write " + path);
+    }
+  }
   return summary;
 }
 

@@ -59,6 +59,25 @@ Result<SnapshotSummary> MakeSnapshot(const std::string& path, const SnapshotMake
 void FillSnapshotPage(SnapshotPageKind kind, uint64_t seed, uint64_t page,
                       std::span<std::byte> out);
 
+// A snapshot of the same VM taken later: a copy of the memory file `base` in which about
+// `change_fraction` of its pages, scattered one by one, hold new content (text-like or random, 3
+// to 2, as MakeSnapshot writes them). With `diff_only`, only the changed pages are written and
+// every other page is left a hole — as Firecracker writes a diff snapshot over its base.
+struct VariantOptions {
+  double change_fraction = 0.05;
+  uint64_t seed = 1;
+  bool diff_only = false;
+  bool overwrite = false;
+};
+struct VariantSummary {
+  uint64_t pages = 0;
+  uint64_t changed_pages = 0;
+};
+// ERRORS: kInvalidArgument for a fraction outside [0, 1] or a base that is not whole pages;
+// kAlreadyExists; the PosixError of reading the base or writing the variant.
+Result<VariantSummary> MakeVariant(const std::string& base, const std::string& path,
+                                   const VariantOptions& options);
+
 }  // namespace guestmem::cli
 
 #endif  // GUESTMEM_TOOLS_GMEM_SNAPSHOT_MAKER_H_

@@ -911,7 +911,8 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
 
 Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::OpenSnapshot(
     const std::string& path) {
-  return Snapshot::Open(path, cache ? &*cache : nullptr);
+  return Snapshot::Open(path, cache ? &*cache : nullptr,
+                        PackedSourceOptions{.cache_bytes = options.chunk_cache_bytes});
 }
 
 void HandlerServer::Impl::KeepVm(Connection& c) {

@@ -94,6 +94,8 @@ struct ServeOptions {
   // the handshake on (a secret-hiding VM: from its message 2, once its bitmap is Firecracker's),
   // so that its faults — vCPU exits, for secret hiding — do not come for those pages.
   bool learn = true;
+  // A packed snapshot's decompressed chunks kept in memory, shared by its VMs.
+  uint64_t chunk_cache_bytes = uint64_t{256} << 20;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).
