@@ -10,23 +10,23 @@
 // Errors say whether trying again can help: kDataLoss (corrupt: no) or kIoError (the read failed:
 // perhaps); see IsRetryable (result.h).
 //
-// WillNeed() decodes the chunks of a range on a background thread of the source's own, so that a
-// working set about to be prefetched is decompressed ahead of the installs that need it, in
-// parallel with them; and a chunk a read had to wait for has the chunks after it decoded ahead
-// the same way (kReadAheadChunks), for a guest that reads on.
+// Chunks are decoded on threads of the source's own (a BackgroundLoader): ContentReady() tells a
+// fault pipeline whether a range can be read at once, and when it cannot, queues its chunks ahead
+// of everything else and says when they are in — so that a worker serving many VMs never waits
+// for a chunk to be read and decompressed. WillNeed() queues a working set about to be
+// prefetched, and a chunk a reader waited for has the chunks after it decoded ahead
+// (kReadAheadChunks), for a guest that reads on.
 //
-// Thread safety: ReadAt, ExtentAt and WillNeed are safe from many threads at once.
+// Thread safety: every method is safe from many threads at once.
 #ifndef GUESTMEM_PACKED_SOURCE_H_
 #define GUESTMEM_PACKED_SOURCE_H_
 
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
+#include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
+#include <utility>
 #include <vector>
 
 #include "guestmem/chunk_cache.h"
@@ -36,14 +36,17 @@
 
 namespace guestmem {
 
+class BackgroundLoader;
+
 struct PackedSourceOptions {
   // Decoded chunks kept in memory, for this source and its layers (ignored when `cache` is set).
   uint64_t cache_bytes = uint64_t{256} << 20;
   std::shared_ptr<ChunkCache> cache;  // shared with other sources; null: one of its own
   // The chunk store of every layer, in place of the one each names (relative to its file).
   std::string store_directory;
-  // Background threads that decode what WillNeed names (0: none; WillNeed does nothing).
-  unsigned decode_threads = 1;
+  // Background threads that decode chunks (0: none: every read decodes on its own thread, and
+  // WillNeed does nothing).
+  unsigned decode_threads = 2;
 };
 
 class PackedSource final : public PageSource {
@@ -65,6 +68,10 @@ class PackedSource final : public PageSource {
   Result<Extent> ExtentAt(FileOffset offset) const override;
   // The bytes of a decompressed chunk when the range lies in one stored run of one chunk.
   Result<HeldView> HoldView(FileOffset offset, uint64_t length) const override;
+  // Ready when every chunk the range needs is decompressed in the cache (or failed to be): else
+  // they are decoded on the source's threads, ahead of anything wanted ahead, and `ready` runs.
+  bool ContentReady(FileOffset offset, uint64_t length,
+                    const std::function<void()>& ready) const override;
   void WillNeed(FileOffset offset, uint64_t length) const override;
   std::string Describe() const override;
 
@@ -92,9 +99,12 @@ class PackedSource final : public PageSource {
                                                          const std::shared_ptr<ChunkCache>& cache,
                                                          int depth);
   Error ChunkError(size_t chunk, const Error& why) const;
-  // Queues chunks for the background decoders (bounded by what the cache can hold).
-  void DecodeAhead(const std::vector<size_t>& chunks) const;
-  void DecodeLoop();
+  // The chunks that hold the stored pages of [page, end) of this layer, in order; parent runs go
+  // to `parent_range` (first page, end).
+  void ChunksOf(uint64_t page, uint64_t end, std::vector<size_t>* chunks,
+                std::vector<std::pair<uint64_t, uint64_t>>* parent_ranges) const;
+  // The chunks after `chunk`, decoded ahead for a reader that reads on.
+  void ReadAheadAfter(size_t chunk) const;
 
   std::unique_ptr<RawFileSource> file_;
   PackIndex index_;
@@ -102,12 +112,8 @@ class PackedSource final : public PageSource {
   std::optional<ChunkStore> store_;
   std::shared_ptr<ChunkCache> cache_;
 
-  // The background decoder: chunk indices WillNeed named, decoded in order.
-  mutable std::mutex decode_mu_;
-  mutable std::condition_variable decode_cv_;
-  mutable std::deque<size_t> decode_queue_;  // GUARDED_BY(decode_mu_)
-  bool stopping_ = false;                    // GUARDED_BY(decode_mu_)
-  std::vector<std::thread> decoders_;
+  // Declared last, so destroyed first: its threads use everything above.
+  std::unique_ptr<BackgroundLoader> decoder_;
 };
 
 // The source a snapshot path names: a packed snapshot when the file starts with its magic, else

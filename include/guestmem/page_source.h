@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -66,6 +67,14 @@ class PageSource {
   };
   virtual Result<HeldView> HoldView(FileOffset offset, uint64_t length) const {
     return HeldView{.bytes = View(offset, length)};
+  }
+  // Whether reading [offset, offset + length) can be done without waiting for slow work
+  // (decompressing, fetching from afar). When it cannot, the source starts that work and calls
+  // `ready` (from any thread, possibly more than once) when it is done; the caller then reads.
+  // A range that cannot be had at all is "ready": reading it reports why. Default: always ready.
+  virtual bool ContentReady(FileOffset /*offset*/, uint64_t /*length*/,
+                            const std::function<void()>& /*ready*/) const {
+    return true;
   }
   // A hint that [offset, offset + length) will be read soon (a working set about to be
   // prefetched): the source may start reading it in the background. Nothing where it cannot.

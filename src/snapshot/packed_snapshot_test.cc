@@ -9,6 +9,9 @@
 #include <filesystem>
 #include <random>
 #include <thread>
+#include <condition_variable>
+#include <mutex>
+#include <chrono>
 
 #include <gtest/gtest.h>
 
@@ -379,6 +382,68 @@ TEST(PackedSourceTest, AHeldViewOutlivesItsChunkInTheCache) {
   auto across = (*source)->HoldView(FileOffset(14 * kPage), 4 * kPage);
   ASSERT_TRUE(across);
   EXPECT_TRUE(across->bytes.empty());
+}
+
+TEST(PackedSourceTest, ContentNotReadyIsDecodedInTheBackgroundAndTold) {
+  TempDir dir;
+  const uint64_t pages = 64;
+  std::vector<Fill> fills(pages, Fill::kText);
+  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
+  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
+  auto source = PackedSource::Open(dir.File("s.gmp"));
+  ASSERT_TRUE(source) << Describe(source);
+  std::mutex mu;
+  std::condition_variable cv;
+  int told = 0;
+  auto ready = [&] {
+    std::lock_guard lock(mu);
+    ++told;
+    cv.notify_all();
+  };
+  EXPECT_FALSE((*source)->ContentReady(FileOffset(20 * kPage), 2 * kPage, ready));
+  {
+    std::unique_lock lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return told > 0; }));
+  }
+  EXPECT_TRUE((*source)->ContentReady(FileOffset(20 * kPage), 2 * kPage, ready));
+  std::vector<std::byte> page(kPage);
+  ASSERT_TRUE((*source)->ReadAt(FileOffset(21 * kPage), page));
+  EXPECT_EQ(page, PageContent(Fill::kText, 21, 1));
+  // Without background threads, everything is ready: the reader decodes for itself.
+  auto alone = PackedSource::Open(dir.File("s.gmp"), {.decode_threads = 0});
+  ASSERT_TRUE(alone);
+  EXPECT_TRUE((*alone)->ContentReady(FileOffset(0), pages * kPage, ready));
+}
+
+TEST(PackedSourceTest, AChunkThatFailsIsReadyToFailNotWaitedForAgain) {
+  TempDir dir;
+  const uint64_t pages = 32;
+  std::vector<Fill> fills(pages, Fill::kText);
+  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
+  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
+  ChunkRef first;
+  {
+    auto source = PackedSource::Open(dir.File("s.gmp"), {.decode_threads = 0});
+    ASSERT_TRUE(source);
+    first = (*source)->index().chunks[0];
+  }
+  const int fd = open(dir.File("s.gmp").c_str(), O_RDWR);
+  const char junk[8] = "garbage";
+  ASSERT_EQ(pwrite(fd, junk, 8, static_cast<off_t>(first.offset + 3)), 8);
+  close(fd);
+  auto source = PackedSource::Open(dir.File("s.gmp"));
+  ASSERT_TRUE(source);
+  std::atomic<int> told{0};
+  auto ready = [&] { told.fetch_add(1); };
+  EXPECT_FALSE((*source)->ContentReady(FileOffset(0), kPage, ready));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (told.load() == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  ASSERT_GT(told.load(), 0);
+  EXPECT_TRUE((*source)->ContentReady(FileOffset(0), kPage, ready));
+  std::vector<std::byte> page(kPage);
+  EXPECT_EQ(ErrorCodeOf((*source)->ReadAt(FileOffset(0), page)), ErrorCode::kDataLoss);
 }
 
 TEST(SnapshotDiffTest, FindsExactlyThePagesThatDiffer) {

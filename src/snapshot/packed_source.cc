@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "guestmem/log.h"
+#include "snapshot/background_loader.h"
 
 namespace guestmem {
 namespace {
@@ -102,19 +103,16 @@ PackedSource::PackedSource(std::unique_ptr<RawFileSource> file, PackIndex index,
       parent_(std::move(parent)),
       store_(std::move(store)),
       cache_(std::move(cache)) {
-  for (unsigned i = 0; i < decode_threads && !index_.chunks.empty(); ++i) {
-    decoders_.emplace_back([this] { DecodeLoop(); });
-  }
+  // Chunks wanted ahead beyond what the cache could hold would only evict each other.
+  const size_t ahead_limit = std::max<size_t>(1, cache_->capacity() / chunk_bytes());
+  decoder_ = std::make_unique<BackgroundLoader>(
+      index_.chunks.empty() ? 0 : decode_threads, ahead_limit, [this](size_t chunk) {
+        t_decoding_ahead = true;
+        return Chunk(chunk).has_value();
+      });
 }
 
-PackedSource::~PackedSource() {
-  {
-    std::lock_guard lock(decode_mu_);
-    stopping_ = true;
-  }
-  decode_cv_.notify_all();
-  for (std::thread& t : decoders_) t.join();
-}
+PackedSource::~PackedSource() = default;
 
 Error PackedSource::ChunkError(size_t chunk, const Error& why) const {
   return Error(why.code(),
@@ -161,15 +159,16 @@ Result<ChunkCache::Chunk> PackedSource::Chunk(size_t chunk) const {
     loaded_here = true;
     return LoadChunk(chunk);
   });
-  if (loaded_here && !t_decoding_ahead) {
-    // A reader waited for this one: the next ones are decoded while it installs it.
-    std::vector<size_t> next;
-    for (size_t c = chunk + 1; c < index_.chunks.size() && next.size() < kReadAheadChunks; ++c) {
-      next.push_back(c);
-    }
-    DecodeAhead(next);
-  }
+  if (loaded_here && !t_decoding_ahead) ReadAheadAfter(chunk);  // a reader waited for this one
   return got;
+}
+
+void PackedSource::ReadAheadAfter(size_t chunk) const {
+  std::vector<size_t> next;
+  for (size_t c = chunk + 1; c < index_.chunks.size() && next.size() < kReadAheadChunks; ++c) {
+    if (!cache_->Contains(index_.chunks[c].hash)) next.push_back(c);
+  }
+  decoder_->Ahead(next);
 }
 
 Result<PageSource::HeldView> PackedSource::HoldView(FileOffset offset, uint64_t length) const {
@@ -248,58 +247,56 @@ Result<Extent> PackedSource::ExtentAt(FileOffset offset) const {
                 .kind = run.kind == PageKind::kZero ? ExtentKind::kZero : ExtentKind::kData};
 }
 
-void PackedSource::WillNeed(FileOffset offset, uint64_t length) const {
-  if (offset.value() >= size()) return;
-  length = std::min(length, size() - offset.value());
-  uint64_t page = offset.value() / kPage;
-  const uint64_t end = (offset.value() + length + kPage - 1) / kPage;
-  std::vector<size_t> chunks;
+void PackedSource::ChunksOf(uint64_t page, uint64_t end, std::vector<size_t>* chunks,
+                            std::vector<std::pair<uint64_t, uint64_t>>* parent_ranges) const {
   while (page < end) {
     const PageRun& run = index_.RunAt(page);
     const uint64_t stop = std::min(end, run.end_page());
     if (run.kind == PageKind::kParent) {
-      parent_->WillNeed(FileOffset(page * kPage), (stop - page) * kPage);
+      parent_ranges->emplace_back(page, stop);
     } else if (run.kind == PageKind::kStored) {
-      const uint64_t first = index_.ChunkOf(run.stored_first + page - run.first_page);
-      const uint64_t last = index_.ChunkOf(run.stored_first + stop - 1 - run.first_page);
-      for (uint64_t c = first; c <= last; ++c) {
-        if (chunks.empty() || chunks.back() != c) chunks.push_back(c);
+      const size_t first = index_.ChunkOf(run.stored_first + page - run.first_page);
+      const size_t last = index_.ChunkOf(run.stored_first + stop - 1 - run.first_page);
+      for (size_t c = first; c <= last; ++c) {
+        if (chunks->empty() || chunks->back() != c) chunks->push_back(c);
       }
     }
     page = stop;
   }
-  DecodeAhead(chunks);
 }
 
-void PackedSource::DecodeAhead(const std::vector<size_t>& chunks) const {
-  if (decoders_.empty() || chunks.empty()) return;
-  {
-    std::lock_guard lock(decode_mu_);
-    // Bounded: hints beyond what the cache could hold would only evict each other.
-    const size_t limit = std::max<size_t>(1, cache_->capacity() / chunk_bytes());
-    for (size_t c : chunks) {
-      if (decode_queue_.size() >= limit) break;
-      decode_queue_.push_back(c);
-    }
+bool PackedSource::ContentReady(FileOffset offset, uint64_t length,
+                                const std::function<void()>& ready) const {
+  if (length == 0 || offset.value() >= size() || !decoder_->enabled()) return true;
+  length = std::min(length, size() - offset.value());
+  std::vector<size_t> chunks;
+  std::vector<std::pair<uint64_t, uint64_t>> parent_ranges;
+  ChunksOf(offset.value() / kPage, (offset.value() + length + kPage - 1) / kPage, &chunks,
+           &parent_ranges);
+  bool all_ready = true;
+  for (const auto& [first, end] : parent_ranges) {
+    all_ready &= parent_->ContentReady(FileOffset(first * kPage), (end - first) * kPage, ready);
   }
-  decode_cv_.notify_all();
+  for (size_t c : chunks) {
+    if (cache_->Contains(index_.chunks[c].hash) || decoder_->Failed(c)) continue;
+    decoder_->Need(c, ready);
+    all_ready = false;
+  }
+  if (!all_ready && !chunks.empty()) ReadAheadAfter(chunks.back());
+  return all_ready;
 }
 
-void PackedSource::DecodeLoop() {
-  t_decoding_ahead = true;
-  std::unique_lock lock(decode_mu_);
-  while (true) {
-    decode_cv_.wait(lock, [this] { return stopping_ || !decode_queue_.empty(); });
-    if (stopping_) return;
-    const size_t chunk = decode_queue_.front();
-    decode_queue_.pop_front();
-    lock.unlock();
-    if (!cache_->Contains(index_.chunks[chunk].hash)) {
-      // A chunk that cannot be read fails again for the read that needs it, which reports it.
-      (void)Chunk(chunk);
-    }
-    lock.lock();
+void PackedSource::WillNeed(FileOffset offset, uint64_t length) const {
+  if (length == 0 || offset.value() >= size()) return;
+  length = std::min(length, size() - offset.value());
+  std::vector<size_t> chunks;
+  std::vector<std::pair<uint64_t, uint64_t>> parent_ranges;
+  ChunksOf(offset.value() / kPage, (offset.value() + length + kPage - 1) / kPage, &chunks,
+           &parent_ranges);
+  for (const auto& [first, end] : parent_ranges) {
+    parent_->WillNeed(FileOffset(first * kPage), (end - first) * kPage);
   }
+  decoder_->Ahead(chunks);
 }
 
 std::string PackedSource::Describe() const {
