@@ -57,13 +57,6 @@ class ChunkCache {
   uint64_t misses() const { return misses_.load(std::memory_order_relaxed); }
 
  private:
-  struct HashOf {
-    size_t operator()(const ChunkHash& h) const {
-      size_t v = 0;
-      for (size_t i = 0; i < sizeof(v); ++i) v = (v << 8) | h[i];
-      return v;
-    }
-  };
   struct Slot {
     std::shared_future<Result<Chunk>> loading;  // valid until the load ends
     Chunk chunk;                                // once loaded
@@ -74,7 +67,7 @@ class ChunkCache {
 
   const uint64_t capacity_;
   mutable std::mutex mu_;
-  std::unordered_map<ChunkHash, Slot, HashOf> slots_;  // GUARDED_BY(mu_)
+  std::unordered_map<ChunkHash, Slot, ChunkHashHasher> slots_;  // GUARDED_BY(mu_)
   std::list<ChunkHash> lru_;                            // GUARDED_BY(mu_): loaded, newest first
   uint64_t bytes_ = 0;                                  // GUARDED_BY(mu_)
   std::atomic<uint64_t> hits_{0}, misses_{0};

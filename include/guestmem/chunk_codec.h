@@ -45,6 +45,14 @@ Status DecompressChunk(Codec codec, std::span<const std::byte> compressed,
 // XXH3-128 of a chunk's uncompressed content, in its canonical (big-endian) byte order.
 using ChunkHash = std::array<uint8_t, 16>;
 ChunkHash HashChunk(std::span<const std::byte> content);
+// For unordered containers keyed by chunk hash: its first 8 bytes (already uniformly spread).
+struct ChunkHashHasher {
+  size_t operator()(const ChunkHash& h) const {
+    size_t v = 0;
+    for (size_t i = 0; i < sizeof(v); ++i) v = (v << 8) | h[i];
+    return v;
+  }
+};
 std::string ToHex(const ChunkHash& hash);
 
 }  // namespace guestmem

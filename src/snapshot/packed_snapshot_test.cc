@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <string_view>
 #include <thread>
 #include <condition_variable>
 #include <mutex>
@@ -92,6 +93,30 @@ void ExpectSameContent(const PageSource& source, const std::string& raw_path) {
 Result<PackSummary> Pack(const std::string& raw, const std::string& out, PackOptions options) {
   GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source, RawFileSource::Open(raw));
   return PackSnapshot(*source, out, options);
+}
+
+// dir/s.mem: `pages` text pages (seed 1), packed into dir/s.gmp in chunks of 16 pages.
+void PackTextSnapshot(const TempDir& dir, uint64_t pages) {
+  WriteRaw(dir.File("s.mem"), std::vector<Fill>(pages, Fill::kText),
+           std::vector<uint64_t>(pages, 1));
+  auto packed = Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16});
+  ASSERT_TRUE(packed) << Describe(packed);
+}
+
+// Chunk `i` of the packed snapshot at `path`, as its index names it.
+ChunkRef ChunkOf(const std::string& path, size_t i) {
+  auto source = PackedSource::Open(path, {.decode_threads = 0});
+  EXPECT_TRUE(source) << Describe(source);
+  return source ? (*source)->index().chunks.at(i) : ChunkRef{};
+}
+
+// Writes `bytes` over the file at `offset`.
+void Scribble(const std::string& path, uint64_t offset, std::string_view bytes) {
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset)),
+            static_cast<ssize_t>(bytes.size()));
+  close(fd);
 }
 
 TEST(ChunkCodecTest, EveryCodecRoundTripsAndRefusesGarbage) {
@@ -277,21 +302,9 @@ TEST(ChunkStoreTest, SnapshotsInOneStoreShareTheirCommonChunks) {
 TEST(PackedCorruptionTest, ACorruptChunkFailsOnlyThePagesItHolds) {
   TempDir dir;
   const uint64_t pages = 128;
-  std::vector<Fill> fills(pages, Fill::kText);
-  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
-  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
-  auto index_of = PackedSource::Open(dir.File("s.gmp"));
-  ASSERT_TRUE(index_of);
-  const ChunkRef chunk = (*index_of)->index().chunks[2];  // pages 32..47
-  index_of->reset();
-  {
-    const int fd = open(dir.File("s.gmp").c_str(), O_RDWR);
-    char b = 0;
-    ASSERT_EQ(pread(fd, &b, 1, static_cast<off_t>(chunk.offset + chunk.compressed_bytes / 2)), 1);
-    b = static_cast<char>(b ^ 0x20);
-    ASSERT_EQ(pwrite(fd, &b, 1, static_cast<off_t>(chunk.offset + chunk.compressed_bytes / 2)), 1);
-    close(fd);
-  }
+  PackTextSnapshot(dir, pages);
+  const ChunkRef chunk = ChunkOf(dir.File("s.gmp"), 2);  // pages 32..47
+  Scribble(dir.File("s.gmp"), chunk.offset + chunk.compressed_bytes / 2, "corrupt");
   auto source = PackedSource::Open(dir.File("s.gmp"));
   ASSERT_TRUE(source) << Describe(source);
   std::vector<std::byte> page(kPage);
@@ -360,10 +373,7 @@ TEST(PackedIndexTest, RefusesFilesThatAreNotWholeSnapshots) {
 
 TEST(PackedSourceTest, AHeldViewOutlivesItsChunkInTheCache) {
   TempDir dir;
-  const uint64_t pages = 64;
-  std::vector<Fill> fills(pages, Fill::kText);
-  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
-  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
+  PackTextSnapshot(dir, 64);
   // A cache of one chunk: reading another evicts the first.
   auto source = PackedSource::Open(dir.File("s.gmp"), {.cache_bytes = 16 * kPage});
   ASSERT_TRUE(source) << Describe(source);
@@ -387,9 +397,7 @@ TEST(PackedSourceTest, AHeldViewOutlivesItsChunkInTheCache) {
 TEST(PackedSourceTest, ContentNotReadyIsDecodedInTheBackgroundAndTold) {
   TempDir dir;
   const uint64_t pages = 64;
-  std::vector<Fill> fills(pages, Fill::kText);
-  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
-  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
+  PackTextSnapshot(dir, pages);
   auto source = PackedSource::Open(dir.File("s.gmp"));
   ASSERT_TRUE(source) << Describe(source);
   std::mutex mu;
@@ -417,20 +425,8 @@ TEST(PackedSourceTest, ContentNotReadyIsDecodedInTheBackgroundAndTold) {
 
 TEST(PackedSourceTest, AChunkThatFailsIsReadyToFailNotWaitedForAgain) {
   TempDir dir;
-  const uint64_t pages = 32;
-  std::vector<Fill> fills(pages, Fill::kText);
-  WriteRaw(dir.File("s.mem"), fills, std::vector<uint64_t>(pages, 1));
-  ASSERT_TRUE(Pack(dir.File("s.mem"), dir.File("s.gmp"), {.chunk_pages = 16}));
-  ChunkRef first;
-  {
-    auto source = PackedSource::Open(dir.File("s.gmp"), {.decode_threads = 0});
-    ASSERT_TRUE(source);
-    first = (*source)->index().chunks[0];
-  }
-  const int fd = open(dir.File("s.gmp").c_str(), O_RDWR);
-  const char junk[8] = "garbage";
-  ASSERT_EQ(pwrite(fd, junk, 8, static_cast<off_t>(first.offset + 3)), 8);
-  close(fd);
+  PackTextSnapshot(dir, 32);
+  Scribble(dir.File("s.gmp"), ChunkOf(dir.File("s.gmp"), 0).offset + 3, "garbage");
   auto source = PackedSource::Open(dir.File("s.gmp"));
   ASSERT_TRUE(source);
   std::atomic<int> told{0};

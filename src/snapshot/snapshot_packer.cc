@@ -104,14 +104,6 @@ class ChunkCompressor {
   std::vector<std::thread> workers_;
 };
 
-struct HashOf {
-  size_t operator()(const ChunkHash& h) const {
-    size_t v = 0;
-    std::memcpy(&v, h.data(), sizeof(v));
-    return v;
-  }
-};
-
 Status WriteAt(int fd, uint64_t offset, std::span<const std::byte> bytes, const std::string& path) {
   size_t done = 0;
   while (done < bytes.size()) {
@@ -280,7 +272,7 @@ class Packer {
   uint64_t next_page_ = 0, stored_ = 0;
   uint64_t chunk_part_ = 0;  // the part of guest memory (chunk_pages pages) chunk_ is of
   uint64_t data_end_ = PackIndex::kDataStart;
-  std::unordered_map<ChunkHash, ChunkRef, HashOf> written_;
+  std::unordered_map<ChunkHash, ChunkRef, ChunkHashHasher> written_;
 };
 
 // `target` as a file at `from` names it: relative to from's directory, so that files moved
