@@ -8,7 +8,11 @@
 // Fairness: a worker serves its spaces in turns (FaultHandler::Serve with the engine's
 // ServeBudget). A space with work left after its turn (faults already read, a fault-all fill in
 // progress) waits behind every other space that is ready, so one VM's burst of faults, its
-// fault-all or a VM that keeps faulting outside its memory never stalls the others.
+// fault-all or a VM that keeps faulting outside its memory never stalls the others. A space with
+// no work left now but work due later, which none of its descriptors will announce (a background
+// fill that has used up its rate: FaultHandler::wake_at), is woken at that time: its worker
+// waits on epoll no longer than the earliest such time and never polls in between, so a
+// rate-limited VM costs no turns while it waits and the others are served as ever.
 //
 // A space ends when its owner removes it (RemoveSpace, e.g. on the VMM's socket hang-up) or by
 // itself when the VM's process has exited or can no longer be served; then `on_closed` (if given)

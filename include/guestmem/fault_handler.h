@@ -153,6 +153,10 @@ class FaultHandler {
   // VM's process has exited (the handler is finished); another error when the VM can no longer
   // be served (then the owner should drop the handler).
   Result<bool> Serve(const ServeBudget& budget = {});
+  // After a Serve() that returned false: the time at which work becomes due that neither fd()
+  // nor work_fd() will announce (a rate-limited background fill waiting for its budget), when
+  // Serve() should be called again; std::nullopt if there is none.
+  std::optional<std::chrono::steady_clock::time_point> wake_at() const;
 
   // Turns until no work is left: every pending event served (and, with fault_all once it has
   // started, the fill finished).

@@ -137,6 +137,8 @@ class FaultHandler::Pipeline {
   FaultAroundPolicy fault_around;
   AdaptiveWindowPolicy adaptive;
   std::optional<FillCursor> fill;  // from fault-all's first fault until every page is in
+  // Set by a turn whose work left is due only later (Serve() returned false).
+  std::optional<Clock::time_point> wake_at;
   bool fill_started = false;
   Clock::time_point fill_start;
   std::unique_ptr<ContentFetcher> fetcher;
@@ -405,6 +407,10 @@ FaultStats FaultHandler::Pipeline::Stats() const {
 
 Result<bool> FaultHandler::Serve(const ServeBudget& budget) { return p_->Serve(budget); }
 
+std::optional<std::chrono::steady_clock::time_point> FaultHandler::wake_at() const {
+  return p_->wake_at;
+}
+
 Status FaultHandler::ServeReadyEvents() {
   while (true) {
     GM_ASSIGN_OR_RETURN(bool more, p_->Serve(ServeBudget{}));
@@ -423,6 +429,7 @@ Status FaultHandler::InstallAll() {
 
 Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   served_this_turn_.clear();
+  wake_at.reset();
   // Guest faults first: each holds a vCPU stopped. Events read just after are applied before
   // any uffd fault, as ever; a guest fault never needs the uffd, so it cannot meet EAGAIN.
   uint64_t signalled;
