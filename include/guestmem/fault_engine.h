@@ -73,6 +73,9 @@ class FaultEngine {
   // Starts prefetching `set` into the space (FaultHandler::StartPrefetch).
   // ERRORS: kNotFound if the space is not (or no longer) served.
   Status Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set);
+  // Starts a background fill of the space, after its prefetch (FaultHandler::StartBackgroundFill).
+  // ERRORS: kNotFound if the space is not (or no longer) served.
+  Status StartBackgroundFill(SpaceId id);
   size_t space_count() const;
   unsigned worker_count() const;
 
@@ -80,6 +83,10 @@ class FaultEngine {
   class Worker;
   struct Shared;
   explicit FaultEngine(std::unique_ptr<Shared> shared);
+  // Calls fn(FaultHandler&) for the space's handler, on the caller's thread; kNotFound if no
+  // worker serves the space.
+  template <typename Fn>
+  Status WithHandler(SpaceId id, Fn fn);
   std::unique_ptr<Shared> shared_;
 };
 

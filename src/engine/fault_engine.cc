@@ -90,23 +90,17 @@ class FaultEngine::Worker {
     return OkStatus();
   }
 
-  Status PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
-    // Under the lock: Close takes the handler out of the table under it before destroying it.
+  // Calls `fn` with the handler of a space being served, under the lock: Close takes the
+  // handler out of the table under it before destroying it. For what other threads may ask of a
+  // handler (FaultHandler's thread-safety contract).
+  template <typename Fn>
+  Status WithHandler(SpaceId id, Fn fn) {
     std::lock_guard lock(mu_);
     auto it = spaces_.find(id);
     if (it == spaces_.end()) {
       return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
     }
-    return it->second.handler->PostGuestFault(fault, std::move(done));
-  }
-
-  Status Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set) {
-    std::lock_guard lock(mu_);
-    auto it = spaces_.find(id);
-    if (it == spaces_.end()) {
-      return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
-    }
-    return it->second.handler->StartPrefetch(std::move(set));
+    return fn(*it->second.handler);
   }
 
   bool Has(SpaceId id) const {
@@ -378,18 +372,26 @@ Result<FaultStats> FaultEngine::RemoveSpace(SpaceId id) {
   return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
 }
 
-Status FaultEngine::PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
+template <typename Fn>
+Status FaultEngine::WithHandler(SpaceId id, Fn fn) {
   for (auto& worker : shared_->workers) {
-    if (worker->Has(id)) return worker->PostGuestFault(id, fault, std::move(done));
+    if (worker->Has(id)) return worker->WithHandler(id, std::move(fn));
   }
   return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
 }
 
+Status FaultEngine::PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
+  return WithHandler(
+      id, [&](FaultHandler& handler) { return handler.PostGuestFault(fault, std::move(done)); });
+}
+
 Status FaultEngine::Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set) {
-  for (auto& worker : shared_->workers) {
-    if (worker->Has(id)) return worker->Prefetch(id, std::move(set));
-  }
-  return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
+  return WithHandler(id,
+                     [&](FaultHandler& handler) { return handler.StartPrefetch(std::move(set)); });
+}
+
+Status FaultEngine::StartBackgroundFill(SpaceId id) {
+  return WithHandler(id, [](FaultHandler& handler) { return handler.StartBackgroundFill(); });
 }
 
 std::optional<FaultStats> FaultEngine::Stats(SpaceId id) const {

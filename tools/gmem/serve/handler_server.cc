@@ -784,7 +784,7 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
 
   FaultHandlerOptions handler_options;
   handler_options.name = spec.name;
-  handler_options.fault_all = spec.fault_all;
+  handler_options.fill = spec.fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
   handler_options.fault_around_bytes = spec.fault_around_bytes;
   handler_options.resume = spec.resume;
   const uint64_t tracker_pages = layout.file_end() / kPageSize4K;

@@ -450,7 +450,7 @@ void Driver::Serve(Vm& vm, UniqueFd socket) {
   FaultHandlerOptions options;
   options.name = "vm " + std::to_string(vm.index);
   options.fault_around_bytes = o_.fault_around_kib << 10;
-  options.fault_all = o_.fault_all;
+  options.fill = o_.fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
   auto handler =
       FaultHandler::Create(std::move(*uffd), std::move(*layout), source_, std::move(options));
   if (!handler) return fail(handler.error());
