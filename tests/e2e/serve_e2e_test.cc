@@ -205,6 +205,25 @@ TEST_F(ServeE2eTest, SigtermLeavesConnectedVmsToTheNextDaemon) {
   ExpectVmVerifies({"--workload", "sparse", "--verify"}, "new");  // and new VMs as before
 }
 
+// A VM taken over in the middle of its background fill is filled on by the successor, at the
+// successor's rate, from where its predecessor got to: every page verifies without a fault.
+TEST_F(ServeE2eTest, ABackgroundFillGoesOnAfterATakeOver) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "1"});  // 32 MiB: half a minute
+  const std::string go = dir_ + "/go";
+  auto vm = StartVm("held", {"--workload", "sequential", "--verify", "--start-when", go});
+  ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
+  server_->Signal(SIGKILL);
+  EXPECT_EQ(server_->ExitCode(20s), -SIGKILL);
+  EXPECT_EQ(server_->FindLine({"fill done: "}), "") << server_->Output();
+  StartServer({"--fill", "background", "--fill-rate-mib", "1024"});
+  ASSERT_NE(server_->WaitForLine({"[taken over]", ": fill done: "}, 120s), "") << server_->Output();
+  std::ofstream(go).put('x');
+  EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
+  EXPECT_TRUE(vm->WaitForOutput("every byte matches")) << vm->Output();
+  const std::string end = server_->WaitForAnyLine({{"[taken over]", " disconnected "}}, 20s);
+  EXPECT_NE(end.find("faults=0 "), std::string::npos) << end << "\n" << server_->Output();
+}
+
 // Killed mid-restore (SIGKILL: nothing runs after it), the daemon's VMs are taken over by the
 // next one and complete byte for byte, in copy mode and in the minor trap: some stopped while they
 // run (with faults in flight when the daemon dies, unless they were quick enough to be done: they

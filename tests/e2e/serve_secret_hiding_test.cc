@@ -278,6 +278,26 @@ TEST_F(ServeSecretHidingTest, BackgroundFillFollowsTheWorkingSetAndLeavesNoVcpuF
   EXPECT_EQ(report["vcpu_faults"]["violations"], 0) << report.dump();
 }
 
+// A secret-hiding VM taken over after its message 2 has its background fill started by the
+// successor at once (the message will not come again): it ends, and the guest takes no vCPU fault.
+TEST_F(ServeSecretHidingTest, ABackgroundFillStartsAtOnceForAVmTakenOverAfterMessage2) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "1"});  // 32 MiB: half a minute
+  const std::string go = dir_ + "/go";
+  auto vm = StartVm("held", {"--secret-hiding", "--verify", "--json", "--start-when", go,
+                             "--workload", "sequential", "--threads", "2"});
+  ASSERT_NE(server_->WaitForLine({"vm 1 (", "message 2: "}, 60s), "") << server_->Output();
+  server_->Signal(SIGKILL);
+  EXPECT_EQ(server_->ExitCode(20s), -SIGKILL);
+  StartServer({"--fill", "background", "--fill-rate-mib", "1024"});
+  ASSERT_NE(server_->WaitForLine({"[taken over]", ": fill done: "}, 120s), "") << server_->Output();
+  std::ofstream(go).put('x');
+  ASSERT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
+  const nlohmann::json report = VmReport(*vm);
+  EXPECT_EQ(report["mismatches"], 0) << report.dump();
+  EXPECT_EQ(report["bits_left_set"], 0) << report.dump();
+  EXPECT_EQ(report["vcpu_faults"].value("sync", int64_t{-1}), 0) << report.dump();
+}
+
 // --no-learn: nothing is learned; the second restore faults as the first did.
 TEST_F(ServeSecretHidingTest, WithoutWorkingSetsNothingIsPopulatedAhead) {
   StartServer({"--no-learn"});

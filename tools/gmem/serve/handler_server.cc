@@ -451,9 +451,8 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
   const std::string fill = d.value(
       "fill", FillName(d.value("fault_all", false) ? FillMode::kAtFirstFault : FillMode::kNone));
   spec.fill = FillFromName(fill);
-  spec.fill_bytes_per_second =
-      std::clamp(d.value("fill_bytes_per_second", options.fill_bytes_per_second),
-                 kMinFillBytesPerSecond, kMaxFillBytesPerSecond);
+  // The rate is this daemon's, as for every VM it serves: a restart is how an operator changes it.
+  spec.fill_bytes_per_second = options.fill_bytes_per_second;
   spec.fault_around_bytes = d.value("fault_around_bytes", kDefaultFaultAroundBytes);
   spec.uffd = std::move(named["uffd"]);
   GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::AttachShared(std::move(named["tracker"]),
@@ -946,7 +945,6 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
                    {"regions", nlohmann::json::parse(EncodeHandshake(spec.regions))},
                    {"fault_all", spec.fill == FillMode::kAtFirstFault},  // for older daemons
                    {"fill", FillName(spec.fill)},
-                   {"fill_bytes_per_second", spec.fill_bytes_per_second},
                    {"fault_around_bytes", spec.fault_around_bytes},
                    {"tracker_pages", tracker_pages},
                    {"minor_trap", minor_trap},
