@@ -66,7 +66,6 @@ std::string PeerName(uint64_t vm, const std::optional<PeerCredentials>& peer) {
   return name;
 }
 
-// "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
 // A VM's fill as its description for the keeper names it, and back (unknown: none).
 const char* FillName(FillMode fill) {
   switch (fill) {
@@ -87,6 +86,7 @@ FillMode FillFromName(const std::string& name) {
   return FillMode::kNone;
 }
 
+// "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
 std::string AccessNote(const ServeOptions& options) {
   if (options.allow_uids.empty() && options.allow_gids.empty()) return "";
   auto join = [](const char* what, const auto& ids) {
