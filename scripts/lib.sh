@@ -8,7 +8,7 @@ GUESTMEM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GUESTMEM_PACKAGES=(
   g++ cmake ninja-build pkg-config
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev
+  nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev libzstd-dev liblz4-dev
 )
 # What the fuzz preset needs on top: clang and its runtimes (libFuzzer, ASan, UBSan).
 GUESTMEM_FUZZ_PACKAGES=(clang libclang-rt-14-dev)

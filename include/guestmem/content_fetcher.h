@@ -1,7 +1,7 @@
 // ContentFetcher: the fault pipeline's stage that reads snapshot content for an install.
 //
-// Where the source offers a view of its content in place (PageSource::View: a raw file mapped
-// read-only) and the caller lets it, a fetch returns that view and copies nothing: the install's
+// Where the source offers a view of its content in place (PageSource::HoldView: a raw file mapped
+// read-only, a packed snapshot's decompressed chunk) and the caller lets it, a fetch returns that view and copies nothing: the install's
 // own copy (UFFDIO_COPY, pwrite into the guest memory file) is the only one. Otherwise it reads
 // the range into a staging buffer it owns (private anonymous memory, reserved lazily). What a
 // fetch returns stays valid until the next Fetch. A view is for the kernel to copy from only
@@ -50,6 +50,7 @@ class ContentFetcher {
   std::shared_ptr<const PageSource> source_;
   Mapping buffer_;
   bool use_views_;
+  std::shared_ptr<const void> held_;  // what the last view needs kept (a decompressed chunk)
   std::atomic<uint64_t> bytes_read_{0};
 };
 

@@ -57,6 +57,16 @@ class PageSource {
   virtual std::span<const std::byte> View(FileOffset /*offset*/, uint64_t /*length*/) const {
     return {};
   }
+  // As View, for content that lives only while something holds it (a decompressed chunk): the
+  // bytes stay valid while `keep` is held. Empty bytes when there is no such view. The default
+  // is View() with nothing to hold. ERRORS: those of ReadAt for the same range.
+  struct HeldView {
+    std::span<const std::byte> bytes;
+    std::shared_ptr<const void> keep;
+  };
+  virtual Result<HeldView> HoldView(FileOffset offset, uint64_t length) const {
+    return HeldView{.bytes = View(offset, length)};
+  }
   // A hint that [offset, offset + length) will be read soon (a working set about to be
   // prefetched): the source may start reading it in the background. Nothing where it cannot.
   virtual void WillNeed(FileOffset /*offset*/, uint64_t /*length*/) const {}

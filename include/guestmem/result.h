@@ -39,6 +39,9 @@ enum class ErrorCode {
 };
 
 std::string_view ErrorCodeName(ErrorCode code);
+// Whether trying the same thing again may succeed: a failed read or exhausted resources may pass;
+// corrupt content, a malformed argument or a missing thing stay what they are.
+bool IsRetryable(ErrorCode code);
 
 class Error {
  public:

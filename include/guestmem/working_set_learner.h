@@ -28,7 +28,10 @@ class WorkingSetLearner {
   explicit WorkingSetLearner(const SnapshotCache* cache) : cache_(cache) {}
 
   // What was learned of `snapshot`; null when nothing was yet (or its identity cannot be read).
-  std::shared_ptr<const WorkingSet> LearnedFor(const RawFileSource& snapshot);
+  // `seed`: the working set the snapshot carries (a packed snapshot's), taken as learned when the
+  // snapshot is first seen and nothing is cached for it.
+  std::shared_ptr<const WorkingSet> LearnedFor(const RawFileSource& snapshot,
+                                               std::span<const uint64_t> seed = {});
 
   // Merges one restore of `snapshot` — the pages its faults needed, in first-need order, and how
   // many of the working set it was given its prefetch got through — into what was learned, and
@@ -47,7 +50,7 @@ class WorkingSetLearner {
   };
   // The entry of `snapshot`, loading what the cache holds the first time. Null when its identity
   // cannot be read.
-  Known* Find(const RawFileSource& snapshot);  // REQUIRES(mu_)
+  Known* Find(const RawFileSource& snapshot, std::span<const uint64_t> seed);  // REQUIRES(mu_)
 
   const SnapshotCache* cache_;
   std::mutex mu_;

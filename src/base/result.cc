@@ -6,6 +6,10 @@
 
 namespace guestmem {
 
+bool IsRetryable(ErrorCode code) {
+  return code == ErrorCode::kIoError || code == ErrorCode::kResourceExhausted;
+}
+
 std::string_view ErrorCodeName(ErrorCode code) {
   switch (code) {
     case ErrorCode::kInvalidArgument: return "invalid argument";

@@ -23,11 +23,13 @@ Result<std::unique_ptr<ContentFetcher>> ContentFetcher::Create(
 
 Result<std::span<const std::byte>> ContentFetcher::Fetch(FileOffset offset, uint64_t length) {
   assert(length > 0 && length <= buffer_.size());
+  held_.reset();
   if (use_views_) {
-    std::span<const std::byte> view = source_->View(offset, length);
-    if (!view.empty()) {
+    GM_ASSIGN_OR_RETURN(PageSource::HeldView view, source_->HoldView(offset, length));
+    if (!view.bytes.empty()) {
+      held_ = std::move(view.keep);
       bytes_read_.fetch_add(length, std::memory_order_relaxed);
-      return view;
+      return view.bytes;
     }
   }
   std::span<std::byte> into = buffer_.span().first(length);

@@ -6,7 +6,8 @@
 
 namespace guestmem {
 
-WorkingSetLearner::Known* WorkingSetLearner::Find(const RawFileSource& snapshot) {
+WorkingSetLearner::Known* WorkingSetLearner::Find(const RawFileSource& snapshot,
+                                                  std::span<const uint64_t> seed) {
   const FileIdentity& file = snapshot.identity();
   ++uses_;
   for (Known& k : known_) {
@@ -35,13 +36,19 @@ WorkingSetLearner::Known* WorkingSetLearner::Find(const RawFileSource& snapshot)
       fresh.learned = std::make_shared<const WorkingSet>(std::move(*kept));
     }
   }
+  if (fresh.learned == nullptr && !seed.empty()) {
+    Log(LogLevel::kInfo, "working set of " + snapshot.path() + ": " + std::to_string(seed.size()) +
+                             " pages, as the snapshot carries it");
+    fresh.learned = std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), seed));
+  }
   known_.push_back(std::move(fresh));
   return &known_.back();
 }
 
-std::shared_ptr<const WorkingSet> WorkingSetLearner::LearnedFor(const RawFileSource& snapshot) {
+std::shared_ptr<const WorkingSet> WorkingSetLearner::LearnedFor(const RawFileSource& snapshot,
+                                                                std::span<const uint64_t> seed) {
   std::lock_guard lock(mu_);
-  Known* k = Find(snapshot);
+  Known* k = Find(snapshot, seed);
   return k != nullptr ? k->learned : nullptr;
 }
 
@@ -49,7 +56,7 @@ std::shared_ptr<const WorkingSet> WorkingSetLearner::Learn(const RawFileSource& 
                                                            std::span<const uint64_t> needed,
                                                            size_t prefetched) {
   std::lock_guard lock(mu_);
-  Known* k = Find(snapshot);
+  Known* k = Find(snapshot, {});
   if (k == nullptr) return nullptr;
   const WorkingSet before = k->learned != nullptr ? *k->learned : WorkingSet();
   k->learned = std::make_shared<const WorkingSet>(WorkingSet::Merge(before, needed, prefetched));

@@ -13,52 +13,24 @@
 #include <vector>
 
 #include "base/hex.h"
+#include "base/whole_file.h"
 #include "guestmem/log.h"
 
 namespace guestmem {
 namespace {
 
+// A missing entry is kNotFound, as a missing file is (cache entries are small).
 Result<std::vector<std::byte>> ReadWhole(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Error(ErrorCode::kNotFound, "no entry " + path);
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  const std::string text = buffer.str();
-  const auto* begin = reinterpret_cast<const std::byte*>(text.data());
-  return std::vector<std::byte>(begin, begin + text.size());
+  auto bytes = ReadWholeFile(path, uint64_t{1} << 30);
+  if (!bytes && bytes.error().code() == ErrorCode::kNotFound) {
+    return Error(ErrorCode::kNotFound, "no entry " + path);
+  }
+  return bytes;
 }
 
-enum class Durability { kSynced, kUnsynced };
-
-// Writes `bytes` to `path` whole, or leaves what was there: a temporary file, then a rename.
 Status WriteAtomically(const std::string& path, const std::string& bytes,
                        Durability durability = Durability::kSynced) {
-  const std::string temporary = path + ".tmp." + std::to_string(getpid());
-  const int fd = open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return PosixError(errno, "cache: create " + temporary);
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const int err = errno;
-      close(fd);
-      unlink(temporary.c_str());
-      return PosixError(err, "cache: write " + temporary);
-    }
-    done += static_cast<size_t>(n);
-  }
-  if ((durability == Durability::kSynced && fsync(fd) != 0) || close(fd) != 0) {
-    const int err = errno;
-    unlink(temporary.c_str());
-    return PosixError(err, "cache: sync " + temporary);
-  }
-  if (rename(temporary.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    unlink(temporary.c_str());
-    return PosixError(err, "cache: rename to " + path);
-  }
-  return OkStatus();
+  return WriteFileAtomically(path, std::as_bytes(std::span(bytes)), durability, "cache");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <bit>
 #include <cstring>
 
+#include "base/zero_page.h"
 #include "source/kept_form.h"
 
 namespace guestmem {
@@ -16,16 +17,6 @@ constexpr uint64_t kScanChunk = uint64_t{4} << 20;
 constexpr uint64_t kSamplePages = 64;
 constexpr char kMagic[9] = "GMZEROM1";
 constexpr uint32_t kVersion = 1;
-
-bool AllZero(const std::byte* page) {
-  uint64_t any = 0;
-  for (uint64_t i = 0; i < kPage; i += sizeof(uint64_t)) {
-    uint64_t word;
-    std::memcpy(&word, page + i, sizeof(word));
-    any |= word;
-  }
-  return any == 0;
-}
 
 Error Corrupt(const std::string& what) { return Error(ErrorCode::kDataLoss, "zero map: " + what); }
 
@@ -77,7 +68,7 @@ Result<std::shared_ptr<const ZeroMap>> ZeroMap::Scan(const RawFileSource& source
       GM_RETURN_IF_ERROR(source.ReadAt(FileOffset(p * kPage), std::span(buffer).first(n * kPage)));
       for (uint64_t i = 0; i < n; ++i) {
         const uint64_t bit = uint64_t{1} << ((p + i) % 64);
-        if (AllZero(buffer.data() + i * kPage)) {
+        if (IsZeroPage(buffer.data() + i * kPage)) {
           words[(p + i) / 64] |= bit;
         } else {
           words[(p + i) / 64] &= ~bit;

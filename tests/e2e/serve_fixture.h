@@ -41,8 +41,9 @@ class ServeTest : public ::testing::Test {
   // as prlimit), `extra` after it.
   void StartServer(std::vector<std::string> extra = {}, std::vector<std::string> prefix = {}) {
     std::vector<std::string> argv = prefix;
-    for (const std::string& a : {std::string(GMEM_BINARY), std::string("serve"), socket_,
-                                 snapshot_->path(), std::string("--cache-dir"), dir_ + "/cache"}) {
+    const std::string served = served_path_.empty() ? snapshot_->path() : served_path_;
+    for (const std::string& a : {std::string(GMEM_BINARY), std::string("serve"), socket_, served,
+                                 std::string("--cache-dir"), dir_ + "/cache"}) {
       argv.push_back(a);
     }
     argv.insert(argv.end(), extra.begin(), extra.end());
@@ -79,6 +80,7 @@ class ServeTest : public ::testing::Test {
   const std::string dir_ = temp_.path();
   const std::string socket_ = temp_.File("uffd.sock");
   std::unique_ptr<testutil::SnapshotFile> snapshot_;
+  std::string served_path_;  // what the daemon serves, when not snapshot_ (a packed snapshot)
   std::unique_ptr<Subprocess> server_;
   int servers_started_ = 0;
 };

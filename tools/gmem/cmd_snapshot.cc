@@ -71,6 +71,7 @@ void RegisterSnapshotCommand(CLI::App& app) {
                    "Leave zero pages as sparse holes (default: written as zeros, as Firecracker "
                    "writes them)");
   create->add_flag("--force", args->options.overwrite, "Replace an existing file");
+  RegisterPackedSnapshotCommands(*snapshot);
   create->callback([args] {
     if (args->size_mib == 0 && args->size_bytes == 0) {
       std::fprintf(stderr, "snapshot create: give --size-mib or --size-bytes\n");

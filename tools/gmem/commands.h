@@ -16,6 +16,8 @@ void RegisterCapabilitiesCommand(CLI::App& app);
 void RegisterServeCommand(CLI::App& app);
 void RegisterVmmSimCommand(CLI::App& app);
 void RegisterSnapshotCommand(CLI::App& app);
+// pack, inspect, verify, unpack and diff, under `snapshot` (cmd_snapshot_packed.cc).
+void RegisterPackedSnapshotCommands(CLI::App& snapshot);
 void RegisterDemoCommand(CLI::App& app);
 void RegisterBenchCommand(CLI::App& app);
 void RegisterSoakCommand(CLI::App& app);

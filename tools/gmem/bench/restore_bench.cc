@@ -23,6 +23,7 @@
 #include "guestmem/fault_engine.h"
 #include "guestmem/guest_layout.h"
 #include "guestmem/memory_file.h"
+#include "guestmem/packed_source.h"
 #include "guestmem/userfaultfd.h"
 #include "guestmem/working_set.h"
 #include "guestmem/zero_map.h"
@@ -218,13 +219,17 @@ Result<RestoreRun> RunPerPage(const RestoreSnapshot& snapshot, const sim::Worklo
 }
 
 // Serves `memory` with a guestmem FaultHandler on a FaultEngine while the plan runs.
+// `source`: where content comes from (the snapshot's own source, or its packed form); what the
+// memory is verified against is always the snapshot's raw view.
 Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
-                                 const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
-                                 FaultHandlerOptions handler_options, unsigned workers) {
+                                 const RestoreSnapshot& snapshot,
+                                 std::shared_ptr<const PageSource> source,
+                                 const sim::WorkloadPlan& plan, FaultHandlerOptions handler_options,
+                                 unsigned workers) {
   GM_ASSIGN_OR_RETURN(GuestLayout layout, OneRegionAt(memory, snapshot.size()));
   const bool fault_all = handler_options.fill == FillMode::kAtFirstFault;
   GM_ASSIGN_OR_RETURN(auto handler,
-                      FaultHandler::Create(std::move(uffd), std::move(layout), snapshot.source(),
+                      FaultHandler::Create(std::move(uffd), std::move(layout), std::move(source),
                                            std::move(handler_options)));
   GM_ASSIGN_OR_RETURN(auto engine, FaultEngine::Start({.workers = workers}));
   GM_ASSIGN_OR_RETURN(SpaceId space, engine->AddSpace(std::move(handler)));
@@ -248,22 +253,29 @@ Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
   return run;
 }
 
-Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
-                                    const RestoreOptions& options, bool fault_all) {
+Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot,
+                                    std::shared_ptr<const PageSource> source,
+                                    const sim::WorkloadPlan& plan, const RestoreOptions& options,
+                                    bool fault_all) {
   GM_ASSIGN_OR_RETURN(UffdMemory dest, FreshUffdMemory(snapshot.size()));
   FaultHandlerOptions handler_options;
   handler_options.name = fault_all ? "bench fault-all" : "bench on-demand";
   handler_options.fault_around_bytes = options.fault_around_bytes;
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.fill = fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
-  return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
-                       std::move(handler_options), options.workers);
+  return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, std::move(source),
+                       plan, std::move(handler_options), options.workers);
 }
 
 // The second restore of the snapshot: a first one (untimed, a workload 5% different) is recorded
 // and learned from, then `plan` runs with what was learned prefetched from the start.
+// `packed`: both restores from the packed snapshot, the timed one from a fresh source.
 Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
-                              const RestoreOptions& options) {
+                              const RestoreOptions& options, bool packed) {
+  auto source_for_run = [&]() -> Result<std::shared_ptr<const PageSource>> {
+    if (packed) return snapshot.OpenPacked();
+    return snapshot.source();
+  };
   const sim::WorkloadPlan first =
       PerturbPlan(plan, snapshot.size() / kPageSize4K, kLearnedDifference, /*seed=*/0x5eed);
   auto recorder = std::make_shared<WorkingSetRecorder>();
@@ -274,9 +286,11 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
     handler_options.fault_around_bytes = options.fault_around_bytes;
   handler_options.adaptive_windows = options.adaptive_windows;
     handler_options.recorder = recorder;
+    GM_ASSIGN_OR_RETURN(std::shared_ptr<const PageSource> source, source_for_run());
     GM_ASSIGN_OR_RETURN(RestoreRun learning,
-                        RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, first,
-                                      std::move(handler_options), options.workers));
+                        RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot,
+                                      std::move(source), first, std::move(handler_options),
+                                      options.workers));
     if (learning.mismatches != 0) {
       return Error(ErrorCode::kDataLoss, "bench: the learning restore read wrong bytes");
     }
@@ -289,8 +303,9 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.prefetch =
       std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), recorder->Take()));
-  return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
-                       std::move(handler_options), options.workers);
+  GM_ASSIGN_OR_RETURN(std::shared_ptr<const PageSource> source, source_for_run());
+  return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, std::move(source),
+                       plan, std::move(handler_options), options.workers);
 }
 
 Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
@@ -310,8 +325,8 @@ Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::Work
   handler_options.fault_around_bytes = options.fault_around_bytes;
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.memory_file = file;
-  return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, plan, std::move(handler_options),
-                       options.workers);
+  return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, snapshot.source(), plan,
+                       std::move(handler_options), options.workers);
 }
 
 // The floor: the touched pages installed in bulk, no handler, then the workload without faults.
@@ -396,6 +411,12 @@ std::string_view ContestantName(Contestant contestant) {
       return "fault-all";
     case Contestant::kMinorTrap:
       return "minor-trap";
+    case Contestant::kPacked:
+      return "packed";
+    case Contestant::kPackedShared:
+      return "packed-shared";
+    case Contestant::kPackedLearned:
+      return "packed-learned";
     case Contestant::kFloor:
       return "floor";
   }
@@ -416,6 +437,12 @@ std::string_view ContestantTitle(Contestant contestant) {
       return "guestmem fault-all";
     case Contestant::kMinorTrap:
       return "guestmem minor trap (shmem)";
+    case Contestant::kPacked:
+      return "guestmem on-demand, packed";
+    case Contestant::kPackedShared:
+      return "guestmem packed, shared cache";
+    case Contestant::kPackedLearned:
+      return "guestmem learned, packed";
     case Contestant::kFloor:
       return "floor (bulk install, no faults)";
   }
@@ -428,7 +455,8 @@ Result<Contestant> ParseContestant(std::string_view name) {
   }
   return Error(ErrorCode::kInvalidArgument,
                "unknown contestant \"" + std::string(name) +
-                   "\" (file, per-page, on-demand, learned, fault-all, minor-trap, floor)");
+                   "\" (file, per-page, on-demand, learned, fault-all, minor-trap, packed, "
+                   "packed-shared, packed-learned, floor)");
 }
 
 Result<RestoreSnapshot> RestoreSnapshot::Open(const std::string& path) {
@@ -468,7 +496,39 @@ Status RestoreSnapshot::Evict() const {
   if (const int rc = posix_fadvise(fd_.get(), 0, 0, POSIX_FADV_DONTNEED); rc != 0) {
     return PosixError(rc, "bench: posix_fadvise(DONTNEED) " + path_);
   }
+  if (!packed_path_.empty()) {
+    UniqueFd packed(open(packed_path_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!packed) return PosixError(errno, "bench: open " + packed_path_);
+    if (fdatasync(packed.get()) != 0) return PosixError(errno, "bench: fdatasync " + packed_path_);
+    if (const int rc = posix_fadvise(packed.get(), 0, 0, POSIX_FADV_DONTNEED); rc != 0) {
+      return PosixError(rc, "bench: posix_fadvise(DONTNEED) " + packed_path_);
+    }
+  }
   return OkStatus();
+}
+
+Result<PackSummary> RestoreSnapshot::MakePacked(const std::string& packed_path,
+                                                const PackOptions& options) {
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> raw, RawFileSource::Open(path_));
+  GM_ASSIGN_OR_RETURN(PackSummary summary, PackSnapshot(*raw, packed_path, options));
+  packed_path_ = packed_path;
+  GM_ASSIGN_OR_RETURN(shared_packed_, OpenPacked());
+  // Read once through, as the memory file was: hot for every run that does not evict it.
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> packed, RawFileSource::Open(packed_path));
+  std::vector<std::byte> buffer(uint64_t{4} << 20);
+  for (uint64_t at = 0; at < packed->size(); at += buffer.size()) {
+    const uint64_t n = std::min<uint64_t>(buffer.size(), packed->size() - at);
+    GM_RETURN_IF_ERROR(packed->ReadAt(FileOffset(at), std::span(buffer).first(n)));
+  }
+  return summary;
+}
+
+Result<std::shared_ptr<const PageSource>> RestoreSnapshot::OpenPacked() const {
+  if (packed_path_.empty()) {
+    return Error(ErrorCode::kFailedPrecondition, "bench: no packed snapshot was made");
+  }
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<PackedSource> packed, PackedSource::Open(packed_path_));
+  return std::shared_ptr<const PageSource>(std::move(packed));
 }
 
 Result<ManyVmsRun> RunManyVms(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
@@ -544,18 +604,29 @@ sim::WorkloadPlan PerturbPlan(const sim::WorkloadPlan& plan, uint64_t snapshot_p
 Result<RestoreRun> RunRestore(Contestant contestant, const RestoreSnapshot& snapshot,
                               const sim::WorkloadPlan& plan, const RestoreOptions& options) {
   // The learned contestant's first restore is not timed: it evicts before its timed one.
-  if (options.cold && contestant != Contestant::kLearned) GM_RETURN_IF_ERROR(snapshot.Evict());
+  if (options.cold && contestant != Contestant::kLearned &&
+      contestant != Contestant::kPackedLearned) {
+    GM_RETURN_IF_ERROR(snapshot.Evict());
+  }
   switch (contestant) {
     case Contestant::kFileBackend:
       return RunFileBackend(snapshot, plan);
     case Contestant::kPerPage:
       return RunPerPage(snapshot, plan);
     case Contestant::kOnDemand:
-      return RunCopyingEngine(snapshot, plan, options, false);
+      return RunCopyingEngine(snapshot, snapshot.source(), plan, options, false);
     case Contestant::kLearned:
-      return RunLearned(snapshot, plan, options);
+      return RunLearned(snapshot, plan, options, /*packed=*/false);
     case Contestant::kFaultAll:
-      return RunCopyingEngine(snapshot, plan, options, true);
+      return RunCopyingEngine(snapshot, snapshot.source(), plan, options, true);
+    case Contestant::kPacked: {
+      GM_ASSIGN_OR_RETURN(std::shared_ptr<const PageSource> packed, snapshot.OpenPacked());
+      return RunCopyingEngine(snapshot, std::move(packed), plan, options, false);
+    }
+    case Contestant::kPackedShared:
+      return RunCopyingEngine(snapshot, snapshot.shared_packed(), plan, options, false);
+    case Contestant::kPackedLearned:
+      return RunLearned(snapshot, plan, options, /*packed=*/true);
     case Contestant::kMinorTrap:
       return RunMinorTrap(snapshot, plan, options);
     case Contestant::kFloor:

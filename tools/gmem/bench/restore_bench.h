@@ -13,6 +13,11 @@
 //                 ran a workload that differs from this one in 5% of its pages, and what its
 //                 faults needed was learned (WorkingSet) and is prefetched from the start, as
 //                 gmem serve does;
+//   kPacked       kOnDemand from a packed snapshot of the same memory file (gmem snapshot pack):
+//                 a fresh PackedSource each run, so every chunk is read and decompressed;
+//   kPackedShared kOnDemand from one packed source shared by every run, as a daemon's VMs share
+//                 it: chunks an earlier run decompressed are in its cache;
+//   kPackedLearned kLearned from that packed snapshot (a fresh source for the timed restore);
 //   kFloor        the physical limit of userfaultfd, no handler at all: the pages the workload
 //                 touches, installed in bulk before it runs (runs of data pages with one
 //                 UFFDIO_COPY each, runs of zero pages — by content — with one UFFDIO_ZEROPAGE),
@@ -40,6 +45,7 @@
 #include "guestmem/mapping.h"
 #include "guestmem/page_source.h"
 #include "guestmem/result.h"
+#include "guestmem/snapshot_packer.h"
 #include "guestmem/unique_fd.h"
 #include "sim/workload.h"
 
@@ -52,16 +58,26 @@ enum class Contestant {
   kLearned,
   kFaultAll,
   kMinorTrap,
+  kPacked,
+  kPackedShared,
+  kPackedLearned,
   kFloor
 };
 inline constexpr Contestant kAllContestants[] = {
     Contestant::kFileBackend, Contestant::kPerPage,   Contestant::kOnDemand, Contestant::kLearned,
-    Contestant::kFaultAll,    Contestant::kMinorTrap, Contestant::kFloor};
+    Contestant::kFaultAll,    Contestant::kMinorTrap, Contestant::kPacked,
+    Contestant::kPackedShared, Contestant::kPackedLearned, Contestant::kFloor};
+// Whether a contestant restores from the packed snapshot (RestoreSnapshot::MakePacked first).
+inline bool UsesPacked(Contestant c) {
+  return c == Contestant::kPacked || c == Contestant::kPackedShared ||
+         c == Contestant::kPackedLearned;
+}
 
 // The share of a learned restore's pages that its first restore did not touch (kLearned).
 inline constexpr double kLearnedDifference = 0.05;
 
-// "file", "per-page", "on-demand", "learned", "fault-all", "minor-trap", "floor": what
+// "file", "per-page", "on-demand", "learned", "fault-all", "minor-trap", "packed",
+// "packed-shared", "packed-learned", "floor": what
 // --contestants takes.
 std::string_view ContestantName(Contestant contestant);
 // One line for tables: "File backend (MAP_PRIVATE)".
@@ -75,9 +91,17 @@ class RestoreSnapshot {
   // Opens `path` and reads it once through, so that its page cache is hot for every contestant,
   // noting which pages hold only zeros.
   static Result<RestoreSnapshot> Open(const std::string& path);
-  // Drops the memory file from the page cache (and this view's mappings of it): the next read of
-  // it goes to the disk.
+  // Drops the memory file (and the packed one) from the page cache, and this view's mappings of
+  // it: the next read of it goes to the disk.
   Status Evict() const;
+  // Packs the memory file into `packed_path` for the packed contestants.
+  Result<PackSummary> MakePacked(const std::string& packed_path, const PackOptions& options);
+  // A fresh source of the packed snapshot: nothing decompressed yet.
+  // REQUIRES: MakePacked succeeded.
+  Result<std::shared_ptr<const PageSource>> OpenPacked() const;
+  const std::string& packed_path() const { return packed_path_; }
+  // The packed source every kPackedShared run shares. REQUIRES: MakePacked succeeded.
+  const std::shared_ptr<const PageSource>& shared_packed() const { return shared_packed_; }
   // Whether page `page` (4 KiB) of the file holds only zeros.
   bool zero_page(uint64_t page) const { return zero_pages_[page]; }
 
@@ -101,6 +125,8 @@ class RestoreSnapshot {
   Mapping view_;
   std::shared_ptr<const PageSource> source_;
   std::vector<bool> zero_pages_;
+  std::string packed_path_;
+  std::shared_ptr<const PageSource> shared_packed_;
 };
 
 struct RestoreOptions {

@@ -26,6 +26,7 @@
 #include "guestmem/log.h"
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
+#include "guestmem/snapshot.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/snapshot_cache.h"
 #include "guestmem/unix_socket.h"
@@ -167,9 +168,7 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
                                 "): each start scans the snapshot for its zero pages");
   }
   if (options.learn) impl->learner.emplace(impl->cache ? &*impl->cache : nullptr);
-  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> source,
-                      impl->OpenSnapshot(options.mem_file_path));
-  impl->source = std::move(source);
+  GM_ASSIGN_OR_RETURN(impl->source, impl->OpenSnapshot(options.mem_file_path));
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
   impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
   if (!impl->epoll) return PosixError(errno, "serve: epoll_create1");
@@ -774,7 +773,7 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
     return Error(ErrorCode::kResourceExhausted, "already serving " + std::to_string(active_vms) +
                                                     " VMs, the most allowed (--max-active-vms)");
   }
-  GM_ASSIGN_OR_RETURN(const std::shared_ptr<const RawFileSource> snapshot, CurrentSource());
+  GM_ASSIGN_OR_RETURN(const std::shared_ptr<const Snapshot> snapshot, CurrentSource());
   GM_RETURN_IF_ERROR(ValidateHandshake(handshake.regions, snapshot->size()));
   if (handshake.fds.empty()) {
     return Error(ErrorCode::kProtocolError, "no userfaultfd attached to the handshake");
@@ -839,7 +838,7 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   std::shared_ptr<WorkingSetRecorder> recorder;
   std::shared_ptr<const WorkingSet> learned;
   if (learner && !spec.resume) {
-    learned = learner->LearnedFor(*spec.snapshot);
+    learned = learner->LearnedFor(spec.snapshot->file(), spec.snapshot->packed_working_set());
     recorder = std::make_shared<WorkingSetRecorder>();
     handler_options.recorder = recorder;
   }
@@ -930,7 +929,8 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   }
   const bool minor_trap = handler_options.mode == InstallMode::kMinorTrap;
   GM_ASSIGN_OR_RETURN(auto handler,
-                      FaultHandler::Create(std::move(uffd), std::move(layout), spec.snapshot,
+                      FaultHandler::Create(std::move(uffd), std::move(layout),
+                                           spec.snapshot->source(),
                                            std::move(handler_options)));
   // The connection's record exists before the space does: whenever the space ends, its notice
   // finds the record.
@@ -956,17 +956,9 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   return space;
 }
 
-Result<std::unique_ptr<RawFileSource>> HandlerServer::Impl::OpenSnapshot(const std::string& path) {
-  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> snapshot, RawFileSource::Open(path));
-  auto zero_map = cache ? cache->ZeroMapFor(*snapshot) : ZeroMap::Scan(*snapshot);
-  if (zero_map) {
-    snapshot->SetZeroMap(std::move(*zero_map));
-  } else {
-    // Still correct: zero pages that are not holes are copied as data.
-    Log(LogLevel::kWarning, "zero pages of " + path + " not found (" + zero_map.error().ToString() +
-                                "): only its holes are known zero");
-  }
-  return snapshot;
+Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::OpenSnapshot(
+    const std::string& path) {
+  return Snapshot::Open(path, cache ? &*cache : nullptr);
 }
 
 void HandlerServer::Impl::KeepVm(Connection& c) {
@@ -1007,8 +999,8 @@ void HandlerServer::Impl::KeepVm(Connection& c) {
   }
 }
 
-Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource() {
-  auto changed = source->WhatChanged();
+Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::CurrentSource() {
+  auto changed = source->file().WhatChanged();
   if (!changed) {
     return std::move(changed).error().WithContext("the memory file " + options.mem_file_path +
                                                   " cannot be checked");
@@ -1019,7 +1011,7 @@ Result<std::shared_ptr<const RawFileSource>> HandlerServer::Impl::CurrentSource(
     return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
                                                    ") and cannot be opened again");
   }
-  const bool identity_changed = (*reopened)->identity() != source->identity();
+  const bool identity_changed = (*reopened)->file().identity() != source->file().identity();
   source = std::move(*reopened);
   // A file only written shortly before it was opened is opened again for each new VM until its
   // last write is old enough: logged only when it did change.
@@ -1189,7 +1181,7 @@ void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::strin
   if (c.recorder != nullptr && level == LogLevel::kInfo) {
     // A VM that ended well (not dropped, not failed) is what the next restores will look like.
     const std::vector<uint64_t> needed = c.recorder->Take();
-    if (auto learned = learner->Learn(*c.snapshot, needed, c.recorder->prefetched())) {
+    if (auto learned = learner->Learn(c.snapshot->file(), needed, c.recorder->prefetched())) {
       Log(LogLevel::kDebug, c.name + ": its faults needed " + std::to_string(needed.size()) +
                                 " pages; the working set of " + c.snapshot->path() + " is " +
                                 std::to_string(learned->size()) + " pages after " +

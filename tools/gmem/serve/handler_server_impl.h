@@ -31,6 +31,7 @@
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/result.h"
+#include "guestmem/snapshot.h"
 #include "guestmem/snapshot_cache.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/unix_socket.h"
@@ -123,7 +124,7 @@ struct HandlerServer::Impl {
     // What the VM's faults needed, learned from when it ends well (kServing, kClosing; null
     // when not learning), and the snapshot it restores.
     std::shared_ptr<WorkingSetRecorder> recorder;
-    std::shared_ptr<const RawFileSource> snapshot;
+    std::shared_ptr<const Snapshot> snapshot;
     // Secret hiding: the working set to prefetch once message 2 is in, and whether a background
     // fill follows it then.
     std::shared_ptr<const WorkingSet> deferred_prefetch;
@@ -154,7 +155,7 @@ struct HandlerServer::Impl {
 
   ServeOptions options;
   // The memory file as new VMs see it; VMs being served keep the source they started with.
-  std::shared_ptr<const RawFileSource> source;
+  std::shared_ptr<const Snapshot> source;
   UniqueFd listener;
   UniqueFd epoll;
   UniqueFd stop_fd;    // eventfd: Stop() was called
@@ -210,7 +211,7 @@ struct HandlerServer::Impl {
   struct VmSpec {
     std::string name;
     std::vector<HandshakeRegion> regions;
-    std::shared_ptr<const RawFileSource> snapshot;
+    std::shared_ptr<const Snapshot> snapshot;
     FillMode fill = FillMode::kNone;
     uint64_t fill_bytes_per_second = kDefaultFillBytesPerSecond;
     uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
@@ -265,9 +266,9 @@ struct HandlerServer::Impl {
   void DropForToken(uint64_t token, const std::string& why);
   Status TakeOverFromKeeper();
   Status Resume(KeptVm& kept);
-  Result<std::shared_ptr<const RawFileSource>> CurrentSource();
+  Result<std::shared_ptr<const Snapshot>> CurrentSource();
   // Opens a snapshot with its zero map (kept in the cache, or found by a scan).
-  Result<std::unique_ptr<RawFileSource>> OpenSnapshot(const std::string& path);
+  Result<std::shared_ptr<const Snapshot>> OpenSnapshot(const std::string& path);
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
   void HandleNotices();
