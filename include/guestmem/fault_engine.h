@@ -8,7 +8,11 @@
 // Fairness: a worker serves its spaces in turns (FaultHandler::Serve with the engine's
 // ServeBudget). A space with work left after its turn (faults already read, a fault-all fill in
 // progress) waits behind every other space that is ready, so one VM's burst of faults, its
-// fault-all or a VM that keeps faulting outside its memory never stalls the others.
+// fault-all or a VM that keeps faulting outside its memory never stalls the others. A space with
+// no work left now but work due later, which none of its descriptors will announce (a background
+// fill that has used up its rate: FaultHandler::wake_at), is woken at that time: its worker
+// waits on epoll no longer than the earliest such time and never polls in between, so a
+// rate-limited VM costs no turns while it waits and the others are served as ever.
 //
 // A space ends when its owner removes it (RemoveSpace, e.g. on the VMM's socket hang-up) or by
 // itself when the VM's process has exited or can no longer be served; then `on_closed` (if given)
@@ -69,6 +73,9 @@ class FaultEngine {
   // Starts prefetching `set` into the space (FaultHandler::StartPrefetch).
   // ERRORS: kNotFound if the space is not (or no longer) served.
   Status Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set);
+  // Starts a background fill of the space, after its prefetch (FaultHandler::StartBackgroundFill).
+  // ERRORS: kNotFound if the space is not (or no longer) served.
+  Status StartBackgroundFill(SpaceId id);
   size_t space_count() const;
   unsigned worker_count() const;
 
@@ -76,6 +83,10 @@ class FaultEngine {
   class Worker;
   struct Shared;
   explicit FaultEngine(std::unique_ptr<Shared> shared);
+  // Calls fn(FaultHandler&) for the space's handler, on the caller's thread; kNotFound if no
+  // worker serves the space.
+  template <typename Fn>
+  Status WithHandler(SpaceId id, Fn fn);
   std::unique_ptr<Shared> shared_;
 };
 

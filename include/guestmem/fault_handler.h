@@ -6,8 +6,10 @@
 //                      served, or removed by the balloon, unmapped or poisoned (then a later
 //                      fault gets zeros, never the snapshot's content a second time);
 //   FaultAroundPolicy  the window installed with a faulting page;
-//   FillCursor         fault-all: after the first fault, every pending page is installed in the
-//                      background, a budget per turn, faults first;
+//   FillCursor         a fill (FillMode): every page still pending is installed in the background,
+//                      a budget per turn, faults first: at full speed from the first fault on
+//                      (fault-all), or from the start, after the working set, at a rate
+//                      (TokenBucket), the handler asking to be woken when its budget is back;
 //   WorkingSet         what earlier restores needed, installed the same way from the start, in
 //                      first-need order (before a fill); what this one's faults need is recorded;
 //   PlanWindow         which pages of a window to install, and as data or zeros;
@@ -37,11 +39,11 @@
 // whichever way it went in.
 //
 // Turns. Serve() does a bounded amount of work (a ServeBudget) and says whether work is left, so
-// that one VM's burst of faults or fault-all never stalls the others served by the same thread.
+// that one VM's burst of faults or a fill never stalls the others served by the same thread.
 //
 // Thread safety: Serve/ServeReadyEvents/InstallAll/OwnerAlive/TakeForkedChildren from one thread
-// at a time (the engine gives each handler to one worker); stats(), PostGuestFault and
-// StartPrefetch from any thread.
+// at a time (the engine gives each handler to one worker); stats(), PostGuestFault,
+// StartPrefetch and StartBackgroundFill from any thread.
 #ifndef GUESTMEM_FAULT_HANDLER_H_
 #define GUESTMEM_FAULT_HANDLER_H_
 
@@ -71,6 +73,21 @@ enum class InstallMode {
   kMinorTrap,  // write into the guest memory file, then UFFDIO_CONTINUE (MISSING|MINOR)
 };
 
+// What a handler installs beyond what faults ask for (and the working set it prefetches).
+enum class FillMode {
+  kNone,          // nothing: pages come with faults' windows
+  kAtFirstFault,  // Firecracker's fault_all: the first fault starts installing every page, at
+                  // full speed
+  kBackground,    // from the first turn, once the working set is in: every page not yet served,
+                  // at most fill_bytes_per_second (Cloud Hypervisor's fill when idle)
+};
+
+inline constexpr uint64_t kDefaultFillBytesPerSecond = uint64_t{256} << 20;
+// A background fill out of budget waits until it may install at least this much (or what is
+// left): runs of 16 pages install for less a page than single pages do, and the fill takes
+// fewer turns.
+inline constexpr uint64_t kFillGrainBytes = 64 * 1024;
+
 inline constexpr uint64_t kDefaultFaultAroundBytes = 64 * 1024;
 inline constexpr uint64_t kMinFaultAroundBytes = 4 * 1024;
 inline constexpr uint64_t kMaxFaultAroundBytes = uint64_t{1} << 30;
@@ -87,7 +104,12 @@ struct FaultHandlerOptions {
   // fault_around_bytes block bring the whole block. Off: every fault brings its aligned
   // fault_around_bytes window.
   bool adaptive_windows = true;
-  bool fault_all = false;  // the first fault starts installing everything (in the background)
+  // What is installed beyond faults' windows. Faults always go first: a fill installs at most
+  // a budget per turn (ServeBudget::fill_bytes) and yields to faults read meanwhile.
+  FillMode fill = FillMode::kNone;
+  // kBackground (and StartBackgroundFill): bytes a second the fill installs at most, in bursts of
+  // at most 20 ms of it (but at least one 2 MiB page). REQUIRES: >= 1.
+  uint64_t fill_bytes_per_second = kDefaultFillBytesPerSecond;
   // kMinorTrap: the guest memory file behind the mappings. Region i's content lives at the same
   // offset in this file as in the source (layout.regions()[i].file_offset).
   std::shared_ptr<MemoryFile> memory_file;
@@ -153,12 +175,17 @@ class FaultHandler {
   // VM's process has exited (the handler is finished); another error when the VM can no longer
   // be served (then the owner should drop the handler).
   Result<bool> Serve(const ServeBudget& budget = {});
+  // After a Serve() that returned false: the time at which work becomes due that neither fd()
+  // nor work_fd() will announce (a rate-limited background fill waiting for its budget), when
+  // Serve() should be called again; std::nullopt if there is none.
+  std::optional<std::chrono::steady_clock::time_point> wake_at() const;
 
-  // Turns until no work is left: every pending event served (and, with fault_all once it has
-  // started, the fill finished).
+  // Turns until no work is left: every pending event served (and, with a fill at full speed once
+  // it has started, the fill finished; a background fill goes as far as its rate lets it).
   Status ServeReadyEvents();
 
-  // Installs every page still pending, region by region, in large chunks; returns when done.
+  // Installs every page still pending, region by region, in large chunks, at full speed (a
+  // background fill under way goes on so); returns when done.
   Status InstallAll();
 
   // Whether the VM's process still lives (an adopted uffd says nothing when it exits).
@@ -173,6 +200,10 @@ class FaultHandler {
   // working set only later: a secret-hiding VMM sets every userfault bit after its first message,
   // so bits cleared before that would be set again.
   Status StartPrefetch(std::shared_ptr<const WorkingSet> set);
+  // Starts a background fill (as FillMode::kBackground does from the first turn) in the next
+  // turn, after the prefetch, at options' fill_bytes_per_second. Any thread. For an owner that may
+  // start it only later, as StartPrefetch. A fill already under way goes on as it is.
+  Status StartBackgroundFill();
   // Readable while work waits that the uffd does not announce (posted guest faults, a prefetch
   // that starts with the VM): poll it beside fd().
   int work_fd() const;

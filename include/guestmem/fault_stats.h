@@ -28,8 +28,10 @@ struct FaultStats {
   uint64_t pages_continued = 0;  // UFFDIO_CONTINUE (after writing the content into the file)
   uint64_t pages_zeroed = 0;     // UFFDIO_ZEROPAGE, or a copy of the shared zero page on hugetlb
   uint64_t pages_populated = 0;  // written into the guest memory file for guest faults (KVM maps)
-  uint64_t pages_prefetched =
-      0;                        // of the working set, installed ahead of faults (any of the above)
+  // Of those, installed ahead of faults: of the working set, and by a fill (fault-all or
+  // background).
+  uint64_t pages_prefetched = 0;
+  uint64_t pages_filled = 0;
   uint64_t pages_poisoned = 0;  // UFFDIO_POISON after the source failed
   uint64_t bytes_read = 0;      // from the page source
   uint64_t eagain_retries = 0;  // installs retried after draining events
@@ -39,8 +41,10 @@ struct FaultStats {
   uint64_t latency_max_ns = 0;
   // Time spent installing everything when serving in fault-all mode (0 otherwise).
   uint64_t fault_all_us = 0;
-  // When the first fault was served and when fault-all finished, as steady_clock times in
-  // nanoseconds (0: not yet), to order what happened across VMs.
+  // Turns taken (FaultHandler::Serve calls): what serving the VM cost its worker.
+  uint64_t turns = 0;
+  // When the first fault was served and when a fill (fault-all or background) finished, as
+  // steady_clock times in nanoseconds (0: not yet), to order what happened across VMs.
   uint64_t first_fault_served_ns = 0;
   uint64_t fill_finished_ns = 0;
 

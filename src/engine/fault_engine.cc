@@ -18,6 +18,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "engine/wake_queue.h"
 #include "guestmem/log.h"
 #include "guestmem/unique_fd.h"
 
@@ -89,23 +90,17 @@ class FaultEngine::Worker {
     return OkStatus();
   }
 
-  Status PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
-    // Under the lock: Close takes the handler out of the table under it before destroying it.
+  // Calls `fn` with the handler of a space being served, under the lock: Close takes the
+  // handler out of the table under it before destroying it. For what other threads may ask of a
+  // handler (FaultHandler's thread-safety contract).
+  template <typename Fn>
+  Status WithHandler(SpaceId id, Fn fn) {
     std::lock_guard lock(mu_);
     auto it = spaces_.find(id);
     if (it == spaces_.end()) {
       return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
     }
-    return it->second.handler->PostGuestFault(fault, std::move(done));
-  }
-
-  Status Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set) {
-    std::lock_guard lock(mu_);
-    auto it = spaces_.find(id);
-    if (it == spaces_.end()) {
-      return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
-    }
-    return it->second.handler->StartPrefetch(std::move(set));
+    return fn(*it->second.handler);
   }
 
   bool Has(SpaceId id) const {
@@ -181,13 +176,15 @@ class FaultEngine::Worker {
     }
     epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->fd(), nullptr);
     epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, space.handler->work_fd(), nullptr);
+    wakes_.Disarm(id);
     FaultStats stats = space.handler->stats();
     space.handler.reset();  // frees the uffd, buffers and the source reference now
     if (space.on_closed) space.on_closed(id, why, stats);
     return stats;
   }
 
-  // One turn of a space. Returns whether it has work left for another turn.
+  // One turn of a space. Returns whether it has work left for another turn; a space without
+  // asks for a wake-up if it has work due later (FaultHandler::wake_at).
   bool Turn(SpaceId id, uint32_t events) {
     Space* space = Find(id);
     if (space == nullptr) return false;
@@ -207,6 +204,13 @@ class FaultEngine::Worker {
     if (!more) {
       Close(id, std::move(more).error());
       return false;
+    }
+    // A space with work left is served again soon anyway; one that waits is woken when it said.
+    std::optional<Clock::time_point> wake_at = *more ? std::nullopt : handler.wake_at();
+    if (wake_at) {
+      wakes_.Arm(id, *wake_at);
+    } else {
+      wakes_.Disarm(id);
     }
     return *more;
   }
@@ -266,9 +270,14 @@ class FaultEngine::Worker {
     // Spaces due a turn, in order; a space with work left after its turn goes to the back.
     std::deque<std::pair<SpaceId, uint32_t>> runnable;
     std::unordered_set<SpaceId> queued;
-    const int idle_ms = static_cast<int>(std::max<int64_t>(options_.liveness_interval.count(), 1));
+    std::vector<SpaceId> due;
+    const std::chrono::milliseconds idle =
+        std::max(options_.liveness_interval, std::chrono::milliseconds(1));
     while (!stop_.load()) {
-      const int n = epoll_wait(epoll_.get(), events, 64, runnable.empty() ? idle_ms : 0);
+      // Spaces due a turn: no wait. Else until a descriptor is ready or a space's wake-up.
+      const int timeout =
+          runnable.empty() ? WaitTimeoutMs(wakes_.earliest(), Clock::now(), idle) : 0;
+      const int n = epoll_wait(epoll_.get(), events, 64, timeout);
       if (n < 0 && errno != EINTR) {
         Log(LogLevel::kError, "fault engine worker " + std::to_string(index_) +
                                   ": epoll_wait failed: " + PosixError(errno, "").ToString());
@@ -284,6 +293,11 @@ class FaultEngine::Worker {
         const SpaceId id = events[i].data.u64;  // epoll_event is packed: copy, never bind
         const uint32_t ready = events[i].events;
         if (queued.insert(id).second) runnable.emplace_back(id, ready);
+      }
+      due.clear();
+      wakes_.TakeDue(Clock::now(), &due);
+      for (SpaceId id : due) {
+        if (queued.insert(id).second) runnable.emplace_back(id, 0);
       }
       // One turn for each space due now; those that come back wait for the next round.
       for (size_t turns = runnable.size(); turns > 0; --turns) {
@@ -313,6 +327,7 @@ class FaultEngine::Worker {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   Clock::time_point last_liveness_check_ = Clock::now();  // worker thread only
+  WakeQueue wakes_;  // worker thread only (and the destructor, once the thread is gone)
   mutable std::mutex mu_;
   std::unordered_map<SpaceId, Space> spaces_;            // GUARDED_BY(mu_)
   std::deque<std::shared_ptr<RemoveRequest>> removals_;  // GUARDED_BY(mu_)
@@ -357,18 +372,26 @@ Result<FaultStats> FaultEngine::RemoveSpace(SpaceId id) {
   return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
 }
 
-Status FaultEngine::PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
+template <typename Fn>
+Status FaultEngine::WithHandler(SpaceId id, Fn fn) {
   for (auto& worker : shared_->workers) {
-    if (worker->Has(id)) return worker->PostGuestFault(id, fault, std::move(done));
+    if (worker->Has(id)) return worker->WithHandler(id, std::move(fn));
   }
   return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
 }
 
+Status FaultEngine::PostGuestFault(SpaceId id, const GuestFault& fault, GuestFaultDone done) {
+  return WithHandler(
+      id, [&](FaultHandler& handler) { return handler.PostGuestFault(fault, std::move(done)); });
+}
+
 Status FaultEngine::Prefetch(SpaceId id, std::shared_ptr<const WorkingSet> set) {
-  for (auto& worker : shared_->workers) {
-    if (worker->Has(id)) return worker->Prefetch(id, std::move(set));
-  }
-  return Error(ErrorCode::kNotFound, "space " + std::to_string(id) + " is not served");
+  return WithHandler(id,
+                     [&](FaultHandler& handler) { return handler.StartPrefetch(std::move(set)); });
+}
+
+Status FaultEngine::StartBackgroundFill(SpaceId id) {
+  return WithHandler(id, [](FaultHandler& handler) { return handler.StartBackgroundFill(); });
 }
 
 std::optional<FaultStats> FaultEngine::Stats(SpaceId id) const {

@@ -40,10 +40,10 @@ namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
-using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ChildVmOptions;
 using testutil::ClosedWatch;
+using testutil::FixedWindows;
 using testutil::ForkVm;
 using testutil::MapAnonymousVm;
 using testutil::OpenSource;
@@ -97,14 +97,14 @@ struct BalloonVm {
 
 struct BalloonCase {
   const char* name;
-  bool fault_all;
+  FillMode fill;
   bool minor_trap;
 };
 
 class BalloonRaceTest : public ::testing::TestWithParam<BalloonCase> {};
 
 // Two threads share each 64 KiB window: one balloons pages 0-7 and reads them, the other
-// balloons pages 8-15 and reads page 15, whose fault-around (or fault-all) covers pages 0-7.
+// balloons pages 8-15 and reads page 15, whose fault-around (or fill) covers pages 0-7.
 // Whatever the interleaving of REMOVE events, installs and the kernel's zaps, a removed page reads
 // zero until written: the snapshot's content never comes back.
 
@@ -114,7 +114,7 @@ TEST_P(BalloonRaceTest, RemovedPagesNeverReadSnapshotBytes) {
   constexpr int kRounds = 400;
   SnapshotFile snapshot(kWindows * kWindowPages);  // every page is data
   FaultHandlerOptions options;
-  options.fault_all = GetParam().fault_all;
+  options.fill = GetParam().fill;
   auto engine = StartEngine(2);
   BalloonVm b;
   if (GetParam().minor_trap) {
@@ -189,12 +189,15 @@ TEST_P(BalloonRaceTest, RemovedPagesNeverReadSnapshotBytes) {
   EXPECT_EQ(checks.load(), kRounds * kWindows * 9);
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, BalloonRaceTest,
-                         ::testing::Values(BalloonCase{"copy", false, false},
-                                           BalloonCase{"copy_fault_all", true, false},
-                                           BalloonCase{"minor_trap", false, true},
-                                           BalloonCase{"minor_trap_fault_all", true, true}),
-                         [](const auto& param) { return std::string(param.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    Modes, BalloonRaceTest,
+    ::testing::Values(BalloonCase{"copy", FillMode::kNone, false},
+                      BalloonCase{"copy_fault_all", FillMode::kAtFirstFault, false},
+                      BalloonCase{"copy_background_fill", FillMode::kBackground, false},
+                      BalloonCase{"minor_trap", FillMode::kNone, true},
+                      BalloonCase{"minor_trap_fault_all", FillMode::kAtFirstFault, true},
+                      BalloonCase{"minor_trap_background_fill", FillMode::kBackground, true}),
+    [](const auto& param) { return std::string(param.param.name); });
 
 // The rule that keeps the balloon race above safe, shown deterministically: a page whose
 // snapshot content was served, then dropped by the kernel with no REMOVE event to say so (here a
@@ -639,8 +642,9 @@ TEST_F(SecretHidingFaultsTest, AWorkingSetGivenLateIsPutInTheFileWithItsBitsClea
   MakeHandler({});
   if (IsSkipped() || HasFatalFailure()) return;
   const std::vector<uint64_t> learned = {10, 11, 12, 300, 301};
-  ASSERT_TRUE(handler_->StartPrefetch(std::make_shared<const WorkingSet>(
-                                          WorkingSet::Merge(WorkingSet(), learned)))
+  ASSERT_TRUE(handler_
+                  ->StartPrefetch(
+                      std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), learned)))
                   .has_value());
   std::vector<uint64_t> served;
   Status posted = handler_->PostGuestFault(
@@ -727,7 +731,7 @@ TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNe
     TestVm vm = MapAnonymousVm({snapshot.size()});
     auto engine = StartEngine(1);
     FaultHandlerOptions options;
-    options.adaptive_windows = false;  // one page per fault: what was touched is recorded
+    options.adaptive_windows = false;          // one page per fault: what was touched is recorded
     options.fault_around_bytes = kPageSize4K;  // what is recorded is exactly what was touched
     options.recorder = recorder;
     SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
@@ -761,7 +765,7 @@ TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNe
 // alike, and clears each page's bit once its content is in: after the fill no vCPU would exit for
 // any page. A vCPU's fault starts the fill as a uffd fault does.
 TEST_F(SecretHidingFaultsTest, FaultAllStartedByAVcpuFaultClearsEveryBitAfterItsContent) {
-  StartServing({.fault_all = true});
+  StartServing({.fill = FillMode::kAtFirstFault});
   if (IsSkipped() || HasFatalFailure()) return;
   std::atomic<bool> served{false};
   Status posted = engine_->PostGuestFault(
@@ -785,6 +789,20 @@ TEST_F(SecretHidingFaultsTest, FaultAllStartedByAVcpuFaultClearsEveryBitAfterIts
     EXPECT_EQ(snapshot_.CheckPage(p, host + p * kPageSize4K), "") << p;
   }
   EXPECT_EQ(engine_->Stats(id_).value_or(FaultStats{}).faults_missing, 0u);
+}
+
+// A background fill of a secret-hiding VM puts every page into the guest memory file, with no
+// fault at all, and clears each page's bit once its content is in.
+TEST_F(SecretHidingFaultsTest, BackgroundFillPutsEveryPageInTheFileAndClearsItsBit) {
+  StartServing({.fill = FillMode::kBackground});
+  if (IsSkipped() || HasFatalFailure()) return;
+  const FaultStats stats =
+      StatsWhen(*engine_, id_, [](const FaultStats& s) { return s.fill_finished_ns > 0; });
+  ASSERT_GT(stats.fill_finished_ns, 0u) << "the fill never finished";
+  EXPECT_EQ(stats.pages_filled, kPages);
+  EXPECT_EQ(stats.faults() + stats.faults_guest, 0u);
+  EXPECT_EQ(bits_->CountSet(0, kPages), 0u);
+  for (uint64_t p = 0; p < kPages; ++p) EXPECT_EQ(CheckFilePage(p), "") << p;
 }
 
 // --- VMs that misbehave -----------------------------------------------------------------------
@@ -876,7 +894,7 @@ TEST(FaultHandlerEventsTest, AFaultAllTurnIsBoundedByItsBudget) {
   auto small_queue = Userfaultfd::Adopt(UniqueFd(dup(small.uffd.fd())));
   ASSERT_TRUE(big_queue.has_value() && small_queue.has_value());
   FaultHandlerOptions fault_all;
-  fault_all.fault_all = true;
+  fault_all.fill = FillMode::kAtFirstFault;
   auto big_handler = testutil::MakeHandler(big, OpenSource(big_snapshot), fault_all);
   auto small_handler = testutil::MakeHandler(small, OpenSource(small_snapshot));
   auto queued = [](const Userfaultfd& u) {
@@ -926,7 +944,7 @@ TEST(FaultHandlerEventsTest, FaultAllDoesNotStallAnotherVmOnTheSameWorker) {
   TestVm big = MapAnonymousVm({big_snapshot.size()});
   TestVm small = MapAnonymousVm({small_snapshot.size()});
   FaultHandlerOptions fault_all;
-  fault_all.fault_all = true;
+  fault_all.fill = FillMode::kAtFirstFault;
   FaultEngineOptions options{.workers = 1};
   options.budget.fill_bytes = 2 * kPageSize4K;
   auto engine = StartEngine(options);
@@ -948,6 +966,44 @@ TEST(FaultHandlerEventsTest, FaultAllDoesNotStallAnotherVmOnTheSameWorker) {
       << "the small VM waited for the whole fault-all of the big one";
   EXPECT_EQ(big_stats.pages_installed(), big_pages);
   EXPECT_EQ(big_stats.faults_missing, 1u);
+}
+
+// A background fill out of budget waits to be woken: its worker does not spin on it (its turns
+// are bounded by the grains of budget the fill needs, whatever the time it takes), and a VM on
+// the same worker is served meanwhile, long before the fill is done.
+TEST(FaultHandlerEventsTest, ARateLimitedFillNeitherSpinsNorStallsAnotherVm) {
+  SnapshotFile big_snapshot(4096, [](uint64_t p) { return p % 64 == 0; });  // 16 MiB
+  SnapshotFile small_snapshot(64);
+  TestVm big = MapAnonymousVm({big_snapshot.size()});
+  TestVm small = MapAnonymousVm({small_snapshot.size()});
+  FaultHandlerOptions background;
+  background.fill = FillMode::kBackground;
+  // 16 MiB at 8 MiB/s: 2 s at the least, however fast the machine.
+  background.fill_bytes_per_second = uint64_t{8} << 20;
+  auto engine = StartEngine(1);
+  SpaceId big_id = Serve(*engine, big, OpenSource(big_snapshot), background);
+  SpaceId small_id = Serve(*engine, small, OpenSource(small_snapshot));
+  ASSERT_TRUE(
+      WaitUntil([&] { return engine->Stats(big_id).value_or(FaultStats{}).pages_filled > 0; }));
+  // The small VM's pages, one fault at a time, while the big one fills.
+  for (uint64_t p = 0; p < small_snapshot.pages(); p += 2) {
+    ASSERT_EQ(small_snapshot.CheckPage(p, small.PageAt(p)), "");
+  }
+  const FaultStats small_stats = *engine->Stats(small_id);
+  EXPECT_GT(small_stats.faults(), 0u);
+  EXPECT_EQ(engine->Stats(big_id)->fill_finished_ns, 0u)
+      << "the small VM's faults waited for the whole fill of the big one";
+  const FaultStats big_stats =
+      StatsWhen(*engine, big_id, [](const FaultStats& s) { return s.fill_finished_ns > 0; });
+  ASSERT_GT(big_stats.fill_finished_ns, 0u) << "the fill never finished";
+  EXPECT_EQ(big_stats.pages_filled, big_snapshot.pages());
+  EXPECT_EQ(big_stats.faults(), 0u);
+  // A turn to start, one per grain of budget (each wake comes once a grain is there), and the
+  // turns the burst at the start saves: a worker that polled would take thousands.
+  const uint64_t grain_pages = kFillGrainBytes / kPageSize4K;
+  EXPECT_LE(big_stats.turns, big_snapshot.pages() / grain_pages + 8)
+      << "the worker spun on a fill that was out of budget";
+  EXPECT_EQ(VerifyAll(big, big_snapshot), 0);
 }
 
 }  // namespace

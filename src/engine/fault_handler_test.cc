@@ -24,6 +24,7 @@
 #include "guestmem/page_source.h"
 #include "guestmem/unique_fd.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set.h"
 #include "testutil/error_code.h"
 #include "testutil/huge_pages.h"
 #include "testutil/snapshot_file.h"
@@ -32,9 +33,9 @@
 namespace guestmem {
 namespace {
 
-using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ClosedWatch;
+using testutil::FixedWindows;
 using testutil::ForkVm;
 using testutil::MapAnonymousVm;
 using testutil::OpenSource;
@@ -199,7 +200,7 @@ TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
   TestVm vm = MapAnonymousVm({1000 * kPageSize4K, 2000 * kPageSize4K});
   auto engine = StartEngine(1);
   FaultHandlerOptions options;
-  options.fault_all = true;
+  options.fill = FillMode::kAtFirstFault;
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
   EXPECT_EQ(snapshot.CheckPage(1500, vm.PageAt(1500)), "");
   const FaultStats stats =
@@ -209,6 +210,140 @@ TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
   EXPECT_EQ(stats.pages_zeroed, 300u);
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   EXPECT_EQ(engine->Stats(id)->faults_missing, 1u);  // everything was already there
+}
+
+// Serves `handler` by hand, as its worker would, until its fill is done: a turn whenever work is
+// left, else at the time it asked to be woken (never earlier: a turn before it would be a spin).
+// Returns the turns taken, or -1 if the handler failed or stopped asking with its fill unfinished.
+int ServeUntilFilled(FaultHandler& handler) {
+  int turns = 0;
+  while (handler.stats().fill_finished_ns == 0) {
+    auto more = handler.Serve();
+    ++turns;
+    if (!more) {
+      ADD_FAILURE() << more.error().ToString();
+      return -1;
+    }
+    if (*more) continue;
+    const auto wake_at = handler.wake_at();
+    if (!wake_at) return handler.stats().fill_finished_ns > 0 ? turns : -1;
+    std::this_thread::sleep_until(*wake_at);  // the time it named, not a guess
+  }
+  return turns;
+}
+
+// A background fill installs every page not yet served, byte for byte the snapshot's, at its
+// rate: a burst first, then a turn whenever a grain of its budget is back, asking to be woken in
+// between. A fault arriving while it is out of budget is served at once, and the fill does not
+// install that page again.
+TEST(FaultHandlerTest, BackgroundFillInstallsEveryPageWhileFaultsAreServed) {
+  SnapshotFile snapshot(2048, [](uint64_t p) { return p % 10 == 0; });  // 8 MiB, some holes
+  TestVm vm = MapAnonymousVm({768 * kPageSize4K, 1280 * kPageSize4K});
+  auto queue = Userfaultfd::Adopt(UniqueFd(dup(vm.uffd.fd())));
+  ASSERT_TRUE(queue.has_value());
+  FaultHandlerOptions options;
+  options.fill = FillMode::kBackground;
+  options.fill_bytes_per_second = uint64_t{32} << 20;  // a burst of 2 MiB, then 64 KiB in 2 ms
+  auto handler = testutil::MakeHandler(vm, OpenSource(snapshot), options);
+  ASSERT_NE(handler, nullptr);
+  // The first turn: the fill starts (there is no working set) with its burst, then waits.
+  auto more = handler->Serve(ServeBudget{.fill_bytes = uint64_t{4} << 20});
+  ASSERT_TRUE(more.has_value()) << more.error().ToString();
+  ASSERT_FALSE(*more);
+  ASSERT_TRUE(handler->wake_at().has_value()) << "out of budget, it must say when to come back";
+  const FaultStats first = handler->stats();
+  EXPECT_GE(first.pages_filled, kHugePageSize2M / kPageSize4K);
+  EXPECT_LT(first.pages_filled, snapshot.pages() / 2);
+  EXPECT_EQ(first.fill_finished_ns, 0u);
+  // A fault near the end, which the fill has not reached: served in the next turn, budget or not.
+  const uint64_t last = snapshot.pages() - 1;
+  std::string fault_error = "not read";
+  std::thread reader([&] { fault_error = snapshot.CheckPage(last, vm.PageAt(last)); });
+  ASSERT_TRUE(
+      WaitUntil([&] { return queue->Inspect().value_or(UffdFdInfo{}).pending_faults > 0; }));
+  more = handler->Serve();
+  ASSERT_TRUE(more.has_value()) << more.error().ToString();
+  reader.join();
+  EXPECT_EQ(fault_error, "");
+  EXPECT_EQ(handler->stats().faults(), 1u);
+  // The rest at its rate: a turn per grain of budget at most, however fast this machine is.
+  const int turns = ServeUntilFilled(*handler);
+  ASSERT_GT(turns, 0) << "the fill stopped before every page was in";
+  const uint64_t grain_pages = kFillGrainBytes / kPageSize4K;
+  EXPECT_LE(static_cast<uint64_t>(turns), snapshot.pages() / grain_pages + 8);
+  const FaultStats stats = handler->stats();
+  EXPECT_EQ(stats.pages_installed(), snapshot.pages()) << "a page installed twice, or missed";
+  EXPECT_EQ(stats.pages_filled, snapshot.pages() - 1) << "the faulted page was not the fill's";
+  EXPECT_EQ(stats.pages_zeroed, snapshot.pages() / 10 + 1);
+  EXPECT_EQ(stats.fault_all_us, 0u) << "a background fill is not fault-all";
+  // Every page is there, the snapshot's byte for byte, with no fault to bring it.
+  for (uint64_t p = 0; p < snapshot.pages(); ++p) {
+    ASSERT_EQ(snapshot.CheckPage(p, vm.PageAt(p)), "") << "page " << p;
+  }
+  more = handler->Serve();
+  ASSERT_TRUE(more.has_value());
+  EXPECT_FALSE(*more);
+  EXPECT_FALSE(handler->wake_at().has_value()) << "nothing is left to wake for";
+  EXPECT_EQ(handler->stats().faults(), 1u);
+}
+
+// The fill follows the working set: while the prefetch has pages left, nothing is filled; then
+// the fill installs everything else, and nothing twice.
+TEST(FaultHandlerTest, BackgroundFillStartsOnceTheWorkingSetIsIn) {
+  SnapshotFile snapshot(512);
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  std::vector<uint64_t> needed;
+  for (uint64_t p = 500; p > 480; --p) needed.push_back(p);  // 20 pages, from the end
+  FaultHandlerOptions options;
+  options.fill = FillMode::kBackground;
+  options.fill_bytes_per_second = UINT64_MAX / 2;  // the order is what is tested, not the rate
+  options.prefetch = std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), needed));
+  auto handler = testutil::MakeHandler(vm, OpenSource(snapshot), options);
+  ASSERT_NE(handler, nullptr);
+  const ServeBudget eight_pages{.fill_bytes = 8 * kPageSize4K};
+  for (int turn = 0; turn < 2; ++turn) {
+    auto more = handler->Serve(eight_pages);
+    ASSERT_TRUE(more.has_value()) << more.error().ToString();
+    EXPECT_TRUE(*more);
+    EXPECT_EQ(handler->stats().pages_prefetched, 8u * (turn + 1));
+    EXPECT_EQ(handler->stats().pages_filled, 0u) << "filled before the working set was in";
+  }
+  ASSERT_GT(ServeUntilFilled(*handler), 0);
+  const FaultStats stats = handler->stats();
+  EXPECT_EQ(stats.pages_prefetched, needed.size());
+  EXPECT_EQ(stats.pages_filled, snapshot.pages() - needed.size());
+  EXPECT_EQ(stats.pages_installed(), snapshot.pages());
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+  EXPECT_EQ(stats.faults(), 0u);
+}
+
+// A background fill that its owner starts later (a secret-hiding VM, after its message 2):
+// nothing is filled before.
+TEST(FaultHandlerTest, ABackgroundFillStartedLaterWaitsUntilAsked) {
+  SnapshotFile snapshot(256);
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  auto handler = testutil::MakeHandler(vm, OpenSource(snapshot));
+  ASSERT_NE(handler, nullptr);
+  auto more = handler->Serve();
+  ASSERT_TRUE(more.has_value());
+  EXPECT_FALSE(*more);
+  EXPECT_FALSE(handler->wake_at().has_value());
+  EXPECT_EQ(handler->stats().pages_installed(), 0u);
+  ASSERT_TRUE(handler->StartBackgroundFill().has_value());
+  ASSERT_GT(ServeUntilFilled(*handler), 0);
+  EXPECT_EQ(handler->stats().pages_filled, snapshot.pages());
+  EXPECT_EQ(VerifyAll(vm, snapshot), 0);
+}
+
+TEST(FaultHandlerTest, AFillRateOfZeroIsRefused) {
+  SnapshotFile snapshot(16);
+  TestVm vm = MapAnonymousVm({snapshot.size()});
+  FaultHandlerOptions options;
+  options.fill = FillMode::kBackground;
+  options.fill_bytes_per_second = 0;
+  auto handler = FaultHandler::Create(std::move(vm.uffd), vm.layout, OpenSource(snapshot), options);
+  ASSERT_FALSE(handler.has_value());
+  EXPECT_EQ(handler.error().code(), ErrorCode::kInvalidArgument);
 }
 
 TEST(FaultHandlerTest, MinorTrapWritesTheFileThenContinues) {
@@ -450,7 +585,7 @@ TEST(FaultHandlerTest, FaultAllInstallsZeroRunsOfSeveralHugePages) {
   TestVm vm = MapAnonymousVm({4 * kHugePageSize2M}, kHugePageSize2M);
   auto engine = StartEngine(1);
   FaultHandlerOptions options;
-  options.fault_all = true;
+  options.fill = FillMode::kAtFirstFault;
   SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);
   EXPECT_EQ(snapshot.CheckPage(3 * per_huge, vm.PageAt(3 * per_huge)), "");
   const FaultStats stats =
@@ -499,7 +634,7 @@ TEST_P(MinorTrapHugetlbTest, EveryByteIsTheSnapshots) {
   FaultHandlerOptions options;
   options.mode = InstallMode::kMinorTrap;
   options.memory_file = *file;
-  options.fault_all = fault_all;
+  options.fill = fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
   auto handler =
       FaultHandler::Create(std::move(*uffd), std::move(*layout), OpenSource(snapshot), options);
   ASSERT_TRUE(handler.has_value()) << handler.error().ToString();

@@ -41,7 +41,8 @@ void ExpectRefusedAtStart(const std::string& dir, const std::string& socket,
 
 // Regression: --socket-mode abc aborted (std::stoul threw), 0668 gave 0066, a uid of 2^32
 // wrapped to 0 (root), fault-around sizes the handler refuses and a zero handshake timeout
-// started a daemon that then rejected every VM.
+// started a daemon that then rejected every VM. Fill rates out of range, and a background fill
+// with fault-all (which fills everything already), are refused as well.
 TEST_F(ServeCliTest, BadOptionsFailAtStartWithAClearMessage) {
   const std::string mem = snapshot_->path();
   struct Case {
@@ -71,6 +72,13 @@ TEST_F(ServeCliTest, BadOptionsFailAtStartWithAClearMessage) {
       {{"--chunk-cache-mib", "0"}, "--chunk-cache-mib"},
       {{"--chunk-cache-mib", "99999999999999999999"}, "--chunk-cache-mib"},
       {{"--chunk-cache-mib", "1G"}, "--chunk-cache-mib"},
+      {{"--fill", "everything"}, "--fill"},
+      {{"--fill", "background", "--mode", "fault-all"}, "--mode fault-all"},
+      {{"--fill-rate-mib", "0"}, "--fill-rate-mib"},
+      {{"--fill-rate-mib", "1048577"}, "--fill-rate-mib"},
+      {{"--fill-rate-mib", "-1"}, "--fill-rate-mib"},
+      {{"--fill-rate-mib", "64M"}, "--fill-rate-mib"},
+      {{"--fill-rate-mib", "99999999999999999999999"}, "--fill-rate-mib"},
   };
   for (const Case& c : cases) ExpectRefusedAtStart(dir_, socket_, mem, c.args, c.fragment);
 }

@@ -55,6 +55,38 @@ TEST_F(ServeE2eTest, FaultAllRestoreLogsFirecrackersLine) {
   EXPECT_TRUE(server_->WaitForOutput("Finished Faulting All: ", 120s)) << server_->Output();
 }
 
+// --fill background: the daemon installs the whole guest memory by itself, at its rate, and logs
+// when it is done; the guest, let go only then, reads every page the snapshot's without a fault.
+TEST_F(ServeE2eTest, BackgroundFillInstallsEveryPageBeforeTheGuestAsks) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "64"});
+  EXPECT_NE(server_->Output().find("background fill at 64 MiB/s"), std::string::npos)
+      << server_->Output();
+  const std::string go = dir_ + "/go";
+  auto vm = StartVm("filled", {"--workload", "sequential", "--verify", "--start-when", go});
+  const std::string done = server_->WaitForLine({"vm 1 (", ": fill done: "}, 120s);
+  ASSERT_NE(done, "") << server_->Output();
+  EXPECT_NE(done.find(" " + std::to_string(snapshot_->pages()) + " pages in "), std::string::npos)
+      << done;
+  std::ofstream(go).put('x');
+  EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
+  EXPECT_TRUE(vm->WaitForOutput("verify: " + std::to_string(snapshot_->pages()) + " page read(s)"))
+      << vm->Output();
+  EXPECT_TRUE(vm->WaitForOutput("every byte matches")) << vm->Output();
+  const std::string end = WaitForVmEnd("vm 1 (");
+  EXPECT_NE(end.find("faults=0 "), std::string::npos) << "the fill left pages to fault: " << end;
+}
+
+// A guest that runs while its memory is being filled is served first: each byte verifies, the
+// fill installs only what the guest's faults did not, and still ends.
+TEST_F(ServeE2eTest, BackgroundFillYieldsToAGuestThatRunsMeanwhile) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "16"});
+  auto vm = StartVm("busy",
+                    {"--workload", "random", "--threads", "2", "--verify", "--hold-ms", "600000"});
+  EXPECT_TRUE(vm->WaitForOutput("every byte matches", 120s)) << vm->Output();
+  const std::string done = server_->WaitForLine({"vm 1 (", ": fill done: "}, 120s);
+  ASSERT_NE(done, "") << server_->Output();
+}
+
 TEST_F(ServeE2eTest, SeveralRegionsWithGaps) {
   StartServer();
   ExpectVmVerifies({"--regions", "3", "--workload", "random", "--threads", "2", "--verify"});
@@ -171,6 +203,25 @@ TEST_F(ServeE2eTest, SigtermLeavesConnectedVmsToTheNextDaemon) {
   std::ofstream(go).put('x');
   EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
   ExpectVmVerifies({"--workload", "sparse", "--verify"}, "new");  // and new VMs as before
+}
+
+// A VM taken over in the middle of its background fill is filled on by the successor, at the
+// successor's rate, from where its predecessor got to: every page verifies without a fault.
+TEST_F(ServeE2eTest, ABackgroundFillGoesOnAfterATakeOver) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "1"});  // 32 MiB: half a minute
+  const std::string go = dir_ + "/go";
+  auto vm = StartVm("held", {"--workload", "sequential", "--verify", "--start-when", go});
+  ASSERT_TRUE(server_->WaitForOutput("connected: ")) << server_->Output();
+  server_->Signal(SIGKILL);
+  EXPECT_EQ(server_->ExitCode(20s), -SIGKILL);
+  EXPECT_EQ(server_->FindLine({"fill done: "}), "") << server_->Output();
+  StartServer({"--fill", "background", "--fill-rate-mib", "1024"});
+  ASSERT_NE(server_->WaitForLine({"[taken over]", ": fill done: "}, 120s), "") << server_->Output();
+  std::ofstream(go).put('x');
+  EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
+  EXPECT_TRUE(vm->WaitForOutput("every byte matches")) << vm->Output();
+  const std::string end = server_->WaitForAnyLine({{"[taken over]", " disconnected "}}, 20s);
+  EXPECT_NE(end.find("faults=0 "), std::string::npos) << end << "\n" << server_->Output();
 }
 
 // Killed mid-restore (SIGKILL: nothing runs after it), the daemon's VMs are taken over by the

@@ -29,6 +29,7 @@
 #include "sim/guest_vm.h"
 #include "testutil/snapshot_file.h"
 #include "testutil/subprocess.h"
+#include "testutil/test_vm.h"
 
 namespace guestmem::e2e {
 namespace {
@@ -246,6 +247,57 @@ TEST_F(ServeSecretHidingTest, TheSecondRestoreOfASnapshotNeedsFewVcpuFaults) {
       << "first restore " << first_faults << " vCPU faults, second " << second_faults;
 }
 
+// --fill background with secret hiding: the fill waits for message 2 (Firecracker sets every bit
+// after message 1), follows the working set learned from the first restore, and puts every page
+// into the guest memory file with its bit cleared: the guest, let go after it, takes no vCPU
+// fault at all.
+TEST_F(ServeSecretHidingTest, BackgroundFillFollowsTheWorkingSetAndLeavesNoVcpuFault) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "256"});
+  const std::vector<std::string> workload = {"--threads", "2",      "--workload",
+                                             "sparse",    "--seed", "3"};
+  // The first restore teaches its working set (it ends before its fill can).
+  RunVm("first", workload);
+  VmEnd(1);
+  const std::string go = dir_ + "/go";
+  std::vector<std::string> args = {"--secret-hiding", "--verify",  "--json",
+                                   "--start-when",    go,          "--workload",
+                                   "sequential",      "--threads", "2"};
+  auto second = StartVm("second", args);
+  ASSERT_NE(server_->WaitForLine({"vm 2 (", ": fill done: "}, 120s), "") << server_->Output();
+  const std::string output = server_->Output();
+  const size_t working_set = output.find("vm 2 (");
+  EXPECT_LT(output.find("working set in: ", working_set), output.find(": fill done: ", working_set))
+      << "the fill did not follow the working set:\n"
+      << output;
+  std::ofstream(go).put('x');
+  ASSERT_EQ(second->ExitCode(120s), 0) << second->Output() << "\nserve log:\n" << server_->Output();
+  const nlohmann::json report = VmReport(*second);
+  EXPECT_EQ(report["mismatches"], 0) << report.dump();
+  EXPECT_EQ(report["bits_left_set"], 0) << report.dump();
+  EXPECT_EQ(report["vcpu_faults"].value("sync", int64_t{-1}), 0) << report.dump();
+  EXPECT_EQ(report["vcpu_faults"]["violations"], 0) << report.dump();
+}
+
+// A secret-hiding VM taken over after its message 2 has its background fill started by the
+// successor at once (the message will not come again): it ends, and the guest takes no vCPU fault.
+TEST_F(ServeSecretHidingTest, ABackgroundFillStartsAtOnceForAVmTakenOverAfterMessage2) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "1"});  // 32 MiB: half a minute
+  const std::string go = dir_ + "/go";
+  auto vm = StartVm("held", {"--secret-hiding", "--verify", "--json", "--start-when", go,
+                             "--workload", "sequential", "--threads", "2"});
+  ASSERT_NE(server_->WaitForLine({"vm 1 (", "message 2: "}, 60s), "") << server_->Output();
+  server_->Signal(SIGKILL);
+  EXPECT_EQ(server_->ExitCode(20s), -SIGKILL);
+  StartServer({"--fill", "background", "--fill-rate-mib", "1024"});
+  ASSERT_NE(server_->WaitForLine({"[taken over]", ": fill done: "}, 120s), "") << server_->Output();
+  std::ofstream(go).put('x');
+  ASSERT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
+  const nlohmann::json report = VmReport(*vm);
+  EXPECT_EQ(report["mismatches"], 0) << report.dump();
+  EXPECT_EQ(report["bits_left_set"], 0) << report.dump();
+  EXPECT_EQ(report["vcpu_faults"].value("sync", int64_t{-1}), 0) << report.dump();
+}
+
 // --no-learn: nothing is learned; the second restore faults as the first did.
 TEST_F(ServeSecretHidingTest, WithoutWorkingSetsNothingIsPopulatedAhead) {
   StartServer({"--no-learn"});
@@ -398,6 +450,35 @@ TEST_F(ServeSecretHidingTest, FaultAllFillsTheFileAndClearsEveryBit) {
   std::optional<FaultReply> reply = vmm.FaultIn(1, 100 * kPageSize4K);
   ASSERT_TRUE(reply.has_value());
   EXPECT_EQ(reply->vcpu, 1u);
+}
+
+// The background fill of a secret-hiding VM starts at its message 2, not at its handshake:
+// Firecracker sets every bit after message 1, so the bits of pages filled before it would stay
+// set although their content is in. Here the fill's first burst (2 MiB, then 1 MiB/s) comes after
+// the bits are set, and clears them.
+TEST_F(ServeSecretHidingTest, ABackgroundFillStartsAtMessage2) {
+  StartServer({"--fill", "background", "--fill-rate-mib", "1"});
+  HandMadeVmm vmm(snapshot_->size());
+  if (!vmm.skip_reason().empty()) GTEST_SKIP() << vmm.skip_reason();
+  ASSERT_TRUE(vmm.vm().Connect(socket_).has_value());
+  // Served from here on: a fill that did not wait would have its burst in by now.
+  ASSERT_NE(server_->WaitForLine({"vm 1 (", " connected: "}, 60s), "") << server_->Output();
+  vmm.vm().FillUserfaultBitmap();
+  ASSERT_TRUE(vmm.vm().SendApfControl({}).has_value());
+  constexpr uint64_t kBurstPages = kHugePageSize2M / kPageSize4K;
+  auto bits_set = [&] {
+    uint64_t set = 0;
+    for (uint64_t p = 0; p < kBurstPages; ++p) {
+      set += vmm.vm().UserfaultBitSet(p * kPageSize4K) ? 1 : 0;
+    }
+    return set;
+  };
+  EXPECT_TRUE(testutil::WaitUntil([&] { return bits_set() == 0; }, 60s))
+      << bits_set() << " of the first " << kBurstPages << " pages kept their bit set";
+  for (uint64_t p = 0; p < kBurstPages; ++p) {
+    const auto* page = reinterpret_cast<const uint8_t*>(vmm.vm().KvmAddress(p * kPageSize4K));
+    ASSERT_EQ(snapshot_->CheckPage(p, page), "") << p;
+  }
 }
 
 }  // namespace

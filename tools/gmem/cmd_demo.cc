@@ -68,7 +68,7 @@ Outcome RunScenario(const Scenario& scenario, const std::string& socket, const s
   ServeOptions options;
   options.socket_path = socket;
   options.mem_file_path = mem;
-  options.fault_all = scenario.fault_all;
+  options.fill = scenario.fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
   options.max_vms = 1;
   options.keeper = false;  // the demo's VMs are its own children: no daemon outlives them
   options.learn = scenario.learn;

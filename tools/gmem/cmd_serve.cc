@@ -30,6 +30,8 @@ void OnSignal(int) {
 struct ServeArgs {
   ServeOptions options;
   std::string mode = "on-demand";
+  std::string fill = "none";
+  std::string fill_rate_mib = std::to_string(kDefaultFillBytesPerSecond >> 20);
   std::string fault_around_kib = std::to_string(kDefaultFaultAroundBytes / 1024);
   std::string socket_mode = "0600";
   std::string owner;
@@ -88,7 +90,19 @@ Result<uint32_t> ParseId(const std::string& option, const std::string& value) {
 
 Status ParseArgs(ServeArgs& args) {
   ServeOptions& options = args.options;
-  options.fault_all = args.mode == "fault-all";
+  if (args.mode == "fault-all") options.fill = FillMode::kAtFirstFault;
+  if (args.fill == "background") {
+    if (options.fill == FillMode::kAtFirstFault) {
+      return Bad("--fill", args.fill,
+                 "--mode fault-all installs everything at the first fault "
+                 "already; a background fill is for --mode on-demand");
+    }
+    options.fill = FillMode::kBackground;
+  }
+  GM_ASSIGN_OR_RETURN(const uint64_t fill_mib,
+                      ParseNumber("--fill-rate-mib", args.fill_rate_mib,
+                                  kMinFillBytesPerSecond >> 20, kMaxFillBytesPerSecond >> 20));
+  options.fill_bytes_per_second = fill_mib << 20;
   GM_ASSIGN_OR_RETURN(const uint64_t kib,
                       ParseNumber("--fault-around-kib", args.fault_around_kib,
                                   kMinFaultAroundBytes / 1024, kMaxFaultAroundBytes / 1024));
@@ -184,6 +198,14 @@ void RegisterServeCommand(CLI::App& app) {
       ->required();
   cmd->add_option("--mode", args->mode, "on-demand (with fault-around) or fault-all")
       ->check(CLI::IsMember({"on-demand", "fault-all"}))
+      ->capture_default_str();
+  cmd->add_option("--fill", args->fill,
+                  "none, or background: once a VM's learned working set is in (at once without "
+                  "one), every page not yet served is installed at --fill-rate-mib, faults first")
+      ->check(CLI::IsMember({"none", "background"}))
+      ->capture_default_str();
+  cmd->add_option("--fill-rate-mib", args->fill_rate_mib,
+                  "A background fill's rate per VM, MiB/s: 1 to 1048576 (1 TiB/s)")
       ->capture_default_str();
   cmd->add_option("--fault-around-kib", args->fault_around_kib,
                   "Window installed around each fault, KiB: a power of two from 4 (one page) to "

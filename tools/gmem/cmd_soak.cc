@@ -44,7 +44,12 @@ void RegisterSoakCommand(CLI::App& app) {
   cmd->add_option("--fault-around-kib", options->fault_around_kib,
                   "The handler's fault-around window (4: one page per fault)")
       ->capture_default_str();
-  cmd->add_flag("--fault-all", options->fault_all, "Serve in fault-all mode");
+  CLI::Option* fault_all =
+      cmd->add_flag("--fault-all", options->fault_all, "Serve in fault-all mode");
+  cmd->add_flag("--background-fill", options->background_fill,
+                "Fill every VM in the background at the default rate (gmem serve --fill "
+                "background)")
+      ->excludes(fault_all);
   cmd->add_option("--workers", options->workers, "Fault engine worker threads")
       ->check(CLI::Range(1, 16))
       ->capture_default_str();

@@ -227,7 +227,7 @@ Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
                                  const sim::WorkloadPlan& plan, FaultHandlerOptions handler_options,
                                  unsigned workers) {
   GM_ASSIGN_OR_RETURN(GuestLayout layout, OneRegionAt(memory, snapshot.size()));
-  const bool fault_all = handler_options.fault_all;
+  const bool fault_all = handler_options.fill == FillMode::kAtFirstFault;
   GM_ASSIGN_OR_RETURN(auto handler,
                       FaultHandler::Create(std::move(uffd), std::move(layout), std::move(source),
                                            std::move(handler_options)));
@@ -262,7 +262,7 @@ Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot,
   handler_options.name = fault_all ? "bench fault-all" : "bench on-demand";
   handler_options.fault_around_bytes = options.fault_around_bytes;
   handler_options.adaptive_windows = options.adaptive_windows;
-  handler_options.fault_all = fault_all;
+  handler_options.fill = fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
   return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, std::move(source),
                        plan, std::move(handler_options), options.workers);
 }

@@ -27,6 +27,10 @@ class RestoreBenchTest : public ::testing::TestWithParam<Contestant> {
     auto snapshot = RestoreSnapshot::Open(path);
     ASSERT_TRUE(snapshot.has_value()) << snapshot.error().ToString();
     snapshot_.emplace(std::move(*snapshot));
+    if (UsesPacked(GetParam())) {
+      auto packed = snapshot_->MakePacked(dir_.File("bench.gmp"), {.chunk_pages = 16});
+      ASSERT_TRUE(packed.has_value()) << packed.error().ToString();
+    }
   }
 
   sim::WorkloadPlan Plan(sim::WorkloadKind kind, sim::AccessMode access, unsigned threads) {

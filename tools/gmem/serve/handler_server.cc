@@ -29,10 +29,10 @@
 #include "guestmem/snapshot.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/snapshot_cache.h"
-#include "guestmem/working_set_learner.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set_learner.h"
 #include "guestmem/zero_map.h"
 #include "serve/handler_server_impl.h"
 #include "serve/keeper.h"
@@ -65,6 +65,26 @@ std::string PeerName(uint64_t vm, const std::optional<PeerCredentials>& peer) {
     name += " (peer unknown)";
   }
   return name;
+}
+
+// A VM's fill as its description for the keeper names it, and back (unknown: none).
+const char* FillName(FillMode fill) {
+  switch (fill) {
+    case FillMode::kNone:
+      break;
+    case FillMode::kAtFirstFault:
+      return "fault-all";
+    case FillMode::kBackground:
+      return "background";
+  }
+  return "none";
+}
+
+FillMode FillFromName(const std::string& name) {
+  for (FillMode fill : {FillMode::kAtFirstFault, FillMode::kBackground}) {
+    if (name == FillName(fill)) return fill;
+  }
+  return FillMode::kNone;
 }
 
 // "; peers allowed: uid 107, 108; gid 36" when access is restricted, else "".
@@ -109,6 +129,15 @@ Status ValidateServeOptions(const ServeOptions& options) {
                    (window % 1024 != 0 ? " (" + std::to_string(window) + " bytes)" : "") +
                    ": must be a power of two from " + std::to_string(kMinFaultAroundBytes / 1024) +
                    " to " + std::to_string(kMaxFaultAroundBytes / 1024) + " KiB");
+  }
+  if (options.fill_bytes_per_second < kMinFillBytesPerSecond ||
+      options.fill_bytes_per_second > kMaxFillBytesPerSecond) {
+    return invalid("--fill-rate-mib " + std::to_string(options.fill_bytes_per_second >> 20) +
+                   (options.fill_bytes_per_second % (1 << 20) != 0
+                        ? " (" + std::to_string(options.fill_bytes_per_second) + " bytes a second)"
+                        : "") +
+                   ": must be from " + std::to_string(kMinFillBytesPerSecond >> 20) + " to " +
+                   std::to_string(kMaxFillBytesPerSecond >> 20) + " MiB/s");
   }
   if (options.handshake_timeout.count() <= 0) {
     return invalid("--handshake-timeout-ms " + std::to_string(options.handshake_timeout.count()) +
@@ -202,10 +231,14 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   Log(LogLevel::kInfo,
       "serving " + impl->source->Describe() + " on " + options.socket_path + " (mode " + mode +
           ") with " + std::to_string(impl->engine->worker_count()) + " workers, " +
-          (options.fault_all
+          (options.fill == FillMode::kAtFirstFault
                ? std::string("fault-all")
                : "on demand with " + std::to_string(options.fault_around_bytes / 1024) +
-                     " KiB fault-around") +
+                     " KiB fault-around" +
+                     (options.fill == FillMode::kBackground
+                          ? " and a background fill at " +
+                                std::to_string(options.fill_bytes_per_second >> 20) + " MiB/s"
+                          : std::string())) +
           "; at most " + std::to_string(options.max_pending_handshakes) +
           " connections waiting for their handshake (" +
           std::to_string(options.handshake_timeout.count()) + " ms each) and " +
@@ -413,7 +446,12 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
     GM_ASSIGN_OR_RETURN(spec.snapshot, OpenSnapshot(snapshot_path));
   }
   GM_RETURN_IF_ERROR(ValidateHandshake(spec.regions, spec.snapshot->size()));
-  spec.fault_all = d.value("fault_all", false);
+  // "fill" from daemons that have it; "fault_all" from those before.
+  const std::string fill = d.value(
+      "fill", FillName(d.value("fault_all", false) ? FillMode::kAtFirstFault : FillMode::kNone));
+  spec.fill = FillFromName(fill);
+  // The rate is this daemon's, as for every VM it serves: a restart is how an operator changes it.
+  spec.fill_bytes_per_second = options.fill_bytes_per_second;
   spec.fault_around_bytes = d.value("fault_around_bytes", kDefaultFaultAroundBytes);
   spec.uffd = std::move(named["uffd"]);
   GM_ASSIGN_OR_RETURN(spec.tracker, PageTracker::AttachShared(std::move(named["tracker"]),
@@ -483,6 +521,8 @@ Status HandlerServer::Impl::Resume(KeptVm& kept) {
       return OkStatus();
     }
     note = "; " + std::to_string(*replayed) + " vCPU fault(s) it had taken are answered again";
+    // Message 2 was in before: what waited for it starts now.
+    if (vm.control != Control::kAwaiting) StartBackgroundWork(vm);
     ready.push_back(Token(TokenKind::kConnection, vm.vm));
     if (vm.vcpu->apf_fd() >= 0) ready.push_back(Token(TokenKind::kApfSocket, vm.vm));
     for (size_t i = 0; i < vm.vcpu->ring_count(); ++i) {
@@ -742,7 +782,8 @@ Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& han
   spec.name = c.name;
   spec.regions = handshake.regions;
   spec.snapshot = snapshot;
-  spec.fault_all = options.fault_all;
+  spec.fill = options.fill;
+  spec.fill_bytes_per_second = options.fill_bytes_per_second;
   spec.fault_around_bytes = options.fault_around_bytes;
   spec.uffd = std::move(handshake.fds[0]);
   const bool guest_memfd =
@@ -783,7 +824,8 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
 
   FaultHandlerOptions handler_options;
   handler_options.name = spec.name;
-  handler_options.fault_all = spec.fault_all;
+  handler_options.fill = spec.fill;
+  handler_options.fill_bytes_per_second = spec.fill_bytes_per_second;
   handler_options.fault_around_bytes = spec.fault_around_bytes;
   handler_options.resume = spec.resume;
   const uint64_t tracker_pages = layout.file_end() / kPageSize4K;
@@ -876,8 +918,12 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   }
   // A secret-hiding VM's working set waits for its message 2: Firecracker sets every bit of the
   // bitmap after message 1, so bits cleared before it would be set again.
+  // Its background fill too, for the same reason; the fill of a VM taken over waits as well,
+  // unless its message 2 was in already (Resume starts it then).
   if (has_bitmap) {
     c.deferred_prefetch = std::move(learned);
+    c.deferred_fill = handler_options.fill == FillMode::kBackground;
+    if (c.deferred_fill) handler_options.fill = FillMode::kNone;
   } else {
     handler_options.prefetch = std::move(learned);
   }
@@ -897,7 +943,8 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   c.description = {{"name", spec.kept_name.empty() ? spec.name : spec.kept_name},
                    {"snapshot", spec.snapshot->path()},
                    {"regions", nlohmann::json::parse(EncodeHandshake(spec.regions))},
-                   {"fault_all", spec.fault_all},
+                   {"fault_all", spec.fill == FillMode::kAtFirstFault},  // for older daemons
+                   {"fill", FillName(spec.fill)},
                    {"fault_around_bytes", spec.fault_around_bytes},
                    {"tracker_pages", tracker_pages},
                    {"minor_trap", minor_trap},

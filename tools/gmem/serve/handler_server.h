@@ -63,7 +63,11 @@ namespace guestmem::cli {
 struct ServeOptions {
   std::string socket_path;
   std::string mem_file_path;
-  bool fault_all = false;  // install everything on the first fault (Firecracker's fault_all)
+  // Installed beyond faults' windows: everything at the first fault (kAtFirstFault,
+  // Firecracker's fault_all), or everything not yet served in the background after the working
+  // set, at fill_bytes_per_second (kBackground; a secret-hiding VM's once its message 2 is in).
+  FillMode fill = FillMode::kNone;
+  uint64_t fill_bytes_per_second = kDefaultFillBytesPerSecond;
   uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
   unsigned workers = 0;  // 0: the engine's default
   mode_t socket_mode = 0600;
@@ -104,10 +108,14 @@ struct ServeOptions {
 
 // Fault-serving threads the server starts at most.
 inline constexpr unsigned kMaxWorkers = 256;
+// A background fill's rate (--fill-rate-mib): 1 MiB/s to 1 TiB/s.
+inline constexpr uint64_t kMinFillBytesPerSecond = uint64_t{1} << 20;
+inline constexpr uint64_t kMaxFillBytesPerSecond = uint64_t{1} << 40;
 
 // Checks what does not depend on the machine, so that a daemon that could serve no VM never
 // starts: paths not empty, fault_around_bytes a power of two from kMinFaultAroundBytes to
-// kMaxFaultAroundBytes, handshake_timeout > 0, workers <= kMaxWorkers, both bounds > 0.
+// kMaxFaultAroundBytes, fill_bytes_per_second from kMinFillBytesPerSecond to
+// kMaxFillBytesPerSecond, handshake_timeout > 0, workers <= kMaxWorkers, both bounds > 0.
 // ERRORS: kInvalidArgument naming the command-line option.
 Status ValidateServeOptions(const ServeOptions& options);
 

@@ -125,8 +125,10 @@ struct HandlerServer::Impl {
     // when not learning), and the snapshot it restores.
     std::shared_ptr<WorkingSetRecorder> recorder;
     std::shared_ptr<const Snapshot> snapshot;
-    // Secret hiding: the working set to prefetch once message 2 is in.
+    // Secret hiding: the working set to prefetch once message 2 is in, and whether a background
+    // fill follows it then.
     std::shared_ptr<const WorkingSet> deferred_prefetch;
+    bool deferred_fill = false;
   };
 
   // An APF connection whose VM (the Uffd connection from the same process) has not come yet.
@@ -210,7 +212,8 @@ struct HandlerServer::Impl {
     std::string name;
     std::vector<HandshakeRegion> regions;
     std::shared_ptr<const Snapshot> snapshot;
-    bool fault_all = false;
+    FillMode fill = FillMode::kNone;
+    uint64_t fill_bytes_per_second = kDefaultFillBytesPerSecond;
     uint64_t fault_around_bytes = kDefaultFaultAroundBytes;
     UniqueFd uffd;
     UniqueFd memory_file;                  // the secret-hiding variant's guest memory file
@@ -240,8 +243,9 @@ struct HandlerServer::Impl {
   void UnwatchServing(Connection& c);
   VcpuFaults::PostFn PostFor(const Connection& c);
   void OnGuestFaultDone(uint64_t vm, uint32_t slot, const Status& status);
-  // After message 2: starts the prefetch of the working set learned for c's snapshot, if any.
-  void StartPrefetch(Connection& c);
+  // After message 2: starts the prefetch of the working set learned for c's snapshot, if any,
+  // and the background fill, if the VM has one.
+  void StartBackgroundWork(Connection& c);
   // A VM's Uffd socket, APF socket or ring had an event (or is in `ready`).
   void VcpuSocketReady(Connection& c, VcpuChannel channel, uint32_t events);
   void RingReady(Connection& c, size_t index);

@@ -165,15 +165,22 @@ bool HandlerServer::Impl::ReadControl(Connection& c) {
                            (control.vcpus > 0 ? "exitless APF rings for " +
                                                     std::to_string(control.vcpus) + " vCPU(s)"
                                               : std::string("no exitless APF")));
-  StartPrefetch(c);  // the bitmap is Firecracker's now: bits cleared from here on stay clear
+  StartBackgroundWork(c);  // the bitmap is Firecracker's now: bits cleared from here on stay clear
   return true;
 }
 
-void HandlerServer::Impl::StartPrefetch(Connection& c) {
+void HandlerServer::Impl::StartBackgroundWork(Connection& c) {
   std::shared_ptr<const WorkingSet> learned = std::move(c.deferred_prefetch);
-  if (learned == nullptr || learned->empty()) return;
-  if (Status started = engine->Prefetch(c.space, std::move(learned)); !started) {
-    Log(LogLevel::kWarning, c.name + ": working set not prefetched: " + started.error().ToString());
+  if (learned != nullptr && !learned->empty()) {
+    if (Status started = engine->Prefetch(c.space, std::move(learned)); !started) {
+      Log(LogLevel::kWarning,
+          c.name + ": working set not prefetched: " + started.error().ToString());
+    }
+  }
+  // After the prefetch, as the handler orders them.
+  if (!std::exchange(c.deferred_fill, false)) return;
+  if (Status started = engine->StartBackgroundFill(c.space); !started) {
+    Log(LogLevel::kWarning, c.name + ": no background fill: " + started.error().ToString());
   }
 }
 

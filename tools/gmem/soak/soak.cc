@@ -24,8 +24,8 @@
 #include <thread>
 #include <vector>
 
-#include "base/open_fds.h"
 #include "base/hex.h"
+#include "base/open_fds.h"
 #include "base/temp_dir.h"
 #include "guestmem/fault_engine.h"
 #include "guestmem/fault_handler.h"
@@ -450,7 +450,9 @@ void Driver::Serve(Vm& vm, UniqueFd socket) {
   FaultHandlerOptions options;
   options.name = "vm " + std::to_string(vm.index);
   options.fault_around_bytes = o_.fault_around_kib << 10;
-  options.fault_all = o_.fault_all;
+  options.fill = o_.fault_all         ? FillMode::kAtFirstFault
+                 : o_.background_fill ? FillMode::kBackground
+                                      : FillMode::kNone;
   auto handler =
       FaultHandler::Create(std::move(*uffd), std::move(*layout), source_, std::move(options));
   if (!handler) return fail(handler.error());
@@ -726,7 +728,8 @@ int Driver::Run() {
                static_cast<unsigned long long>(o_.memory_mib), o_.max_regions,
                static_cast<unsigned long long>(o_.operations),
                static_cast<unsigned long long>(o_.fault_around_kib),
-               o_.fault_all ? " (fault-all)" : "", o_.workers, InjectionList(inject_).c_str());
+               o_.fault_all ? " (fault-all)" : (o_.background_fill ? " (background fill)" : ""),
+               o_.workers, InjectionList(inject_).c_str());
   for (const std::string& note : notes_) std::fprintf(out_, "  %s\n", note.c_str());
   std::fflush(out_);
 

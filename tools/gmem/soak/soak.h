@@ -60,6 +60,7 @@ struct SoakOptions {
   uint32_t inject = kAllInjections;
   uint64_t fault_around_kib = 64;
   bool fault_all = false;
+  bool background_fill = false;     // every VM filled in the background (FillMode::kBackground)
   unsigned workers = 2;             // fault engine worker threads
   bool huge_pages = false;          // every other VM on 2 MiB pages, when enough are free
   uint64_t reserve_huge_pages = 0;  // raise vm.nr_hugepages by this much for the run
