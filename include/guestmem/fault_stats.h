@@ -35,6 +35,7 @@ struct FaultStats {
   uint64_t pages_poisoned = 0;  // UFFDIO_POISON after the source failed
   uint64_t bytes_read = 0;      // from the page source
   uint64_t eagain_retries = 0;  // installs retried after draining events
+  uint64_t content_waits = 0;   // installs that waited for the source (a chunk being decoded)
   // Service latency of fault events: from reading the event to the faulting page installed.
   uint64_t latency_p50_ns = 0;
   uint64_t latency_p99_ns = 0;

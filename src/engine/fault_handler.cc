@@ -1,5 +1,6 @@
 #include "guestmem/fault_handler.h"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -47,6 +48,7 @@ constexpr std::chrono::milliseconds kEventWait{1};
 enum class Step {
   kDone,
   kRetryAfterDrain,  // EAGAIN: read pending events, apply them, then try again
+  kWaitForContent,   // the source is bringing the content in; the turn ends until it says so
 };
 
 uint64_t NowNanos() {
@@ -72,7 +74,7 @@ struct Counters {
   std::atomic<uint64_t> faults_missing{0}, faults_minor{0}, faults_write_protect{0};
   std::atomic<uint64_t> faults_stray{0}, faults_guest{0}, pages_prefetched{0}, pages_filled{0};
   std::atomic<uint64_t> events_remove{0}, events_unmap{0}, events_remap{0}, events_fork{0};
-  std::atomic<uint64_t> pages_poisoned{0}, eagain_retries{0}, fault_all_us{0};
+  std::atomic<uint64_t> pages_poisoned{0}, eagain_retries{0}, fault_all_us{0}, content_waits{0};
   std::atomic<uint64_t> first_fault_served_ns{0}, fill_finished_ns{0}, turns{0};
 };
 
@@ -165,6 +167,12 @@ class FaultHandler::Pipeline {
   std::shared_ptr<const WorkingSet> given_prefetch;  // GUARDED_BY(guest_mu)
   bool given_fill = false;                           // GUARDED_BY(guest_mu)
   UniqueFd work_event;  // eventfd: work waits that the uffd does not announce
+  // Told by the source when content it was bringing in is there (writes work_event through a
+  // descriptor of its own, so that a source that outlives the handler writes to nothing harmful).
+  std::function<void()> content_ready;
+  // The content the last install waited for: when its turn comes again it is read even if the
+  // source would have it waited for once more (evicted meanwhile), so that a wait ends.
+  std::optional<FileOffset> waited_for;
   // The prefetch: working-set pages in order, and how far it got.
   std::vector<uint64_t> prefetch_pages;
   size_t prefetch_next = 0;
@@ -305,6 +313,12 @@ Result<std::unique_ptr<FaultHandler>> FaultHandler::Create(Userfaultfd uffd, Gue
   }
   auto pipeline = std::make_unique<Pipeline>(std::move(uffd), std::move(layout), std::move(options),
                                              std::move(fetcher), std::move(zeros));
+  auto ready_fd = std::make_shared<UniqueFd>(fcntl(work_event.get(), F_DUPFD_CLOEXEC, 0));
+  if (!*ready_fd) return PosixError(errno, "fault handler: dup of the eventfd");
+  pipeline->content_ready = [ready_fd] {
+    const uint64_t one = 1;
+    (void)!write(ready_fd->get(), &one, sizeof(one));
+  };
   pipeline->work_event = std::move(work_event);
   const bool prefetch =
       pipeline->options.prefetch != nullptr && !pipeline->options.prefetch->empty();
@@ -428,6 +442,7 @@ FaultStats FaultHandler::Pipeline::Stats() const {
   out.pages_poisoned = Get(c.pages_poisoned);
   out.bytes_read = fetcher->bytes_read();
   out.eagain_retries = Get(c.eagain_retries);
+  out.content_waits = Get(c.content_waits);
   out.fault_all_us = Get(c.fault_all_us);
   out.first_fault_served_ns = Get(c.first_fault_served_ns);
   out.fill_finished_ns = Get(c.fill_finished_ns);
@@ -480,6 +495,8 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   while (!sequencer.empty() && served < budget.faults) {
     const QueuedFault& queued = sequencer.front();
     GM_ASSIGN_OR_RETURN(Step step, ServeFault(queued.event));
+    // The fault stays queued, first, until its content is there; the worker serves other VMs.
+    if (step == Step::kWaitForContent) return more_guest_faults;
     if (step == Step::kRetryAfterDrain) {
       // A non-fault event (a REMOVE, say) is pending and blocks installs until it is read. Read
       // it (and anything behind it), apply it, then retry this fault.
@@ -649,6 +666,10 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
     const uint64_t installed_before = PagesInstalled();
     for (const RegionRange& run : runs) {
       GM_ASSIGN_OR_RETURN(Step step, InstallRange(run, std::nullopt, /*write_fault=*/false));
+      if (step == Step::kWaitForContent) {
+        Add(counters.pages_prefetched, PagesInstalled() - installed_before);
+        return false;  // this batch again once the source has it
+      }
       if (step == Step::kRetryAfterDrain) {
         Add(counters.eagain_retries, 1);
         if (++retries > budget.eagain_retries) return true;
@@ -702,6 +723,7 @@ Result<bool> FaultHandler::Pipeline::FillStep(const ServeBudget& budget) {
     const uint64_t installed = PagesInstalled() - installed_before;
     Add(counters.pages_filled, installed);
     if (fill_rate) fill_rate->Take(installed * kPageSize4K, Clock::now());
+    if (step == Step::kWaitForContent) return false;  // this chunk again once the source has it
     if (step == Step::kRetryAfterDrain) {
       Add(counters.eagain_retries, 1);
       if (++retries > budget.eagain_retries) return true;
@@ -897,12 +919,29 @@ Result<Step> FaultHandler::Pipeline::InstallRange(const RegionRange& range,
       options.mode == InstallMode::kMinorTrap ? &options.memory_file->pages() : nullptr;
   PlanWindow(layout, range, fault_page, write_fault, tracker, fetcher->source(), &pieces_,
              file_pages);
+  // The whole window's content first, or none of it installed yet: a window half installed would
+  // wake its guest into the other half's faults while this one waits.
+  const FileOffset first(region.file_offset.value() + range.begin);
+  if (waited_for != first) {
+    bool ready = true;
+    for (const InstallPiece& piece : pieces_) {
+      if (piece.kind != ContentKind::kData) continue;
+      ready &= fetcher->source().ContentReady(
+          FileOffset(region.file_offset.value() + piece.offset), piece.length, content_ready);
+    }
+    if (!ready) {
+      waited_for = first;
+      Add(counters.content_waits, 1);
+      return Step::kWaitForContent;
+    }
+  }
+  waited_for.reset();
   for (const InstallPiece& piece : pieces_) {
     const bool has_fault =
         fault_page && *fault_page >= piece.offset && *fault_page < piece.offset + piece.length;
     GM_ASSIGN_OR_RETURN(
         Step step, InstallContent(region, piece, has_fault ? fault_page : std::nullopt, record));
-    if (step == Step::kRetryAfterDrain) return step;
+    if (step != Step::kDone) return step;
   }
   return Step::kDone;
 }
@@ -1019,6 +1058,7 @@ std::string FaultStats::ToString() const {
            std::to_string(events_fork);
   }
   if (eagain_retries > 0) out += "; eagain retries " + std::to_string(eagain_retries);
+  if (content_waits > 0) out += "; waited for content " + std::to_string(content_waits) + " times";
   if (fault_all_us > 0) out += "; fault-all " + std::to_string(fault_all_us) + "us";
   if (pages_filled > 0) out += "; filled " + std::to_string(pages_filled) + " pages";
   if (pages_prefetched > 0) out += "; prefetched " + std::to_string(pages_prefetched) + " pages";

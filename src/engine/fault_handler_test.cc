@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -90,6 +91,72 @@ TEST(FaultHandlerTest, CopyServesEveryByteToManyThreads) {
   EXPECT_EQ(stats->bytes_read, stats->pages_copied * kPageSize4K);
   EXPECT_GT(stats->latency_max_ns, 0u);
   EXPECT_FALSE(engine->RemoveSpace(id).has_value());
+}
+
+// A source whose content is slow to come (as a chunk being decoded, an object being fetched):
+// nothing is ready until the test opens the gate, and then those waiting are told.
+class GatedSource final : public PageSource {
+ public:
+  explicit GatedSource(std::shared_ptr<const PageSource> inner) : inner_(std::move(inner)) {}
+  uint64_t size() const override { return inner_->size(); }
+  Status ReadAt(FileOffset offset, std::span<std::byte> out) const override {
+    return inner_->ReadAt(offset, out);
+  }
+  Result<Extent> ExtentAt(FileOffset offset) const override { return inner_->ExtentAt(offset); }
+  bool ContentReady(FileOffset, uint64_t, const std::function<void()>& ready) const override {
+    std::lock_guard lock(mu_);
+    if (open_) return true;
+    waiting_.push_back(ready);
+    return false;
+  }
+  std::string Describe() const override { return "gated " + inner_->Describe(); }
+  void Open() {
+    std::vector<std::function<void()>> waiting;
+    {
+      std::lock_guard lock(mu_);
+      open_ = true;
+      waiting.swap(waiting_);
+    }
+    for (auto& ready : waiting) ready();
+  }
+  size_t asked() const {
+    std::lock_guard lock(mu_);
+    return waiting_.size();
+  }
+
+ private:
+  std::shared_ptr<const PageSource> inner_;
+  mutable std::mutex mu_;
+  mutable bool open_ = false;
+  mutable std::vector<std::function<void()>> waiting_;
+};
+
+TEST(FaultHandlerTest, AVmWaitingForContentLeavesItsWorkerToTheOthers) {
+  SnapshotFile snapshot(256);
+  TestVm slow = MapAnonymousVm({snapshot.size()});
+  TestVm quick = MapAnonymousVm({snapshot.size()});
+  auto engine = StartEngine(1);  // one worker for both VMs
+  auto gated = std::make_shared<GatedSource>(OpenSource(snapshot));
+  const SpaceId slow_id = Serve(*engine, slow, gated);
+  const SpaceId quick_id = Serve(*engine, quick, OpenSource(snapshot));
+
+  std::atomic<bool> slow_done{false};
+  std::thread slow_guest([&] {
+    const std::string err = snapshot.CheckPage(10, slow.PageAt(10));
+    EXPECT_TRUE(err.empty()) << err;
+    slow_done = true;
+  });
+  ASSERT_TRUE(WaitUntil([&] { return gated->asked() > 0; }));
+  // The slow VM's fault waits; the same worker serves the other VM meanwhile, every byte.
+  EXPECT_EQ(VerifyAll(quick, snapshot), 0);
+  EXPECT_FALSE(slow_done.load());
+  gated->Open();
+  slow_guest.join();
+  EXPECT_TRUE(slow_done.load());
+  auto stats = engine->RemoveSpace(slow_id);
+  ASSERT_TRUE(stats.has_value());
+  EXPECT_GE(stats->content_waits, 1u);
+  EXPECT_TRUE(engine->RemoveSpace(quick_id).has_value());
 }
 
 TEST(FaultHandlerTest, FaultAroundNeverCrossesARegionEdge) {
