@@ -9,6 +9,10 @@ GUESTMEM_PACKAGES=(
   g++ cmake ninja-build pkg-config
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev
+  libcpp-httplib-dev libsystemd-dev
+  # The observability tests: a real Prometheus and promtool, headless Chromium, and
+  # systemd-socket-activate.
+  prometheus chromium systemd
 )
 # What the fuzz preset needs on top: clang and its runtimes (libFuzzer, ASan, UBSan).
 GUESTMEM_FUZZ_PACKAGES=(clang libclang-rt-14-dev)

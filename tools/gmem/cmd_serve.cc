@@ -1,5 +1,7 @@
 // gmem serve <socket_path> <mem_file_path> [options]: the page-fault handler daemon.
 #include <signal.h>
+#include <sys/socket.h>
+#include <systemd/sd-daemon.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdint>
@@ -13,6 +15,7 @@
 #include "commands.h"
 #include "guestmem/log.h"
 #include "log_format.h"
+#include "serve/endpoints.h"
 #include "serve/handler_server.h"
 #include "serve/keeper.h"
 
@@ -41,6 +44,9 @@ struct ServeArgs {
   std::string max_pending_handshakes = "256";
   std::string max_active_vms = "1024";
   std::string max_vms = "0";
+  std::string metrics;
+  std::string control_socket;
+  bool control = true;
   bool json_logs = false;
   bool verbose = false;
 };
@@ -122,8 +128,35 @@ Status ParseArgs(ServeArgs& args) {
   GM_ASSIGN_OR_RETURN(const uint64_t max_vms, ParseNumber("--max-vms", args.max_vms, 0,
                                                           std::numeric_limits<int32_t>::max()));
   options.max_vms = static_cast<int>(max_vms);
+  if (!args.metrics.empty()) {
+    GM_ASSIGN_OR_RETURN(options.metrics_address, ParseMetricsAddress(args.metrics));
+  }
+  if (args.control) {
+    options.control_path = args.control_socket.empty() ? DefaultControlPath(options.socket_path)
+                                                       : args.control_socket;
+  }
   // A power of two is the last check: the parsers above already named a value out of range.
   return ValidateServeOptions(options);
+}
+
+// systemd's socket activation: the listening socket passed in LISTEN_FDS (one, a Unix stream
+// socket listening at socket_path), or -1 when none was passed.
+Result<int> SocketFromSystemd(const std::string& socket_path) {
+  const int n = sd_listen_fds(/*unset_environment=*/1);
+  if (n < 0) return PosixError(-n, "LISTEN_FDS");
+  if (n == 0) return -1;
+  if (n > 1) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "LISTEN_FDS: systemd passed " + std::to_string(n) +
+                     " sockets; gmem serve takes one (the socket Firecracker connects to)");
+  }
+  const int fd = SD_LISTEN_FDS_START;
+  if (sd_is_socket_unix(fd, SOCK_STREAM, /*listening=*/1, socket_path.c_str(), 0) <= 0) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "LISTEN_FDS: the socket systemd passed is not a listening Unix stream socket "
+                 "at " + socket_path + " (ListenStream= in the .socket unit must be that path)");
+  }
+  return fd;
 }
 
 int Serve(ServeArgs& args) {
@@ -131,11 +164,19 @@ int Serve(ServeArgs& args) {
     Log(LogLevel::kError, "cannot serve: " + parsed.error().context());
     return 2;
   }
+  auto activated = SocketFromSystemd(args.options.socket_path);
+  if (!activated) {
+    Log(LogLevel::kError, "cannot serve: " + activated.error().ToString());
+    return 2;
+  }
+  args.options.listen_fd = *activated;
   auto server = HandlerServer::Start(args.options);
   if (!server) {
     Log(LogLevel::kError, "cannot serve: " + server.error().ToString());
     return 1;
   }
+  // Under systemd (Type=notify): ready once the socket is served; a no-op elsewhere.
+  (void)sd_notify(0, ("READY=1\nSTATUS=serving " + args.options.socket_path).c_str());
   g_server = server->get();
   struct sigaction action = {};
   action.sa_handler = OnSignal;
@@ -144,6 +185,7 @@ int Serve(ServeArgs& args) {
   sigaction(SIGTERM, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
   Status run = (*server)->Run();
+  (void)sd_notify(0, "STOPPING=1");
   g_server = nullptr;
   server->reset();
   if (!run) {
@@ -222,6 +264,12 @@ void RegisterServeCommand(CLI::App& app) {
                 "first (gmem ws clear forgets what was learned)");
   cmd->add_option("--keeper-socket", args->options.keeper_path,
                   "Where the keeper listens (default: SOCKET.keeper)");
+  cmd->add_option("--metrics", args->metrics,
+                  "Serve Prometheus metrics over HTTP at IP:PORT (e.g. 127.0.0.1:9464; port 0: "
+                  "any free port, logged)");
+  cmd->add_option("--control-socket", args->control_socket,
+                  "Where `gmem status` asks this daemon (default: SOCKET.control, owner-only)");
+  cmd->add_flag("!--no-control", args->control, "No control socket (`gmem status` cannot ask)");
   cmd->add_flag("--log-json", args->json_logs, "Log JSON lines instead of text");
   cmd->add_flag("-v,--verbose", args->verbose, "Log debug messages too");
   cmd->callback([args] { CommandExitCode() = RunServe(*args); });

@@ -57,6 +57,7 @@
 
 #include "guestmem/fault_handler.h"
 #include "guestmem/result.h"
+#include "serve/endpoints.h"
 
 namespace guestmem::cli {
 
@@ -96,6 +97,14 @@ struct ServeOptions {
   bool learn = true;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";
+  // A listening socket to serve on instead of making one at socket_path (systemd's socket
+  // activation: LISTEN_FDS); the server takes it (made non-blocking) and leaves the socket file
+  // to whoever made it. -1: listen on socket_path.
+  int listen_fd = -1;
+  // Prometheus' exposition over HTTP at this address (endpoints.h); none when unset.
+  std::optional<MetricsAddress> metrics_address;
+  // `gmem status`'s control socket (endpoints.h); empty: none.
+  std::string control_path;
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
@@ -121,6 +130,8 @@ class HandlerServer {
   Status Run();
   // Asks Run() to return. Async-signal-safe.
   void Stop();
+  // Where the metrics are served (the port chosen for port 0), if they are.
+  std::optional<MetricsAddress> metrics_address() const;
 
  private:
   struct Impl;

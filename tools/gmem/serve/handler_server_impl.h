@@ -37,7 +37,9 @@
 #include "guestmem/working_set.h"
 #include "guestmem/working_set_learner.h"
 #include "serve/handler_server.h"
+#include "serve/endpoints.h"
 #include "serve/keeper.h"
+#include "serve/serve_metrics.h"
 #include "serve/vcpu_faults.h"
 #include "serve/vcpu_requests.h"
 
@@ -201,8 +203,15 @@ struct HandlerServer::Impl {
   bool handing_over = false;  // shutting down: VMs stay kept for the next daemon
   size_t left_to_keeper = 0;
 
-  // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
+  bool socket_activated = false;  // the listener came from ServeOptions::listen_fd
+
+  // Declared after what they use: its workers call OnSpaceClosed, which uses the above.
   std::unique_ptr<FaultEngine> engine;
+  // What the VMs did, for the endpoints, which read it (and the engine) from threads of their
+  // own; stopped before the engine goes (~HandlerServer).
+  std::unique_ptr<ServeMetrics> metrics;
+  std::unique_ptr<MetricsHttpServer> metrics_http;
+  std::unique_ptr<ControlServer> control_server;
 
   // What a VM is served with, from a handshake or from the keeper.
   struct VmSpec {
@@ -266,6 +275,8 @@ struct HandlerServer::Impl {
   Result<std::unique_ptr<RawFileSource>> OpenSnapshot(const std::string& path);
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
+  // Logs why c's handshake was rejected and counts it by reason.
+  void Reject(Connection& c, RejectReason reason, const std::string& why);
   void HandleNotices();
   void Reconcile();
   void SpaceEndedByItself(Connection& c, const SpaceEnded& notice);
