@@ -59,6 +59,11 @@ Result<MetricsAddress> ParseMetricsAddress(const std::string& text) {
   const std::string expected =
       "expected IP:PORT, e.g. 127.0.0.1:9464 or [::1]:9464 (port 0: any free port)";
   if (text.empty()) return BadAddress(text, expected);
+  for (const char c : text) {
+    if (static_cast<unsigned char>(c) < 0x21 || static_cast<unsigned char>(c) > 0x7e) {
+      return BadAddress(text, "a space, control or non-ASCII character; " + expected);
+    }
+  }
   if (text.find('/') != std::string::npos) {
     return BadAddress(text,
                       "a Unix socket path: the HTTP library of this build (cpp-httplib 0.11) "
@@ -103,6 +108,12 @@ Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const Metric
   server->set_read_timeout(kReplyTimeoutSeconds, 0);
   server->set_write_timeout(kReplyTimeoutSeconds, 0);
   server->set_keep_alive_max_count(16);
+  // SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, with which a second daemon on the
+  // same port would share it silently instead of failing.
+  server->set_socket_options([](int fd) {
+    const int yes = 1;
+    (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   server->Get("/metrics", [metrics](const httplib::Request&, httplib::Response& response) {
     response.set_content(FormatPrometheus(metrics->Collect()),
                          "text/plain; version=0.0.4; charset=utf-8");
