@@ -248,6 +248,33 @@ class FaultHandler::Pipeline {
   // Pages (4 KiB, by file page) that the prefetch installed: a later fault on one of them that
   // finds it served is a prefetch hit. Sized when a working set is taken up.
   std::vector<bool> prefetched_;
+  // Why what is installed now is installed, for the trace.
+  TraceRecordType install_cause_ = TraceRecordType::kFaultInstall;
+  void TraceInstall(const GuestRegion& region, uint64_t offset, uint64_t bytes, ContentKind kind,
+                    bool populate = false) {
+    if (options.trace == nullptr || bytes == 0) return;
+    TraceWay way = kind == ContentKind::kZero ? TraceWay::kZero
+                   : options.mode == InstallMode::kMinorTrap ? TraceWay::kContinue
+                                                             : TraceWay::kCopy;
+    if (populate) way = TraceWay::kPopulate;
+    options.trace->Append({.time_ns = options.trace->Now(),
+                           .page = PageIndex(region.file_offset.value() + offset),
+                           .value = static_cast<uint32_t>(bytes / kPageSize4K),
+                           .type = install_cause_,
+                           .way = way});
+  }
+  void TraceFault(HostVirtAddr address, uint64_t latency_ns) {
+    if (options.trace == nullptr) return;
+    auto hit = layout.FindHost(address);
+    if (!hit) return;
+    const GuestRegion& region = layout.regions()[hit->region];
+    options.trace->Append(
+        {.time_ns = options.trace->Now(),
+         .page = PageIndex(region.file_offset.value() +
+                           AlignDown(hit->offset_in_region, kPageSize4K)),
+         .value = static_cast<uint32_t>(std::min<uint64_t>(latency_ns, UINT32_MAX)),
+         .type = TraceRecordType::kFault});
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -490,7 +517,9 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
       GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/true));
       continue;
     }
-    latency.Record(NanosSince(queued.read_at));
+    const uint64_t service_ns = NanosSince(queued.read_at);
+    latency.Record(service_ns);
+    TraceFault(queued.event.address, service_ns);
     queue_latency.Record(NanosBetween(queued.read_at, *fault_started_));
     fetch_latency.Record(fetch_ns_);
     install_latency.Record(install_ns_);
@@ -582,6 +611,8 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
     }
     SetFate(region, offset, length, PageFate::kServed);
     ClearUserfaultBits(region, offset, length);
+    install_cause_ = TraceRecordType::kFaultInstall;
+    TraceInstall(region, offset, length, piece.kind, /*populate=*/true);
     if (options.recorder != nullptr) {
       options.recorder->Append(PageIndex(region.file_offset.value() + offset),
                                length / kPageSize4K);
@@ -603,6 +634,7 @@ void FaultHandler::Pipeline::StartFill() {
 }
 
 Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
+  install_cause_ = TraceRecordType::kPrefetchInstall;
   uint64_t left = std::clamp<uint64_t>(budget.fill_bytes / kPageSize4K, 1, kPrefetchBatchPages);
   size_t retries = 0;
   std::vector<uint64_t> batch;
@@ -655,6 +687,7 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
 }
 
 Result<bool> FaultHandler::Pipeline::FillStep(const ServeBudget& budget) {
+  install_cause_ = TraceRecordType::kFillInstall;
   uint64_t left = budget.fill_bytes;
   size_t retries = 0;
   while (left > 0) {
@@ -780,6 +813,7 @@ Status FaultHandler::Pipeline::ApplyFork(ForkEvent& fork) {
   child_options.tracker = nullptr;  // the child's memory is a copy: its own tracker
   child_options.resume = false;
   child_options.userfault_bitmap = nullptr;  // KVM maps the parent's memory, not the child's
+  child_options.trace = nullptr;             // the child may be served by another thread
   GM_ASSIGN_OR_RETURN(auto child,
                       FaultHandler::Create(std::move(child_uffd), layout, fetcher->shared_source(),
                                            std::move(child_options)));
@@ -826,6 +860,7 @@ Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
   }
   if (!prefetched_.empty()) CountPrefetchOutcome(region, page_offset);
   if (options.fault_all) StartFill();
+  install_cause_ = TraceRecordType::kFaultInstall;
   // A fill in progress may not have reached this part yet: the fault brings its window.
   const RegionRange range = WindowForFault(hit->region, page_offset);
   GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write, /*record=*/true));
@@ -911,6 +946,7 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
   if (!progress) return failed(progress.error());
   SetFate(region, piece.offset, progress->bytes, PageFate::kServed);
   ClearUserfaultBits(region, piece.offset, progress->bytes);
+  TraceInstall(region, piece.offset, progress->bytes, piece.kind);
   if (record && options.recorder != nullptr && progress->bytes > 0) {
     options.recorder->Append(PageIndex(region.file_offset.value() + piece.offset),
                              progress->bytes / kPageSize4K);
