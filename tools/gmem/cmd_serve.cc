@@ -1,11 +1,14 @@
 // gmem serve <socket_path> <mem_file_path> [options]: the page-fault handler daemon.
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <optional>
@@ -45,6 +48,7 @@ struct ServeArgs {
   std::string max_active_vms = "1024";
   std::string max_vms = "0";
   std::string metrics;
+  std::string trace_dir;
   std::string control_socket;
   bool control = true;
   bool json_logs = false;
@@ -130,6 +134,18 @@ Status ParseArgs(ServeArgs& args) {
   options.max_vms = static_cast<int>(max_vms);
   if (!args.metrics.empty()) {
     GM_ASSIGN_OR_RETURN(options.metrics_address, ParseMetricsAddress(args.metrics));
+  }
+  if (!args.trace_dir.empty()) {
+    struct stat st {};
+    if (stat(args.trace_dir.c_str(), &st) != 0) {
+      return Bad("--trace-dir", args.trace_dir, std::strerror(errno));
+    }
+    if (!S_ISDIR(st.st_mode)) return Bad("--trace-dir", args.trace_dir, "not a directory");
+    if (access(args.trace_dir.c_str(), W_OK | X_OK) != 0) {
+      return Bad("--trace-dir", args.trace_dir, std::string("cannot write there: ") +
+                                                    std::strerror(errno));
+    }
+    options.trace_dir = args.trace_dir;
   }
   if (args.control) {
     options.control_path = args.control_socket.empty() ? DefaultControlPath(options.socket_path)
@@ -267,6 +283,9 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_option("--metrics", args->metrics,
                   "Serve Prometheus metrics over HTTP at IP:PORT (e.g. 127.0.0.1:9464; port 0: "
                   "any free port, logged)");
+  cmd->add_option("--trace-dir", args->trace_dir,
+                  "Write each VM's restore trace here (one .gmtrace file per VM; `gmem report` "
+                  "draws it)");
   cmd->add_option("--control-socket", args->control_socket,
                   "Where `gmem status` asks this daemon (default: SOCKET.control, owner-only)");
   cmd->add_flag("!--no-control", args->control, "No control socket (`gmem status` cannot ask)");

@@ -21,6 +21,7 @@ void RegisterBenchCommand(CLI::App& app);
 void RegisterSoakCommand(CLI::App& app);
 void RegisterWorkingSetCommand(CLI::App& app);
 void RegisterStatusCommand(CLI::App& app);
+void RegisterReportCommand(CLI::App& app);
 
 }  // namespace guestmem::cli
 

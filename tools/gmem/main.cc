@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   cli::RegisterDemoCommand(app);
   cli::RegisterServeCommand(app);
   cli::RegisterStatusCommand(app);
+  cli::RegisterReportCommand(app);
   cli::RegisterVmmSimCommand(app);
   cli::RegisterSnapshotCommand(app);
   cli::RegisterBenchCommand(app);

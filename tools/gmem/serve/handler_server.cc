@@ -928,6 +928,7 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
     handler_options.prefetch = std::move(learned);
   }
   const bool minor_trap = handler_options.mode == InstallMode::kMinorTrap;
+  if (!options.trace_dir.empty()) handler_options.trace = OpenTrace(c, *spec.snapshot);
   GM_ASSIGN_OR_RETURN(auto handler,
                       FaultHandler::Create(std::move(uffd), std::move(layout), spec.snapshot,
                                            std::move(handler_options)));
@@ -953,6 +954,25 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   c.snapshot = spec.snapshot;
   metrics->VmStarted(space, VmLabels{c.vm, c.pid.value_or(0), spec.snapshot->path()});
   return space;
+}
+
+std::shared_ptr<RestoreTraceWriter> HandlerServer::Impl::OpenTrace(const Connection& c,
+                                                                   const RawFileSource& snapshot) {
+  const auto now = std::chrono::system_clock::now().time_since_epoch();
+  const uint64_t unix_ns =
+      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+  const std::string path = options.trace_dir + "/vm-" + std::to_string(c.vm) + "-pid-" +
+                           std::to_string(c.pid.value_or(0)) + "-" +
+                           std::to_string(unix_ns / 1'000'000) + ".gmtrace";
+  auto writer = RestoreTraceWriter::Create(
+      path, {c.name, c.pid.value_or(0), snapshot.path(), snapshot.size() / kPageSize4K, unix_ns});
+  if (!writer) {
+    // The VM is served all the same; only its trace is missing.
+    Log(LogLevel::kWarning, c.name + ": no restore trace: " + writer.error().ToString());
+    return nullptr;
+  }
+  Log(LogLevel::kInfo, c.name + ": restore trace " + path);
+  return std::move(*writer);
 }
 
 Result<std::unique_ptr<RawFileSource>> HandlerServer::Impl::OpenSnapshot(const std::string& path) {

@@ -103,6 +103,10 @@ struct ServeOptions {
   int listen_fd = -1;
   // Prometheus' exposition over HTTP at this address (endpoints.h); none when unset.
   std::optional<MetricsAddress> metrics_address;
+  // Where each VM's restore trace is written (restore_trace.h), one file per VM; empty: none.
+  // An existing directory the daemon may write (`gmem serve` checks at start; a trace that cannot
+  // be made there is logged and its VM served without one).
+  std::string trace_dir;
   // `gmem status`'s control socket (endpoints.h); empty: none.
   std::string control_path;
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).

@@ -241,6 +241,8 @@ struct HandlerServer::Impl {
   // needs to hold it) and, for a VM with a userfault bitmap, its vCPU faults (c.vcpu).
   Result<SpaceId> StartSpace(Connection& c, VmSpec spec,
                              std::unique_ptr<VcpuRequestTable> requests = nullptr);
+  // A restore trace for c in --trace-dir; null (logged) when it cannot be made.
+  std::shared_ptr<RestoreTraceWriter> OpenTrace(const Connection& c, const RawFileSource& snapshot);
   // Gives the keeper everything it must hold for c now (replacing what it held).
   void KeepVm(Connection& c);
   // Makes c's sockets and rings edge-triggered members of the epoll set.
