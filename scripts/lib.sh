@@ -9,7 +9,7 @@ GUESTMEM_PACKAGES=(
   g++ cmake ninja-build pkg-config
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev
-  libcpp-httplib-dev libsystemd-dev
+  libcpp-httplib-dev libsystemd-dev libpng-dev
   # The observability tests: a real Prometheus and promtool, headless Chromium, and
   # systemd-socket-activate.
   prometheus chromium systemd
