@@ -218,16 +218,25 @@ Result<RestoreRun> RunPerPage(const RestoreSnapshot& snapshot, const sim::Worklo
 }
 
 // Serves `memory` with a guestmem FaultHandler on a FaultEngine while the plan runs.
+// `observe`: the trace and the callbacks of RestoreOptions (none for an untimed restore).
 Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
                                  const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
-                                 FaultHandlerOptions handler_options, unsigned workers) {
+                                 FaultHandlerOptions handler_options, unsigned workers,
+                                 const RestoreOptions& observe) {
   GM_ASSIGN_OR_RETURN(GuestLayout layout, OneRegionAt(memory, snapshot.size()));
   const bool fault_all = handler_options.fault_all;
+  if (!observe.trace_path.empty()) {
+    GM_ASSIGN_OR_RETURN(handler_options.trace,
+                        RestoreTraceWriter::Create(observe.trace_path,
+                                                   {handler_options.name, getpid(), snapshot.path(),
+                                                    snapshot.size() / kPageSize4K, 0}));
+  }
   GM_ASSIGN_OR_RETURN(auto handler,
                       FaultHandler::Create(std::move(uffd), std::move(layout), snapshot.source(),
                                            std::move(handler_options)));
   GM_ASSIGN_OR_RETURN(auto engine, FaultEngine::Start({.workers = workers}));
   GM_ASSIGN_OR_RETURN(SpaceId space, engine->AddSpace(std::move(handler)));
+  if (observe.on_serving) observe.on_serving(*engine, space);
   RestoreRun run;
   run.elapsed_ns = Touch(memory, plan);
   if (fault_all) {
@@ -239,6 +248,7 @@ Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
     }
   }
   GM_ASSIGN_OR_RETURN(FaultStats stats, engine->RemoveSpace(space));
+  if (observe.on_served) observe.on_served(space, stats);
   run.faults = stats.faults();
   run.pages_installed = stats.pages_installed();
   run.fault_all_ns = stats.fault_all_us * 1000;
@@ -257,7 +267,7 @@ Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot, const sim::
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.fault_all = fault_all;
   return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
-                       std::move(handler_options), options.workers);
+                       std::move(handler_options), options.workers, options);
 }
 
 // The second restore of the snapshot: a first one (untimed, a workload 5% different) is recorded
@@ -276,7 +286,7 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
     handler_options.recorder = recorder;
     GM_ASSIGN_OR_RETURN(RestoreRun learning,
                         RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, first,
-                                      std::move(handler_options), options.workers));
+                                      std::move(handler_options), options.workers, {}));
     if (learning.mismatches != 0) {
       return Error(ErrorCode::kDataLoss, "bench: the learning restore read wrong bytes");
     }
@@ -290,7 +300,7 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
   handler_options.prefetch =
       std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), recorder->Take()));
   return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, plan,
-                       std::move(handler_options), options.workers);
+                       std::move(handler_options), options.workers, options);
 }
 
 Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
@@ -311,7 +321,7 @@ Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::Work
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.memory_file = file;
   return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, plan, std::move(handler_options),
-                       options.workers);
+                       options.workers, options);
 }
 
 // The floor: the touched pages installed in bulk, no handler, then the workload without faults.

@@ -30,12 +30,14 @@
 #define GUESTMEM_TOOLS_GMEM_BENCH_RESTORE_BENCH_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "guestmem/fault_engine.h"
 #include "guestmem/fault_handler.h"
 #include "guestmem/mapping.h"
 #include "guestmem/page_source.h"
@@ -108,6 +110,14 @@ struct RestoreOptions {
   bool adaptive_windows = true;                            // FaultHandlerOptions'
   unsigned workers = 1;                                    // guestmem engine threads
   bool cold = false;  // evict the memory file from the page cache before the run
+  // guestmem's contestants: the timed restore's trace is written here (restore_trace.h); empty:
+  // none. The file must not exist.
+  std::string trace_path;
+  // guestmem's contestants: told when the timed restore's space starts being served (on its
+  // engine) and when it has been removed, with its final statistics; the engine lives until
+  // after the second call. From RunRestore's thread.
+  std::function<void(const FaultEngine& engine, SpaceId space)> on_serving;
+  std::function<void(SpaceId space, const FaultStats& stats)> on_served;
 };
 
 struct RestoreRun {
