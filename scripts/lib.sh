@@ -13,6 +13,8 @@ GUESTMEM_PACKAGES=(
   # The observability tests: a real Prometheus and promtool, headless Chromium, and
   # systemd-socket-activate.
   prometheus chromium systemd
+  # scripts/metrics_cost.sh: a scraper and the JSON of gmem bench.
+  curl jq bc
 )
 # What the fuzz preset needs on top: clang and its runtimes (libFuzzer, ASan, UBSan).
 GUESTMEM_FUZZ_PACKAGES=(clang libclang-rt-14-dev)

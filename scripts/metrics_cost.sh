@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What --metrics costs a restore: gmem bench with and without --metrics, alternating A B A B (the
+# order swapped every round), each `with` run scraped at 10 Hz (ten times Prometheus' usual rate)
+# while it runs. Prints each round's ratio of total median time (with / without) and the median
+# ratio over rounds.
+#   scripts/metrics_cost.sh [rounds] [extra gmem bench options...]
+source "$(dirname "$0")/lib.sh"
+rounds="${1:-7}"
+shift || true
+gm_install_missing_packages
+gm_build release
+gmem="$GUESTMEM_ROOT/build/release/tools/gmem/gmem"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+bench=("$gmem" bench --json --size-mib 256 --rounds 3 --workloads sparse,random --threads 1
+       --access read --contestants on-demand,learned,fault-all "$@")
+
+# The sum over configurations and contestants of the median times, in ms.
+total_ms() { jq '[.configs[].contestants[].median_ms] | add' "$1"; }
+
+run_without() { "${bench[@]}" > "$work/without.json"; }
+run_with() {
+  "${bench[@]}" --metrics 127.0.0.1:0 > "$work/with.json" 2> "$work/with.err" &
+  local pid=$! port="" scrapes=0
+  while kill -0 "$pid" 2>/dev/null; do
+    [ -z "$port" ] && port="$(sed -n 's|.*metrics at http://127.0.0.1:\([0-9]*\)/metrics.*|\1|p' "$work/with.err")"
+    if [ -n "$port" ] && curl -sf "http://127.0.0.1:$port/metrics" -o /dev/null; then
+      scrapes=$((scrapes + 1))
+    fi
+    sleep 0.1
+  done
+  wait "$pid"
+  echo "$scrapes" > "$work/scrapes"
+}
+
+run_without  # warm-up
+ratios=()
+for round in $(seq 1 "$rounds"); do
+  if [ $((round % 2)) -eq 1 ]; then run_without; run_with; else run_with; run_without; fi
+  without="$(total_ms "$work/without.json")"
+  with="$(total_ms "$work/with.json")"
+  ratio="$(echo "$with / $without" | bc -l)"
+  ratios+=("$ratio")
+  printf 'round %d: without %.2f ms, with --metrics %.2f ms (%d scrapes): ratio %.4f\n' \
+    "$round" "$without" "$with" "$(cat "$work/scrapes")" "$ratio"
+done
+median="$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')"
+printf 'median ratio (with / without --metrics) over %d rounds: %.4f\n' "$rounds" "$median"
