@@ -16,9 +16,8 @@ namespace guestmem {
 // counts the samples of at most kBoundsNs[i] nanoseconds; `count` all of them (the +Inf bucket).
 struct LatencyBuckets {
   static constexpr std::array<uint64_t, 16> kBoundsNs = {
-      1'000,     2'000,     5'000,     10'000,     20'000,      50'000,
-      100'000,   200'000,   500'000,   1'000'000,  2'000'000,   5'000'000,
-      10'000'000, 50'000'000, 100'000'000, 1'000'000'000};
+      1'000,   2'000,     5'000,     10'000,    20'000,     50'000,     100'000,     200'000,
+      500'000, 1'000'000, 2'000'000, 5'000'000, 10'000'000, 50'000'000, 100'000'000, 1'000'000'000};
   std::array<uint64_t, kBoundsNs.size()> cumulative{};
   uint64_t count = 0;
   uint64_t sum_ns = 0;
@@ -44,8 +43,8 @@ struct FaultStats {
   uint64_t pages_zeroed = 0;     // UFFDIO_ZEROPAGE, or a copy of the shared zero page on hugetlb
   uint64_t pages_populated = 0;  // written into the guest memory file for guest faults (KVM maps)
   uint64_t pages_prefetched =
-      0;                        // of the working set, installed ahead of faults (any of the above)
-  uint64_t pages_filled = 0;    // installed by fault-all's background fill (any of the above)
+      0;                      // of the working set, installed ahead of faults (any of the above)
+  uint64_t pages_filled = 0;  // installed by fault-all's background fill (any of the above)
   // Faults on a page that the prefetch had installed by the time the fault was served (the
   // fault only needed a wake), and faults that had to install their page while a working set
   // was being prefetched or after it had been.

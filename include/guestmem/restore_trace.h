@@ -66,7 +66,7 @@ class RestoreTraceWriter {
   // Creates `path` (not replacing a file there) and writes the header.
   // ERRORS: the PosixError of open/write (kAlreadyExists for a file there).
   static Result<std::unique_ptr<RestoreTraceWriter>> Create(const std::string& path,
-                                                           TraceHeader header);
+                                                            TraceHeader header);
   ~RestoreTraceWriter();
   RestoreTraceWriter(const RestoreTraceWriter&) = delete;
   RestoreTraceWriter& operator=(const RestoreTraceWriter&) = delete;

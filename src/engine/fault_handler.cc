@@ -151,7 +151,7 @@ class FaultHandler::Pipeline {
   std::mutex guest_mu;
   std::vector<std::pair<GuestFault, GuestFaultDone>> guest_faults;  // GUARDED_BY(guest_mu)
   // A working set to start prefetching (options.prefetch, or StartPrefetch's).
-  std::shared_ptr<const WorkingSet> given_prefetch;                  // GUARDED_BY(guest_mu)
+  std::shared_ptr<const WorkingSet> given_prefetch;  // GUARDED_BY(guest_mu)
   UniqueFd work_event;  // eventfd: work waits that the uffd does not announce
   // The prefetch: working-set pages in order, and how far it got.
   std::vector<uint64_t> prefetch_pages;
@@ -253,7 +253,7 @@ class FaultHandler::Pipeline {
   void TraceInstall(const GuestRegion& region, uint64_t offset, uint64_t bytes, ContentKind kind,
                     bool populate = false) {
     if (options.trace == nullptr || bytes == 0) return;
-    TraceWay way = kind == ContentKind::kZero ? TraceWay::kZero
+    TraceWay way = kind == ContentKind::kZero                ? TraceWay::kZero
                    : options.mode == InstallMode::kMinorTrap ? TraceWay::kContinue
                                                              : TraceWay::kCopy;
     if (populate) way = TraceWay::kPopulate;
@@ -270,8 +270,8 @@ class FaultHandler::Pipeline {
     const GuestRegion& region = layout.regions()[hit->region];
     options.trace->Append(
         {.time_ns = options.trace->Now(),
-         .page = PageIndex(region.file_offset.value() +
-                           AlignDown(hit->offset_in_region, kPageSize4K)),
+         .page =
+             PageIndex(region.file_offset.value() + AlignDown(hit->offset_in_region, kPageSize4K)),
          .value = static_cast<uint32_t>(std::min<uint64_t>(latency_ns, UINT32_MAX)),
          .type = TraceRecordType::kFault});
   }
@@ -426,7 +426,8 @@ void FaultHandler::Pipeline::AdvisePrefetch() const {
   for (size_t i = 0; i < pages.size();) {
     size_t j = i + 1;
     while (j < pages.size() && pages[j] - pages[j - 1] <= kMergeGapPages) ++j;
-    source.WillNeed(FileOffset(pages[i] * kPageSize4K), (pages[j - 1] + 1 - pages[i]) * kPageSize4K);
+    source.WillNeed(FileOffset(pages[i] * kPageSize4K),
+                    (pages[j - 1] + 1 - pages[i]) * kPageSize4K);
     i = j;
   }
 }

@@ -40,10 +40,10 @@ namespace guestmem {
 namespace {
 
 using namespace std::chrono_literals;
-using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ChildVmOptions;
 using testutil::ClosedWatch;
+using testutil::FixedWindows;
 using testutil::ForkVm;
 using testutil::MapAnonymousVm;
 using testutil::OpenSource;
@@ -639,8 +639,9 @@ TEST_F(SecretHidingFaultsTest, AWorkingSetGivenLateIsPutInTheFileWithItsBitsClea
   MakeHandler({});
   if (IsSkipped() || HasFatalFailure()) return;
   const std::vector<uint64_t> learned = {10, 11, 12, 300, 301};
-  ASSERT_TRUE(handler_->StartPrefetch(std::make_shared<const WorkingSet>(
-                                          WorkingSet::Merge(WorkingSet(), learned)))
+  ASSERT_TRUE(handler_
+                  ->StartPrefetch(
+                      std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), learned)))
                   .has_value());
   std::vector<uint64_t> served;
   Status posted = handler_->PostGuestFault(
@@ -727,7 +728,7 @@ TEST(FaultHandlerEventsTest, AWorkingSetLearnedFromOneRestoreIsPrefetchedInTheNe
     TestVm vm = MapAnonymousVm({snapshot.size()});
     auto engine = StartEngine(1);
     FaultHandlerOptions options;
-    options.adaptive_windows = false;  // one page per fault: what was touched is recorded
+    options.adaptive_windows = false;          // one page per fault: what was touched is recorded
     options.fault_around_bytes = kPageSize4K;  // what is recorded is exactly what was touched
     options.recorder = recorder;
     SpaceId id = Serve(*engine, vm, OpenSource(snapshot), options);

@@ -32,9 +32,9 @@
 namespace guestmem {
 namespace {
 
-using testutil::FixedWindows;
 using testutil::AllZero;
 using testutil::ClosedWatch;
+using testutil::FixedWindows;
 using testutil::ForkVm;
 using testutil::MapAnonymousVm;
 using testutil::OpenSource;

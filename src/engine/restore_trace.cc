@@ -49,12 +49,13 @@ Result<std::unique_ptr<RestoreTraceWriter>> RestoreTraceWriter::Create(const std
                                                                        TraceHeader header) {
   UniqueFd fd(open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
   if (!fd) return PosixError(errno, "restore trace: creating " + path);
-  const std::string json = nlohmann::json{{"vm", header.vm},
-                                          {"pid", header.pid},
-                                          {"snapshot", header.snapshot},
-                                          {"pages", header.pages},
-                                          {"started_unix_ns", header.started_unix_ns}}
-                               .dump();
+  const std::string json = nlohmann::json{
+      {"vm", header.vm},
+      {"pid", header.pid},
+      {"snapshot", header.snapshot},
+      {"pages", header.pages},
+      {"started_unix_ns",
+       header.started_unix_ns}}.dump();
   std::vector<uint8_t> head(kMagic, kMagic + sizeof(kMagic));
   PutLe(head, json.size(), 4);
   head.insert(head.end(), json.begin(), json.end());
@@ -117,8 +118,7 @@ Result<RestoreTraceData> ReadRestoreTrace(const std::string& path) {
     return Corrupt(path, "not a restore trace (no GMTRACE1 magic)");
   }
   const uint64_t header_bytes = GetLe(bytes.data() + sizeof(kMagic), 4);
-  if (header_bytes > kMaxTraceHeaderBytes ||
-      sizeof(kMagic) + 4 + header_bytes > bytes.size()) {
+  if (header_bytes > kMaxTraceHeaderBytes || sizeof(kMagic) + 4 + header_bytes > bytes.size()) {
     return Corrupt(path, "header of " + std::to_string(header_bytes) + " bytes does not fit");
   }
   const size_t records_at = sizeof(kMagic) + 4 + header_bytes;

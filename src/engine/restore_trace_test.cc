@@ -46,7 +46,8 @@ TEST(RestoreTraceTest, WhatIsWrittenIsReadBack) {
                          .type = static_cast<TraceRecordType>(1 + i % 3),
                          .way = static_cast<TraceWay>(i % 4)});
     }
-    (*writer)->Append({.time_ns = 50000, .page = 999, .value = 31000, .type = TraceRecordType::kFault});
+    (*writer)->Append(
+        {.time_ns = 50000, .page = 999, .value = 31000, .type = TraceRecordType::kFault});
   }
   auto trace = ReadRestoreTrace(path);
   ASSERT_TRUE(trace.has_value()) << trace.error().ToString();
@@ -70,7 +71,8 @@ TEST(RestoreTraceTest, MalformedTracesAreRefusedSayingWhatIsWrong) {
   {
     auto writer = RestoreTraceWriter::Create(good, {"vm 1", 1, "/s", 16, 0});
     ASSERT_TRUE(writer.has_value());
-    (*writer)->Append({.time_ns = 5, .page = 3, .value = 2, .type = TraceRecordType::kFaultInstall});
+    (*writer)->Append(
+        {.time_ns = 5, .page = 3, .value = 2, .type = TraceRecordType::kFaultInstall});
     (*writer)->Append({.time_ns = 9, .page = 3, .value = 700, .type = TraceRecordType::kFault});
   }
   const std::string bytes = Bytes(good);
@@ -98,8 +100,7 @@ TEST(RestoreTraceTest, MalformedTracesAreRefusedSayingWhatIsWrong) {
     auto trace = ReadRestoreTrace(path);
     ASSERT_FALSE(trace.has_value()) << why;
     EXPECT_EQ(trace.error().code(), ErrorCode::kDataLoss) << why;
-    EXPECT_NE(trace.error().context().find(why), std::string::npos)
-        << trace.error().context();
+    EXPECT_NE(trace.error().context().find(why), std::string::npos) << trace.error().context();
   }
   EXPECT_EQ(ReadRestoreTrace(dir.File("none")).error().code(), ErrorCode::kNotFound);
   EXPECT_EQ(ReadRestoreTrace(dir.path()).error().code(), ErrorCode::kDataLoss);
@@ -112,8 +113,8 @@ TEST(RestoreTraceTest, AHandlersTraceAgreesWithItsStatistics) {
   SnapshotFile snapshot(1024, [](uint64_t p) { return p % 4 == 1; });
   TestVm vm = MapAnonymousVm({snapshot.size()});
   auto engine = StartEngine(1);
-  auto writer = RestoreTraceWriter::Create(dir.File("vm.gmtrace"), {"vm", 1, snapshot.path(),
-                                                                     snapshot.pages(), 0});
+  auto writer = RestoreTraceWriter::Create(dir.File("vm.gmtrace"),
+                                           {"vm", 1, snapshot.path(), snapshot.pages(), 0});
   ASSERT_TRUE(writer.has_value());
   FaultHandlerOptions options;
   options.fault_all = true;

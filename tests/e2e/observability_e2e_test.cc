@@ -75,13 +75,14 @@ class ObservabilityTest : public ServeTest {
 
   // A VM that restores a few hundred random pages and stays connected.
   std::unique_ptr<Subprocess> StartHeldVm(const std::string& name) {
-    return StartVm(name, {"--workload", "random", "--pages", "300", "--verify", "--hold-ms",
-                          "600000"});
+    return StartVm(name,
+                   {"--workload", "random", "--pages", "300", "--verify", "--hold-ms", "600000"});
   }
 };
 
 TEST_F(ObservabilityTest, PrometheusScrapesTheFaultCountersOfTheVmsBeingRestored) {
-  if (!Executable("/usr/bin/prometheus")) GTEST_SKIP() << "no /usr/bin/prometheus (Debian's prometheus)";
+  if (!Executable("/usr/bin/prometheus"))
+    GTEST_SKIP() << "no /usr/bin/prometheus (Debian's prometheus)";
   const int port = StartWithMetrics();
   ASSERT_GT(port, 0) << server_->Output();
   auto vm1 = StartHeldVm("vm1");
@@ -97,10 +98,10 @@ TEST_F(ObservabilityTest, PrometheusScrapesTheFaultCountersOfTheVmsBeingRestored
   std::ofstream(config) << "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
                         << "scrape_configs:\n  - job_name: gmem\n    static_configs:\n"
                         << "      - targets: ['127.0.0.1:" << port << "']\n";
-  Subprocess prometheus({"/usr/bin/prometheus", "--config.file=" + config,
-                         "--storage.tsdb.path=" + dir_ + "/tsdb",
-                         "--web.listen-address=127.0.0.1:" + std::to_string(prometheus_port)},
-                        dir_ + "/prometheus.log");
+  Subprocess prometheus(
+      {"/usr/bin/prometheus", "--config.file=" + config, "--storage.tsdb.path=" + dir_ + "/tsdb",
+       "--web.listen-address=127.0.0.1:" + std::to_string(prometheus_port)},
+      dir_ + "/prometheus.log");
   ASSERT_TRUE(prometheus.WaitForOutput("Server is ready to receive web requests", 120s))
       << prometheus.Output();
 
@@ -145,7 +146,8 @@ TEST_F(ObservabilityTest, PrometheusScrapesTheFaultCountersOfTheVmsBeingRestored
 }
 
 TEST_F(ObservabilityTest, PromtoolHasNothingToSayAboutTheExposition) {
-  if (!Executable("/usr/bin/promtool")) GTEST_SKIP() << "no /usr/bin/promtool (Debian's prometheus)";
+  if (!Executable("/usr/bin/promtool"))
+    GTEST_SKIP() << "no /usr/bin/promtool (Debian's prometheus)";
   const int port = StartWithMetrics({"--max-pending-handshakes", "8"});
   ASSERT_GT(port, 0) << server_->Output();
   // One VM that ended, one being served, one handshake rejected: every kind of series is there.
@@ -162,9 +164,9 @@ TEST_F(ObservabilityTest, PromtoolHasNothingToSayAboutTheExposition) {
     text = Scrape(port);
     return text.find("gmem_vms_finished_total 1") != std::string::npos &&
            text.find("gmem_vms_connected 1") != std::string::npos &&
-           text.find("gmem_handshakes_rejected_total{reason=\"malformed\"} 1") !=
-               std::string::npos;
-  })) << text << server_->Output();
+           text.find("gmem_handshakes_rejected_total{reason=\"malformed\"} 1") != std::string::npos;
+  })) << text
+      << server_->Output();
   EXPECT_NE(text.find("pid=\"" + std::to_string(held->pid()) + "\""), std::string::npos);
   const std::string exposition = dir_ + "/metrics.txt";
   std::ofstream(exposition) << text;
@@ -246,8 +248,8 @@ TEST_F(ObservabilityTest, ASocketActivatedDaemonRestoresAVmAndNotifiesReadiness)
   server_ = std::make_unique<Subprocess>(
       // The daemon gets only the environment -E gives it (and LISTEN_*).
       std::vector<std::string>{activate, "-E", "NOTIFY_SOCKET=" + notify_path, "-l", socket_,
-                               GMEM_BINARY, "serve", socket_, snapshot_->path(),
-                               "--cache-dir", dir_ + "/cache", "--max-vms", "1"},
+                               GMEM_BINARY, "serve", socket_, snapshot_->path(), "--cache-dir",
+                               dir_ + "/cache", "--max-vms", "1"},
       dir_ + "/serve.log");
   ASSERT_TRUE(server_->WaitForOutput("Listening on " + socket_)) << server_->Output();
   auto vm = StartVm("vm", {"--workload", "random", "--pages", "500", "--verify"});

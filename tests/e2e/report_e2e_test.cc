@@ -79,7 +79,9 @@ TEST_F(ReportTest, ARestoresTraceIsDrawnAndChromiumRendersItNotBlank) {
     trace = ReadRestoreTrace(files[0]);
     return trace.has_value() && !trace->records.empty() &&
            trace->records.back().type == TraceRecordType::kFault;
-  })) << (trace ? "" : trace.error().ToString()) << "\n" << server_->Output();
+  })) << (trace ? "" : trace.error().ToString())
+      << "\n"
+      << server_->Output();
   EXPECT_EQ(trace->header.snapshot, snapshot_->path());
   EXPECT_NE(server_->Output().find("restore trace " + files[0]), std::string::npos);
 

@@ -28,9 +28,9 @@ std::string ShellQuote(const std::vector<std::string>& argv) {
   return out;
 }
 
-const std::vector<std::string> kSmallBench = {
-    GMEM_BINARY, "bench",       "--size-mib", "16",   "--rounds",      "1",
-    "--workloads", "sparse",    "--threads",  "1",    "--access",      "read"};
+const std::vector<std::string> kSmallBench = {GMEM_BINARY, "bench", "--size-mib",  "16",
+                                              "--rounds",  "1",     "--workloads", "sparse",
+                                              "--threads", "1",     "--access",    "read"};
 
 TEST(ToolsObservabilityTest, BenchReportDrawsGuestmemsContestantsSideBySide) {
   TempDir dir;
@@ -55,11 +55,11 @@ TEST(ToolsObservabilityTest, ProgressShowsOnATerminalOnly) {
   if (access("/usr/bin/script", X_OK) != 0) GTEST_SKIP() << "no script(1) to make a terminal";
   TempDir dir;
   // On a terminal: the line is drawn (and erased at the end).
-  Subprocess tty({"/usr/bin/script", "-qec",
-                  ShellQuote({GMEM_BINARY, "snapshot", "create", "--size-mib", "64",
-                              dir.File("a.mem")}),
-                  "/dev/null"},
-                 dir.File("tty.log"));
+  Subprocess tty(
+      {"/usr/bin/script", "-qec",
+       ShellQuote({GMEM_BINARY, "snapshot", "create", "--size-mib", "64", dir.File("a.mem")}),
+       "/dev/null"},
+      dir.File("tty.log"));
   ASSERT_EQ(tty.ExitCode(120s), 0) << tty.Output();
   EXPECT_NE(tty.Output().find("\rsnapshot create  64/64 MiB 100%"), std::string::npos)
       << tty.Output();

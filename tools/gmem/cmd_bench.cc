@@ -10,7 +10,6 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -20,6 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/temp_dir.h"
@@ -62,8 +62,8 @@ struct BenchArgs {
   bool json = false;
   unsigned vms = 0;  // > 0: N VMs restoring at once against one VM's floor, instead of the tables
   unsigned workers_given = 0;  // --workers was on the command line
-  std::string report;   // --report: the HTML page of the contestants' traces
-  std::string metrics;  // --metrics: serve the runs' metrics as gmem serve does
+  std::string report;          // --report: the HTML page of the contestants' traces
+  std::string metrics;         // --metrics: serve the runs' metrics as gmem serve does
 };
 
 // --metrics: the timed restores' spaces as live VMs of a ServeMetrics, each while it is served.
@@ -303,9 +303,11 @@ int RunManyVmsBench(const BenchArgs& args, const bench::RestoreSnapshot& snapsho
   const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
   bool failed = false;
   for (const Config& config : configs) {
-    auto plan = sim::PlanWorkload(
-        {.kind = config.kind, .access = config.access, .threads = config.threads, .seed = args.seed},
-        snapshot.size());
+    auto plan = sim::PlanWorkload({.kind = config.kind,
+                                   .access = config.access,
+                                   .threads = config.threads,
+                                   .seed = args.seed},
+                                  snapshot.size());
     if (!plan) {
       std::fprintf(stderr, "bench: %s\n", plan.error().ToString().c_str());
       return 2;
@@ -332,9 +334,10 @@ int RunManyVmsBench(const BenchArgs& args, const bench::RestoreSnapshot& snapsho
                 options.workers == 0 ? "one per CPU" : std::to_string(options.workers).c_str());
     std::printf("  all VMs done: median %.2f ms; one VM's own time, median over VMs: %.2f ms\n",
                 Median(totals), Median(medians));
-    std::printf("  one VM's floor: %.2f ms; N x floor / CPUs: %.2f ms; all VMs / that: %.2fx "
-                "(target <= 2x)\n",
-                Median(floors), Median(floors) * args.vms / cpus, Median(over_bound));
+    std::printf(
+        "  one VM's floor: %.2f ms; N x floor / CPUs: %.2f ms; all VMs / that: %.2fx "
+        "(target <= 2x)\n",
+        Median(floors), Median(floors) * args.vms / cpus, Median(over_bound));
   }
   std::printf(failed ? "\nMISMATCH: some VM read wrong bytes.\n" : "\nEvery VM verified.\n");
   return failed ? 1 : 0;
@@ -474,9 +477,9 @@ int RunBench(const BenchArgs& args) {
                          return rank(a.title) < rank(b.title);
                        });
       std::ofstream page(args.report, std::ios::binary | std::ios::trunc);
-      page << report::RenderRestoreReport("gmem bench: " + config.Label() + ", " +
-                                              std::to_string(snapshot->size() >> 20) + " MiB",
-                                          report_columns);
+      page << report::RenderRestoreReport(
+          "gmem bench: " + config.Label() + ", " + std::to_string(snapshot->size() >> 20) + " MiB",
+          report_columns);
       page.close();
       if (!page) {
         std::fprintf(stderr, "bench: --report: cannot write %s\n", args.report.c_str());

@@ -142,14 +142,14 @@ Status ParseArgs(ServeArgs& args) {
     }
     if (!S_ISDIR(st.st_mode)) return Bad("--trace-dir", args.trace_dir, "not a directory");
     if (access(args.trace_dir.c_str(), W_OK | X_OK) != 0) {
-      return Bad("--trace-dir", args.trace_dir, std::string("cannot write there: ") +
-                                                    std::strerror(errno));
+      return Bad("--trace-dir", args.trace_dir,
+                 std::string("cannot write there: ") + std::strerror(errno));
     }
     options.trace_dir = args.trace_dir;
   }
   if (args.control) {
-    options.control_path = args.control_socket.empty() ? DefaultControlPath(options.socket_path)
-                                                       : args.control_socket;
+    options.control_path =
+        args.control_socket.empty() ? DefaultControlPath(options.socket_path) : args.control_socket;
   }
   // A power of two is the last check: the parsers above already named a value out of range.
   return ValidateServeOptions(options);
@@ -170,7 +170,8 @@ Result<int> SocketFromSystemd(const std::string& socket_path) {
   if (sd_is_socket_unix(fd, SOCK_STREAM, /*listening=*/1, socket_path.c_str(), 0) <= 0) {
     return Error(ErrorCode::kInvalidArgument,
                  "LISTEN_FDS: the socket systemd passed is not a listening Unix stream socket "
-                 "at " + socket_path + " (ListenStream= in the .socket unit must be that path)");
+                 "at " +
+                     socket_path + " (ListenStream= in the .socket unit must be that path)");
   }
   return fd;
 }

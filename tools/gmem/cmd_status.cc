@@ -32,9 +32,8 @@ uint64_t Sum(const nlohmann::json& object) {
 }
 
 void PrintTable(const nlohmann::json& status) {
-  std::printf("gmem serve (pid %d): %zu VM(s) connected, %zu finished",
-              status.at("pid").get<int>(), status.at("vms_connected").get<size_t>(),
-              status.at("vms_finished").get<size_t>());
+  std::printf("gmem serve (pid %d): %zu VM(s) connected, %zu finished", status.at("pid").get<int>(),
+              status.at("vms_connected").get<size_t>(), status.at("vms_finished").get<size_t>());
   const uint64_t rejected = Sum(status.at("handshakes_rejected"));
   if (rejected > 0) {
     std::printf(", %llu handshake(s) rejected (", static_cast<unsigned long long>(rejected));
@@ -67,8 +66,8 @@ void PrintTable(const nlohmann::json& status) {
 }
 
 int RunStatus(const StatusArgs& args) {
-  const std::string path = args.control_socket.empty() ? DefaultControlPath(args.socket_path)
-                                                       : args.control_socket;
+  const std::string path =
+      args.control_socket.empty() ? DefaultControlPath(args.socket_path) : args.control_socket;
   auto reply = QueryControl(path, args.metrics ? "metrics" : "status");
   if (!reply) {
     std::fprintf(stderr, "gmem status: %s\n", reply.error().ToString().c_str());
@@ -96,8 +95,7 @@ void RegisterStatusCommand(CLI::App& app) {
   auto args = std::make_shared<StatusArgs>();
   CLI::App* cmd =
       app.add_subcommand("status", "Ask a running gmem serve for its live VMs and their counters");
-  cmd->add_option("socket_path", args->socket_path, "The socket gmem serve listens on")
-      ->required();
+  cmd->add_option("socket_path", args->socket_path, "The socket gmem serve listens on")->required();
   cmd->add_option("--control-socket", args->control_socket,
                   "The daemon's control socket (default: SOCKET.control)");
   cmd->add_flag("--json", args->json, "Print the daemon's JSON reply");

@@ -38,7 +38,7 @@ struct SnapshotMakerOptions {
   bool overwrite = false;  // replace an existing file (else kAlreadyExists)
   // Told how many pages are done so far, now and then and at the end (null: nobody).
   std::function<void(uint64_t done, uint64_t pages)> progress;
-  Os* os = nullptr;        // Os::Default() when null
+  Os* os = nullptr;  // Os::Default() when null
 };
 
 struct SnapshotSummary {

@@ -282,7 +282,7 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
     FaultHandlerOptions handler_options;
     handler_options.name = "bench first restore";
     handler_options.fault_around_bytes = options.fault_around_bytes;
-  handler_options.adaptive_windows = options.adaptive_windows;
+    handler_options.adaptive_windows = options.adaptive_windows;
     handler_options.recorder = recorder;
     GM_ASSIGN_OR_RETURN(RestoreRun learning,
                         RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, first,

@@ -128,7 +128,7 @@ struct RestoreRun {
   uint64_t pages_installed = 0;
   // kFaultAll: how long installing everything took, inside the handler.
   uint64_t fault_all_ns = 0;
-  uint64_t latency_p50_ns = 0;  // guestmem's fault service latency (0 for the others)
+  uint64_t latency_p50_ns = 0;    // guestmem's fault service latency (0 for the others)
   uint64_t pages_prefetched = 0;  // kLearned: installed ahead of the guest's faults
   uint64_t pages_verified = 0;
   uint64_t mismatches = 0;  // pages whose bytes differ from the snapshot (or what was written)

@@ -21,16 +21,18 @@ constexpr int kCellWidth = 8;
 constexpr int kCellHeight = 6;
 
 // Causes of an install, in the order they are stacked, with their colours.
-constexpr std::array<TraceRecordType, 3> kCauses = {
-    TraceRecordType::kFaultInstall, TraceRecordType::kPrefetchInstall,
-    TraceRecordType::kFillInstall};
+constexpr std::array<TraceRecordType, 3> kCauses = {TraceRecordType::kFaultInstall,
+                                                    TraceRecordType::kPrefetchInstall,
+                                                    TraceRecordType::kFillInstall};
 constexpr std::array<const char*, 3> kCauseNames = {"fault", "prefetch", "fill"};
-constexpr std::array<std::array<int, 3>, 3> kCauseRgb = {{{228, 87, 46}, {46, 134, 222}, {40, 167, 69}}};
+constexpr std::array<std::array<int, 3>, 3> kCauseRgb = {
+    {{228, 87, 46}, {46, 134, 222}, {40, 167, 69}}};
 constexpr std::array<const char*, 4> kWayNames = {"copy", "zero page", "continue", "populate"};
 
 size_t CauseIndex(TraceRecordType type) {
-  return type == TraceRecordType::kPrefetchInstall ? 1 : type == TraceRecordType::kFillInstall ? 2
-                                                                                              : 0;
+  return type == TraceRecordType::kPrefetchInstall ? 1
+         : type == TraceRecordType::kFillInstall   ? 2
+                                                   : 0;
 }
 
 std::string Format(const char* format, double value) {
@@ -147,22 +149,26 @@ std::string Timeline(const RestoreTraceData& trace, const Summary& s) {
   std::array<double, kTimeBins> below{};
   for (size_t c = 0; c < kCauses.size(); ++c) {
     if (bins[c][kTimeBins - 1] == 0) continue;
-    std::string points = Format("%.1f", static_cast<double>(kPlotLeft)) + "," + Format("%.1f", y(0));
+    std::string points =
+        Format("%.1f", static_cast<double>(kPlotLeft)) + "," + Format("%.1f", y(0));
     for (int i = 0; i < kTimeBins; ++i) {
       points += " " + Format("%.1f", x(i)) + "," + Format("%.1f", y(below[i] + bins[c][i]));
     }
     for (int i = kTimeBins - 1; i >= 0; --i) {
       points += " " + Format("%.1f", x(i)) + "," + Format("%.1f", y(below[i]));
     }
-    svg += "<polygon points=\"" + points + "\" fill=\"" + Rgb(kCauseRgb[c], 0.15) +
-           "\" stroke=\"" + Rgb(kCauseRgb[c]) + "\" stroke-width=\"1\"/>";
+    svg += "<polygon points=\"" + points + "\" fill=\"" + Rgb(kCauseRgb[c], 0.15) + "\" stroke=\"" +
+           Rgb(kCauseRgb[c]) + "\" stroke-width=\"1\"/>";
     for (int i = 0; i < kTimeBins; ++i) below[i] += bins[c][i];
   }
   for (int tick = 0; tick <= 2; ++tick) {
     const double pages = top * tick / 2;
     svg += Text(kPlotLeft - 4, y(pages) + 4, Format("%.0f", pages), "end", 10);
-    svg += Text(kPlotLeft + plot_w * tick / 2, kHeight - kBottom + 14,
-                Duration(end * tick / 2), tick == 0 ? "start" : tick == 2 ? "end" : "middle", 10);
+    svg += Text(kPlotLeft + plot_w * tick / 2, kHeight - kBottom + 14, Duration(end * tick / 2),
+                tick == 0   ? "start"
+                : tick == 2 ? "end"
+                            : "middle",
+                10);
   }
   svg += Text(kPlotLeft + plot_w / 2, kHeight - 2, "time since the VM connected", "middle", 10);
   svg += "</svg>";
@@ -178,8 +184,8 @@ std::string LatencyChart(const Summary& s) {
     counts[static_cast<size_t>(std::lower_bound(bounds.begin(), bounds.end(), ns) -
                                bounds.begin())]++;
   }
-  const double top = static_cast<double>(std::max<uint64_t>(
-      *std::max_element(counts.begin(), counts.end()), 1));
+  const double top =
+      static_cast<double>(std::max<uint64_t>(*std::max_element(counts.begin(), counts.end()), 1));
   const double plot_w = kWidth - kPlotLeft - kPlotRight;
   const double plot_h = kHeight - kTop - kBottom;
   const double bar = plot_w / static_cast<double>(counts.size());
@@ -211,8 +217,7 @@ std::string LatencyChart(const Summary& s) {
 // Guest memory, each cell a run of pages: coloured by what installed it first, lighter when later.
 std::string MemoryMap(const RestoreTraceData& trace, const Summary& s) {
   const uint64_t pages = std::max<uint64_t>(trace.header.pages, 1);
-  const uint64_t per_cell =
-      (pages + kMapColumns * kMapMaxRows - 1) / (kMapColumns * kMapMaxRows);
+  const uint64_t per_cell = (pages + kMapColumns * kMapMaxRows - 1) / (kMapColumns * kMapMaxRows);
   const uint64_t cells = (pages + per_cell - 1) / per_cell;
   const int rows = static_cast<int>((cells + kMapColumns - 1) / kMapColumns);
   struct First {
@@ -251,8 +256,8 @@ std::string MemoryMap(const RestoreTraceData& trace, const Summary& s) {
 std::string Legend() {
   std::string out = "<p class=\"legend\">";
   for (size_t c = 0; c < kCauses.size(); ++c) {
-    out += "<span><i style=\"background:" + Rgb(kCauseRgb[c]) + "\"></i>" + kCauseNames[c] +
-           "</span>";
+    out +=
+        "<span><i style=\"background:" + Rgb(kCauseRgb[c]) + "\"></i>" + kCauseNames[c] + "</span>";
   }
   return out + " (on the map: dark early, light late)</p>";
 }

@@ -125,11 +125,12 @@ Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const Metric
   if (address.port == 0) {
     bound.port = server->bind_to_any_port(address.host);
     if (bound.port < 0) {
-      return Error(ErrorCode::kFailedPrecondition, "--metrics " + address.ToString() + ": cannot bind");
+      return Error(ErrorCode::kFailedPrecondition,
+                   "--metrics " + address.ToString() + ": cannot bind");
     }
   } else if (!server->bind_to_port(address.host, address.port)) {
-    return Error(ErrorCode::kFailedPrecondition,
-                 "--metrics " + address.ToString() + ": cannot bind (in use, or not an address "
+    return Error(ErrorCode::kFailedPrecondition, "--metrics " + address.ToString() +
+                                                     ": cannot bind (in use, or not an address "
                                                      "of this host)");
   }
   std::unique_ptr<MetricsHttpServer> out(new MetricsHttpServer(std::move(server), bound));

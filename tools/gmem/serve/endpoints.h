@@ -45,7 +45,7 @@ class MetricsHttpServer {
  public:
   // Binds (so that a port in use fails here) and serves in a thread of its own.
   static Result<std::unique_ptr<MetricsHttpServer>> Start(const MetricsAddress& address,
-                                                         const ServeMetrics* metrics);
+                                                          const ServeMetrics* metrics);
   ~MetricsHttpServer();
   // The address bound, with the port the kernel chose for port 0.
   const MetricsAddress& address() const { return address_; }
@@ -61,7 +61,7 @@ class ControlServer {
  public:
   // Listens on `path` (owner-only; a stale socket file is replaced).
   static Result<std::unique_ptr<ControlServer>> Start(const std::string& path,
-                                                     const ServeMetrics* metrics);
+                                                      const ServeMetrics* metrics);
   ~ControlServer();
   const std::string& path() const { return path_; }
 

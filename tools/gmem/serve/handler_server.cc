@@ -28,10 +28,10 @@
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/snapshot_cache.h"
-#include "guestmem/working_set_learner.h"
 #include "guestmem/unix_socket.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
+#include "guestmem/working_set_learner.h"
 #include "guestmem/zero_map.h"
 #include "serve/handler_server_impl.h"
 #include "serve/keeper.h"
@@ -144,6 +144,13 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
   impl->metrics = std::make_unique<ServeMetrics>(
       [engine = impl->engine.get()](SpaceId space) { return engine->Stats(space); });
+  if (options.metrics_address) {
+    // Bound before anything is taken over: a port in use stops the daemon having touched nothing.
+    GM_ASSIGN_OR_RETURN(impl->metrics_http,
+                        MetricsHttpServer::Start(*options.metrics_address, impl->metrics.get()));
+    Log(LogLevel::kInfo,
+        "metrics at http://" + impl->metrics_http->address().ToString() + "/metrics");
+  }
   impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
   if (!impl->epoll) return PosixError(errno, "serve: epoll_create1");
   impl->stop_fd.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -210,12 +217,6 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
     GM_RETURN_IF_ERROR(impl->Watch(impl->apf_listener.get(), kApfListenerToken, EPOLLIN));
   }
   GM_RETURN_IF_ERROR(impl->TakeOverFromKeeper());
-  if (options.metrics_address) {
-    GM_ASSIGN_OR_RETURN(impl->metrics_http,
-                        MetricsHttpServer::Start(*options.metrics_address, impl->metrics.get()));
-    Log(LogLevel::kInfo,
-        "metrics at http://" + impl->metrics_http->address().ToString() + "/metrics");
-  }
   if (!options.control_path.empty()) {
     auto control = ControlServer::Start(options.control_path, impl->metrics.get());
     if (!control) return std::move(control).error().WithContext("the control socket");
@@ -237,7 +238,8 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
           std::to_string(options.max_active_vms) + " VMs served at once" + AccessNote(options) +
           (impl->apf_listener ? "; APF socket " + impl->apf_path : std::string()) +
           (impl->socket_activated ? "; socket from systemd" : std::string()) +
-          (impl->control_server ? "; control socket " + impl->control_server->path() : std::string()));
+          (impl->control_server ? "; control socket " + impl->control_server->path()
+                                : std::string()));
   return std::unique_ptr<HandlerServer>(new HandlerServer(std::move(impl)));
 }
 
@@ -741,12 +743,12 @@ void HandlerServer::Impl::HandshakeReady(Connection& c) {
   Result<SpaceId> space = Admit(c, handshake);
   if (!space) {
     const ErrorCode code = space.error().code();
-    const RejectReason reason =
-        at_vm_limit ? RejectReason::kVmLimit
-        : code == ErrorCode::kInvalidArgument || code == ErrorCode::kOutOfRange ||
-                code == ErrorCode::kProtocolError
-            ? RejectReason::kInvalid
-            : RejectReason::kError;
+    const RejectReason reason = at_vm_limit ? RejectReason::kVmLimit
+                                : code == ErrorCode::kInvalidArgument ||
+                                        code == ErrorCode::kOutOfRange ||
+                                        code == ErrorCode::kProtocolError
+                                    ? RejectReason::kInvalid
+                                    : RejectReason::kError;
     Reject(c, reason, space.error().ToString());
     return;
   }

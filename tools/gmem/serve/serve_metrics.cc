@@ -152,8 +152,8 @@ std::string Join(const std::string& a, const std::string& b) {
 }
 
 std::string VmLabelText(const VmLabels& l) {
-  return "vm=\"" + std::to_string(l.vm) + "\",pid=\"" + std::to_string(l.pid) +
-         "\",snapshot=\"" + EscapeLabel(l.snapshot) + "\"";
+  return "vm=\"" + std::to_string(l.vm) + "\",pid=\"" + std::to_string(l.pid) + "\",snapshot=\"" +
+         EscapeLabel(l.snapshot) + "\"";
 }
 
 // Every FaultStats family under `prefix`: once for `total` (no VM labels) when it is set, once
@@ -215,8 +215,7 @@ void WriteProcessMetrics(Exposition& e) {
   e.Sample("process_resident_memory_bytes", "", Number(std::stod(f[21]) * page));
   e.Family("process_virtual_memory_bytes", "Virtual memory size, bytes", "gauge");
   e.Sample("process_virtual_memory_bytes", "", f[20]);
-  e.Family("process_start_time_seconds", "Start time of the process since the Unix epoch",
-           "gauge");
+  e.Family("process_start_time_seconds", "Start time of the process since the Unix epoch", "gauge");
   char start[32];
   (void)std::snprintf(start, sizeof(start), "%.2f", boot_time + std::stod(f[19]) / ticks);
   e.Sample("process_start_time_seconds", "", start);
@@ -307,8 +306,10 @@ std::string FormatPrometheus(const ServeMetrics::Snapshot& s) {
   e.Sample("gmem_vms_connected", "", std::to_string(s.vms.size()));
   e.Family("gmem_vms_finished_total", "VMs served that have ended", "counter");
   e.Sample("gmem_vms_finished_total", "", std::to_string(s.vms_finished));
-  e.Family("gmem_handshakes_rejected_total", "Connections that did not become a served VM, by "
-           "reason", "counter");
+  e.Family("gmem_handshakes_rejected_total",
+           "Connections that did not become a served VM, by "
+           "reason",
+           "counter");
   for (size_t i = 0; i < kRejectReasons; ++i) {
     e.Sample("gmem_handshakes_rejected_total",
              std::string("reason=\"") + RejectReasonName(static_cast<RejectReason>(i)) + "\"",

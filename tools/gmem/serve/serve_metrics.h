@@ -87,9 +87,9 @@ class ServeMetrics {
   };
   StatsFn stats_of_;
   mutable std::mutex mu_;
-  mutable std::map<uint64_t, Live> live_;  // GUARDED_BY(mu_)
-  FaultStats ended_;                       // GUARDED_BY(mu_)
-  uint64_t vms_finished_ = 0;              // GUARDED_BY(mu_)
+  mutable std::map<uint64_t, Live> live_;            // GUARDED_BY(mu_)
+  FaultStats ended_;                                 // GUARDED_BY(mu_)
+  uint64_t vms_finished_ = 0;                        // GUARDED_BY(mu_)
   std::array<uint64_t, kRejectReasons> rejected_{};  // GUARDED_BY(mu_)
 };
 

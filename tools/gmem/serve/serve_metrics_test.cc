@@ -188,8 +188,7 @@ TEST(MetricsHttpServerTest, ServesTheExpositionOnTheChosenPort) {
   auto response = client.Get("/metrics");
   ASSERT_TRUE(response);
   EXPECT_EQ(response->status, 200);
-  EXPECT_EQ(response->get_header_value("Content-Type"),
-            "text/plain; version=0.0.4; charset=utf-8");
+  EXPECT_EQ(response->get_header_value("Content-Type"), "text/plain; version=0.0.4; charset=utf-8");
   EXPECT_NE(response->body.find("gmem_faults_total{kind=\"missing\"} 3"), std::string::npos);
   EXPECT_EQ(client.Get("/nothing")->status, 404);
   // The port is taken now: a second server there fails at start, saying so.
@@ -215,8 +214,7 @@ TEST(ControlServerTest, AnswersStatusAndMetricsAndRefusesWhatItDoesNotKnow) {
   EXPECT_EQ((*status)["vms"][0]["vm"], 9);
   auto text = QueryControl(path, "metrics");
   ASSERT_TRUE(text.has_value()) << text.error().ToString();
-  EXPECT_NE((*text)["metrics"].get<std::string>().find("gmem_vms_connected 1"),
-            std::string::npos);
+  EXPECT_NE((*text)["metrics"].get<std::string>().find("gmem_vms_connected 1"), std::string::npos);
   auto unknown = QueryControl(path, "reboot");
   ASSERT_FALSE(unknown.has_value());
   EXPECT_EQ(unknown.error().code(), ErrorCode::kProtocolError);
