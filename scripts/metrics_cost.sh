@@ -12,18 +12,21 @@ gm_build release
 gmem="$GUESTMEM_ROOT/build/release/tools/gmem/gmem"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-bench=("$gmem" bench --json --size-mib 256 --rounds 3 --workloads sparse,random --threads 1
+bench=("$gmem" bench --json --size-mib 256 --rounds 5 --workloads sparse,random --threads 1
        --access read --contestants on-demand,learned,fault-all "$@")
 
 # The sum over configurations and contestants of the median times, in ms.
 total_ms() { jq '[.configs[].contestants[].median_ms] | add' "$1"; }
+# "workload/contestant median_ms" lines.
+each_ms() { jq -r '.configs[] | .workload as $w | .contestants[] | "\($w)/\(.name) \(.median_ms)"' "$1"; }
 
 run_without() { "${bench[@]}" > "$work/without.json"; }
 run_with() {
+  rm -f "$work/with.err"  # not the last run's port: the shell truncates it only in the child
   "${bench[@]}" --metrics 127.0.0.1:0 > "$work/with.json" 2> "$work/with.err" &
   local pid=$! port="" scrapes=0
   while kill -0 "$pid" 2>/dev/null; do
-    [ -z "$port" ] && port="$(sed -n 's|.*metrics at http://127.0.0.1:\([0-9]*\)/metrics.*|\1|p' "$work/with.err")"
+    [ -z "$port" ] && [ -f "$work/with.err" ] && port="$(sed -n 's|.*metrics at http://127.0.0.1:\([0-9]*\)/metrics.*|\1|p' "$work/with.err")"
     if [ -n "$port" ] && curl -sf "http://127.0.0.1:$port/metrics" -o /dev/null; then
       scrapes=$((scrapes + 1))
     fi
@@ -41,8 +44,16 @@ for round in $(seq 1 "$rounds"); do
   with="$(total_ms "$work/with.json")"
   ratio="$(echo "$with / $without" | bc -l)"
   ratios+=("$ratio")
+  join <(each_ms "$work/without.json" | sort) <(each_ms "$work/with.json" | sort) |
+    awk '{print $1, $3 / $2}' >> "$work/each"
   printf 'round %d: without %.2f ms, with --metrics %.2f ms (%d scrapes): ratio %.4f\n' \
     "$round" "$without" "$with" "$(cat "$work/scrapes")" "$ratio"
 done
 median="$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')"
 printf 'median ratio (with / without --metrics) over %d rounds: %.4f\n' "$rounds" "$median"
+echo "median ratio over rounds, by workload/contestant:"
+sort "$work/each" | awk '{r[$1] = r[$1] " " $2} END {for (k in r) print k, r[k]}' | sort |
+  while read -r name values; do
+    printf '  %-22s %.4f\n' "$name" "$(printf '%s\n' $values | sort -g |
+      awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')"
+  done
