@@ -23,6 +23,7 @@
 namespace guestmem::e2e {
 namespace {
 
+using testutil::ReadFile;
 using testutil::WaitUntil;
 
 bool Executable(const std::string& path) { return access(path.c_str(), X_OK) == 0; }
@@ -49,11 +50,6 @@ int MetricsPort(const std::string& line) {
   const size_t at = line.find(marker);
   if (at == std::string::npos) return -1;
   return std::stoi(line.substr(at + marker.size()));
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
 class ObservabilityTest : public ServeTest {

@@ -20,6 +20,7 @@
 namespace guestmem::e2e {
 namespace {
 
+using testutil::ReadFile;
 using testutil::WaitUntil;
 
 std::vector<std::string> FilesIn(const std::string& dir, const std::string& suffix) {
@@ -32,11 +33,6 @@ std::vector<std::string> FilesIn(const std::string& dir, const std::string& suff
   }
   closedir(d);
   return out;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
 struct Pixels {

@@ -15,12 +15,8 @@ namespace guestmem::e2e {
 namespace {
 
 using namespace std::chrono_literals;
+using testutil::ReadFile;
 using testutil::Subprocess;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
 
 std::string ShellQuote(const std::vector<std::string>& argv) {
   std::string out;
