@@ -9,6 +9,12 @@ GUESTMEM_PACKAGES=(
   g++ cmake ninja-build pkg-config
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev libxxhash-dev libzstd-dev liblz4-dev
+  libcpp-httplib-dev libsystemd-dev libpng-dev
+  # The observability tests: a real Prometheus and promtool, headless Chromium, and
+  # systemd-socket-activate.
+  prometheus chromium systemd
+  # scripts/metrics_cost.sh: a scraper and the JSON of gmem bench.
+  curl jq bc
 )
 # What the fuzz preset needs on top: clang and its runtimes (libFuzzer, ASan, UBSan).
 GUESTMEM_FUZZ_PACKAGES=(clang libclang-rt-14-dev)

@@ -61,6 +61,7 @@
 #include "guestmem/memory_file.h"
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
+#include "guestmem/restore_trace.h"
 #include "guestmem/result.h"
 #include "guestmem/userfault_bitmap.h"
 #include "guestmem/userfaultfd.h"
@@ -130,6 +131,9 @@ struct FaultHandlerOptions {
   std::shared_ptr<const WorkingSet> prefetch;
   // Told every page a fault needed, in order (what the next restore will prefetch).
   std::shared_ptr<WorkingSetRecorder> recorder;
+  // Where each install and each fault's latency are written (restore_trace.h); null: nowhere.
+  // Written from the handler's thread only; a forked child's handler writes none.
+  std::shared_ptr<RestoreTraceWriter> trace;
 };
 
 // The largest window a sequential stream grows to (adaptive_windows).

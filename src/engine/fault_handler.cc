@@ -57,10 +57,12 @@ uint64_t NowNanos() {
           .count());
 }
 
-uint64_t NanosSince(Clock::time_point start) {
+uint64_t NanosBetween(Clock::time_point start, Clock::time_point end) {
   return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+      std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count());
 }
+
+uint64_t NanosSince(Clock::time_point start) { return NanosBetween(start, Clock::now()); }
 
 uint64_t PageIndex(uint64_t file_offset) { return file_offset / kPageSize4K; }
 
@@ -76,6 +78,7 @@ struct Counters {
   std::atomic<uint64_t> events_remove{0}, events_unmap{0}, events_remap{0}, events_fork{0};
   std::atomic<uint64_t> pages_poisoned{0}, eagain_retries{0}, fault_all_us{0}, content_waits{0};
   std::atomic<uint64_t> first_fault_served_ns{0}, fill_finished_ns{0}, turns{0};
+  std::atomic<uint64_t> prefetch_hits{0}, prefetch_misses{0};
 };
 
 void Add(std::atomic<uint64_t>& counter, uint64_t n) {
@@ -178,6 +181,8 @@ class FaultHandler::Pipeline {
   size_t prefetch_next = 0;
   Clock::time_point prefetch_start;
   LatencyHistogram latency;
+  // A uffd fault's service in parts: queued (read to first served), fetching, installing.
+  BucketHistogram queue_latency, fetch_latency, install_latency;
   std::vector<std::unique_ptr<FaultHandler>> children;
 
  private:
@@ -203,6 +208,27 @@ class FaultHandler::Pipeline {
     }
   }
   Result<Step> ServeStray(const PagefaultEvent& fault);
+  // The pages of `run` still pending, which the prefetch is about to install.
+  void NotePrefetched(const RegionRange& run) {
+    const GuestRegion& region = layout.regions()[run.region];
+    for (uint64_t offset = run.begin; offset < run.end; offset += kPageSize4K) {
+      const uint64_t page = PageIndex(region.file_offset.value() + offset);
+      if (page < prefetched_.size() && FateOf(region, offset) == PageFate::kPending) {
+        prefetched_[page] = true;
+      }
+    }
+  }
+  // A fault while a working set is (or was) prefetched: a hit when the prefetch had served its
+  // page already, a miss when the fault must install it.
+  void CountPrefetchOutcome(const GuestRegion& region, uint64_t page_offset) {
+    const uint64_t page = PageIndex(region.file_offset.value() + page_offset);
+    const PageFate fate = FateOf(region, page_offset);
+    if (fate == PageFate::kServed && page < prefetched_.size() && prefetched_[page]) {
+      Add(counters.prefetch_hits, 1);
+    } else if (fate == PageFate::kPending) {
+      Add(counters.prefetch_misses, 1);
+    }
+  }
   // `record`: what it installs was needed by a fault (told to options.recorder).
   Result<Step> InstallRange(const RegionRange& range, std::optional<uint64_t> fault_page,
                             bool write_fault, bool record = false);
@@ -236,6 +262,42 @@ class FaultHandler::Pipeline {
   // each queue an event; the install woke them all, so the later events need only a wake.
   std::vector<RegionRange> served_this_turn_;
   bool last_read_full_ = false;
+  // The fault being served: when its service started (it may be retried after EAGAIN), and the
+  // time spent fetching and installing for it so far. Every install adds to the two; a fault's
+  // start resets them.
+  std::optional<Clock::time_point> fault_started_;
+  uint64_t fetch_ns_ = 0;
+  uint64_t install_ns_ = 0;
+  // Pages (4 KiB, by file page) that the prefetch installed: a later fault on one of them that
+  // finds it served is a prefetch hit. Sized when a working set is taken up.
+  std::vector<bool> prefetched_;
+  // Why what is installed now is installed, for the trace.
+  TraceRecordType install_cause_ = TraceRecordType::kFaultInstall;
+  void TraceInstall(const GuestRegion& region, uint64_t offset, uint64_t bytes, ContentKind kind,
+                    bool populate = false) {
+    if (options.trace == nullptr || bytes == 0) return;
+    TraceWay way = kind == ContentKind::kZero                ? TraceWay::kZero
+                   : options.mode == InstallMode::kMinorTrap ? TraceWay::kContinue
+                                                             : TraceWay::kCopy;
+    if (populate) way = TraceWay::kPopulate;
+    options.trace->Append({.time_ns = options.trace->Now(),
+                           .page = PageIndex(region.file_offset.value() + offset),
+                           .value = static_cast<uint32_t>(bytes / kPageSize4K),
+                           .type = install_cause_,
+                           .way = way});
+  }
+  void TraceFault(HostVirtAddr address, uint64_t latency_ns) {
+    if (options.trace == nullptr) return;
+    auto hit = layout.FindHost(address);
+    if (!hit) return;
+    const GuestRegion& region = layout.regions()[hit->region];
+    options.trace->Append(
+        {.time_ns = options.trace->Now(),
+         .page =
+             PageIndex(region.file_offset.value() + AlignDown(hit->offset_in_region, kPageSize4K)),
+         .value = static_cast<uint32_t>(std::min<uint64_t>(latency_ns, UINT32_MAX)),
+         .type = TraceRecordType::kFault});
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -393,6 +455,7 @@ void FaultHandler::Pipeline::TakeGivenPrefetch() {
   if (set == nullptr) return;
   prefetch_pages = set->Pages();
   prefetch_next = 0;
+  prefetched_.assign(PageIndex(layout.file_end()), false);
   prefetch_start = Clock::now();
   AdvisePrefetch();
 }
@@ -449,6 +512,11 @@ FaultStats FaultHandler::Pipeline::Stats() const {
   out.latency_p50_ns = latency.Percentile(0.50);
   out.latency_p99_ns = latency.Percentile(0.99);
   out.latency_max_ns = latency.max();
+  out.prefetch_hits = Get(c.prefetch_hits);
+  out.prefetch_misses = Get(c.prefetch_misses);
+  out.queue_latency = queue_latency.Snapshot();
+  out.fetch_latency = fetch_latency.Snapshot();
+  out.install_latency = install_latency.Snapshot();
   return out;
 }
 
@@ -494,6 +562,11 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
   size_t retries = 0;
   while (!sequencer.empty() && served < budget.faults) {
     const QueuedFault& queued = sequencer.front();
+    if (!fault_started_) {
+      fault_started_ = Clock::now();
+      fetch_ns_ = 0;
+      install_ns_ = 0;
+    }
     GM_ASSIGN_OR_RETURN(Step step, ServeFault(queued.event));
     // The fault stays queued, first, until its content is there; the worker serves other VMs.
     if (step == Step::kWaitForContent) return more_guest_faults;
@@ -505,7 +578,13 @@ Result<bool> FaultHandler::Pipeline::Serve(const ServeBudget& budget) {
       GM_RETURN_IF_ERROR(ReadEvents(/*after_again=*/true));
       continue;
     }
-    latency.Record(NanosSince(queued.read_at));
+    const uint64_t service_ns = NanosSince(queued.read_at);
+    latency.Record(service_ns);
+    TraceFault(queued.event.address, service_ns);
+    queue_latency.Record(NanosBetween(queued.read_at, *fault_started_));
+    fetch_latency.Record(fetch_ns_);
+    install_latency.Record(install_ns_);
+    fault_started_.reset();
     if (Get(counters.first_fault_served_ns) == 0) {
       counters.first_fault_served_ns.store(NowNanos(), std::memory_order_relaxed);
     }
@@ -595,6 +674,8 @@ Status FaultHandler::Pipeline::ServeGuestFault(const GuestFault& fault) {
     }
     SetFate(region, offset, length, PageFate::kServed);
     ClearUserfaultBits(region, offset, length);
+    install_cause_ = TraceRecordType::kFaultInstall;
+    TraceInstall(region, offset, length, piece.kind, /*populate=*/true);
     if (options.recorder != nullptr) {
       options.recorder->Append(PageIndex(region.file_offset.value() + offset),
                                length / kPageSize4K);
@@ -639,6 +720,7 @@ void FaultHandler::Pipeline::FinishFill() {
 }
 
 Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
+  install_cause_ = TraceRecordType::kPrefetchInstall;
   uint64_t left = std::clamp<uint64_t>(budget.fill_bytes / kPageSize4K, 1, kPrefetchBatchPages);
   size_t retries = 0;
   std::vector<uint64_t> batch;
@@ -665,6 +747,7 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
     }
     const uint64_t installed_before = PagesInstalled();
     for (const RegionRange& run : runs) {
+      NotePrefetched(run);
       GM_ASSIGN_OR_RETURN(Step step, InstallRange(run, std::nullopt, /*write_fault=*/false));
       if (step == Step::kWaitForContent) {
         Add(counters.pages_prefetched, PagesInstalled() - installed_before);
@@ -694,6 +777,7 @@ Result<bool> FaultHandler::Pipeline::PrefetchStep(const ServeBudget& budget) {
 }
 
 Result<bool> FaultHandler::Pipeline::FillStep(const ServeBudget& budget) {
+  install_cause_ = TraceRecordType::kFillInstall;
   uint64_t left = budget.fill_bytes;
   size_t retries = 0;
   // Out of budget for now: the engine comes back once `bytes` of it are there, not before.
@@ -832,6 +916,7 @@ Status FaultHandler::Pipeline::ApplyFork(ForkEvent& fork) {
   child_options.tracker = nullptr;  // the child's memory is a copy: its own tracker
   child_options.resume = false;
   child_options.userfault_bitmap = nullptr;  // KVM maps the parent's memory, not the child's
+  child_options.trace = nullptr;             // the child may be served by another thread
   GM_ASSIGN_OR_RETURN(auto child,
                       FaultHandler::Create(std::move(child_uffd), layout, fetcher->shared_source(),
                                            std::move(child_options)));
@@ -876,7 +961,9 @@ Result<Step> FaultHandler::Pipeline::ServeFault(const PagefaultEvent& fault) {
     GM_RETURN_IF_ERROR(uffd.Wake(page_host, region.page_size));
     return Step::kDone;
   }
+  if (!prefetched_.empty()) CountPrefetchOutcome(region, page_offset);
   if (options.fill == FillMode::kAtFirstFault) StartFill(FillMode::kAtFirstFault);
+  install_cause_ = TraceRecordType::kFaultInstall;
   // A fill in progress may not have reached this part yet: the fault brings its window.
   const RegionRange range = WindowForFault(hit->region, page_offset);
   GM_ASSIGN_OR_RETURN(Step step, InstallRange(range, page_offset, fault.write, /*record=*/true));
@@ -966,15 +1053,20 @@ Result<Step> FaultHandler::Pipeline::InstallContent(const GuestRegion& region,
   };
   Content content{.kind = piece.kind};
   if (piece.kind == ContentKind::kData) {
+    const auto start = Clock::now();
     auto fetched =
         fetcher->Fetch(FileOffset(region.file_offset.value() + piece.offset), piece.length);
+    fetch_ns_ += NanosSince(start);
     if (!fetched) return failed(fetched.error());
     content.data = *fetched;
   }
+  const auto start = Clock::now();
   auto progress = installer->Install(region, piece.offset, piece.length, content);
+  install_ns_ += NanosSince(start);
   if (!progress) return failed(progress.error());
   SetFate(region, piece.offset, progress->bytes, PageFate::kServed);
   ClearUserfaultBits(region, piece.offset, progress->bytes);
+  TraceInstall(region, piece.offset, progress->bytes, piece.kind);
   if (record && options.recorder != nullptr && progress->bytes > 0) {
     options.recorder->Append(PageIndex(region.file_offset.value() + piece.offset),
                              progress->bytes / kPageSize4K);
@@ -1035,6 +1127,40 @@ Result<Step> FaultHandler::Pipeline::Poison(const GuestRegion& region, uint64_t 
       Where(region, page_offset) +
           " cannot be served and cannot be poisoned; giving up the VM: " + why.ToString());
   return Error(why.code(), Where(region, page_offset) + ": " + why.context(), why.sys_errno());
+}
+
+FaultStats& FaultStats::operator+=(const FaultStats& o) {
+  faults_missing += o.faults_missing;
+  faults_minor += o.faults_minor;
+  faults_write_protect += o.faults_write_protect;
+  faults_stray += o.faults_stray;
+  faults_guest += o.faults_guest;
+  events_remove += o.events_remove;
+  events_unmap += o.events_unmap;
+  events_remap += o.events_remap;
+  events_fork += o.events_fork;
+  pages_copied += o.pages_copied;
+  pages_continued += o.pages_continued;
+  pages_zeroed += o.pages_zeroed;
+  pages_populated += o.pages_populated;
+  pages_prefetched += o.pages_prefetched;
+  pages_filled += o.pages_filled;
+  prefetch_hits += o.prefetch_hits;
+  prefetch_misses += o.prefetch_misses;
+  pages_poisoned += o.pages_poisoned;
+  bytes_read += o.bytes_read;
+  eagain_retries += o.eagain_retries;
+  content_waits += o.content_waits;
+  latency_p50_ns = std::max(latency_p50_ns, o.latency_p50_ns);
+  latency_p99_ns = std::max(latency_p99_ns, o.latency_p99_ns);
+  latency_max_ns = std::max(latency_max_ns, o.latency_max_ns);
+  queue_latency += o.queue_latency;
+  fetch_latency += o.fetch_latency;
+  install_latency += o.install_latency;
+  fault_all_us = std::max(fault_all_us, o.fault_all_us);
+  first_fault_served_ns = std::max(first_fault_served_ns, o.first_fault_served_ns);
+  fill_finished_ns = std::max(fill_finished_ns, o.fill_finished_ns);
+  return *this;
 }
 
 std::string FaultStats::ToString() const {

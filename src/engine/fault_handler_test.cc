@@ -194,6 +194,13 @@ TEST(FaultHandlerTest, OnePagePerFaultWithoutFaultAround) {
       StatsWhen(*engine, id, [](const FaultStats& s) { return s.pages_copied >= 32; });
   EXPECT_EQ(stats.faults_missing, 32u);
   EXPECT_EQ(stats.pages_copied, 32u);
+  // Each fault's service in its three parts, once each: queued, fetching, installing.
+  for (const LatencyBuckets* part :
+       {&stats.queue_latency, &stats.fetch_latency, &stats.install_latency}) {
+    EXPECT_EQ(part->count, 32u);
+    EXPECT_GT(part->sum_ns, 0u);
+  }
+  EXPECT_EQ(stats.prefetch_hits + stats.prefetch_misses, 0u) << "no working set, no prefetch";
 }
 
 TEST(FaultHandlerTest, HolesAreZeroPagesWithoutReading) {
@@ -275,6 +282,9 @@ TEST(FaultHandlerTest, FaultAllInstallsEverythingOnTheFirstFault) {
   EXPECT_GT(stats.fault_all_us, 0u);
   EXPECT_EQ(stats.pages_installed(), snapshot.pages());
   EXPECT_EQ(stats.pages_zeroed, 300u);
+  // The first fault brought its window; the fill brought the rest.
+  EXPECT_LT(stats.pages_filled, snapshot.pages());
+  EXPECT_GE(stats.pages_filled, snapshot.pages() - 16);  // a fault's window is 64 KiB at most
   EXPECT_EQ(VerifyAll(vm, snapshot), 0);
   EXPECT_EQ(engine->Stats(id)->faults_missing, 1u);  // everything was already there
 }

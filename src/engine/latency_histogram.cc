@@ -1,5 +1,6 @@
 #include "engine/latency_histogram.h"
 
+#include <algorithm>
 #include <bit>
 
 namespace guestmem {
@@ -43,6 +44,32 @@ uint64_t LatencyHistogram::Percentile(double fraction) const {
     }
   }
   return max();
+}
+
+void BucketHistogram::Record(uint64_t nanos) {
+  const auto& bounds = LatencyBuckets::kBoundsNs;
+  const auto at = std::lower_bound(bounds.begin(), bounds.end(), nanos) - bounds.begin();
+  counts_[static_cast<size_t>(at)].fetch_add(1, std::memory_order_relaxed);
+  sum_ns_.fetch_add(nanos, std::memory_order_relaxed);
+}
+
+LatencyBuckets BucketHistogram::Snapshot() const {
+  LatencyBuckets out;
+  uint64_t seen = 0;
+  for (size_t i = 0; i < counts_.size(); ++i) {
+    seen += counts_[i].load(std::memory_order_relaxed);
+    if (i < out.cumulative.size()) out.cumulative[i] = seen;
+  }
+  out.count = seen;
+  out.sum_ns = sum_ns_.load(std::memory_order_relaxed);
+  return out;
+}
+
+LatencyBuckets& LatencyBuckets::operator+=(const LatencyBuckets& other) {
+  for (size_t i = 0; i < cumulative.size(); ++i) cumulative[i] += other.cumulative[i];
+  count += other.count;
+  sum_ns += other.sum_ns;
+  return *this;
 }
 
 }  // namespace guestmem

@@ -11,7 +11,23 @@
 #include <atomic>
 #include <cstdint>
 
+#include "guestmem/fault_stats.h"
+
 namespace guestmem {
+
+// BucketHistogram: durations counted in LatencyBuckets' fixed buckets, exactly (a sample on a
+// bound counts in that bound's bucket), with their sum: what a Prometheus histogram exports.
+// Thread safety: Record() from one or many threads; Snapshot() from any thread.
+class BucketHistogram {
+ public:
+  void Record(uint64_t nanos);
+  LatencyBuckets Snapshot() const;
+
+ private:
+  // counts_[i]: samples in (kBoundsNs[i-1], kBoundsNs[i]]; the last one those above every bound.
+  std::array<std::atomic<uint64_t>, LatencyBuckets::kBoundsNs.size() + 1> counts_{};
+  std::atomic<uint64_t> sum_ns_{0};
+};
 
 class LatencyHistogram {
  public:

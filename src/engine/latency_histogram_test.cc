@@ -48,5 +48,34 @@ TEST(LatencyHistogramTest, ConcurrentRecordsAllCounted) {
   EXPECT_EQ(h.max(), 4000u);
 }
 
+TEST(BucketHistogramTest, CountsCumulativelyWithSamplesOnABoundInThatBucket) {
+  BucketHistogram h;
+  h.Record(1'000);          // on the first bound: le=1us
+  h.Record(1'001);          // just above: le=2us
+  h.Record(7'000);          // le=10us
+  h.Record(5'000'000'000);  // above every bound: only +Inf
+  const LatencyBuckets b = h.Snapshot();
+  EXPECT_EQ(b.count, 4u);
+  EXPECT_EQ(b.sum_ns, 1'000u + 1'001u + 7'000u + 5'000'000'000u);
+  EXPECT_EQ(b.cumulative[0], 1u);  // 1us
+  EXPECT_EQ(b.cumulative[1], 2u);  // 2us
+  EXPECT_EQ(b.cumulative[2], 2u);  // 5us
+  EXPECT_EQ(b.cumulative[3], 3u);  // 10us
+  EXPECT_EQ(b.cumulative.back(), 3u);
+}
+
+TEST(BucketHistogramTest, SnapshotsAdd) {
+  BucketHistogram a, b;
+  a.Record(3'000);
+  b.Record(3'000);
+  b.Record(30'000);
+  LatencyBuckets sum = a.Snapshot();
+  sum += b.Snapshot();
+  EXPECT_EQ(sum.count, 3u);
+  EXPECT_EQ(sum.cumulative[2], 2u);  // 5us
+  EXPECT_EQ(sum.cumulative[5], 3u);  // 50us
+  EXPECT_EQ(sum.sum_ns, 36'000u);
+}
+
 }  // namespace
 }  // namespace guestmem

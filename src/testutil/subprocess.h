@@ -18,6 +18,14 @@
 
 namespace guestmem::testutil {
 
+// The whole content of the file at `path` ("" if it cannot be read).
+inline std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 class Subprocess {
  public:
   // Starts `argv` with stdout and stderr both appended to `log_path`.
@@ -72,12 +80,7 @@ class Subprocess {
 
   void Signal(int sig) { kill(pid_, sig); }
 
-  std::string Output() const {
-    std::ifstream in(log_path_);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
+  std::string Output() const { return ReadFile(log_path_); }
 
   // Waits until the output contains `text`; false at the deadline.
   bool WaitForOutput(const std::string& text,

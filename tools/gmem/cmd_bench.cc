@@ -10,13 +10,16 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <thread>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/temp_dir.h"
@@ -24,6 +27,11 @@
 #include "guestmem/chunk_codec.h"
 #include "commands.h"
 #include "guestmem/log.h"
+#include "guestmem/restore_trace.h"
+#include "progress.h"
+#include "report/restore_report.h"
+#include "serve/endpoints.h"
+#include "serve/serve_metrics.h"
 #include "sim/workload.h"
 #include "snapshot_maker.h"
 
@@ -58,7 +66,57 @@ struct BenchArgs {
   bool json = false;
   unsigned vms = 0;  // > 0: N VMs restoring at once against one VM's floor, instead of the tables
   unsigned workers_given = 0;  // --workers was on the command line
+  std::string report;          // --report: the HTML page of the contestants' traces
+  std::string metrics;         // --metrics: serve the runs' metrics as gmem serve does
 };
+
+// --metrics: the timed restores' spaces as live VMs of a ServeMetrics, each while it is served.
+class BenchMetrics {
+ public:
+  static Result<std::unique_ptr<BenchMetrics>> Start(const std::string& address) {
+    GM_ASSIGN_OR_RETURN(MetricsAddress parsed, ParseMetricsAddress(address));
+    std::unique_ptr<BenchMetrics> out(new BenchMetrics());
+    GM_ASSIGN_OR_RETURN(out->http_, MetricsHttpServer::Start(parsed, &out->metrics_));
+    return out;
+  }
+  ~BenchMetrics() { http_.reset(); }  // before the registry it reads
+  const MetricsAddress& address() const { return http_->address(); }
+
+  // Hooks RestoreOptions' callbacks up to the registry.
+  void Observe(bench::RestoreOptions& options, const std::string& snapshot) {
+    options.on_serving = [this, snapshot](const FaultEngine& engine, SpaceId space) {
+      {
+        std::lock_guard lock(mu_);
+        engine_ = &engine;
+      }
+      metrics_.VmStarted(space, VmLabels{++runs_, getpid(), snapshot});
+    };
+    options.on_served = [this](SpaceId, const FaultStats& stats) {
+      {
+        std::lock_guard lock(mu_);
+        engine_ = nullptr;
+      }
+      metrics_.VmFinished(runs_, stats);
+    };
+  }
+
+ private:
+  BenchMetrics()
+      : metrics_([this](SpaceId space) -> std::optional<FaultStats> {
+          std::lock_guard lock(mu_);
+          return engine_ != nullptr ? engine_->Stats(space) : std::nullopt;
+        }) {}
+  std::mutex mu_;
+  const FaultEngine* engine_ = nullptr;  // GUARDED_BY(mu_): the engine of the run being served
+  uint64_t runs_ = 0;                    // the bench's thread only
+  ServeMetrics metrics_;
+  std::unique_ptr<MetricsHttpServer> http_;
+};
+
+bool IsGuestmem(Contestant c) {
+  return c == Contestant::kOnDemand || c == Contestant::kLearned || c == Contestant::kFaultAll ||
+         c == Contestant::kMinorTrap;
+}
 
 struct Config {
   sim::WorkloadKind kind;
@@ -249,9 +307,11 @@ int RunManyVmsBench(const BenchArgs& args, const bench::RestoreSnapshot& snapsho
   const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
   bool failed = false;
   for (const Config& config : configs) {
-    auto plan = sim::PlanWorkload(
-        {.kind = config.kind, .access = config.access, .threads = config.threads, .seed = args.seed},
-        snapshot.size());
+    auto plan = sim::PlanWorkload({.kind = config.kind,
+                                   .access = config.access,
+                                   .threads = config.threads,
+                                   .seed = args.seed},
+                                  snapshot.size());
     if (!plan) {
       std::fprintf(stderr, "bench: %s\n", plan.error().ToString().c_str());
       return 2;
@@ -278,9 +338,10 @@ int RunManyVmsBench(const BenchArgs& args, const bench::RestoreSnapshot& snapsho
                 options.workers == 0 ? "one per CPU" : std::to_string(options.workers).c_str());
     std::printf("  all VMs done: median %.2f ms; one VM's own time, median over VMs: %.2f ms\n",
                 Median(totals), Median(medians));
-    std::printf("  one VM's floor: %.2f ms; N x floor / CPUs: %.2f ms; all VMs / that: %.2fx "
-                "(target <= 2x)\n",
-                Median(floors), Median(floors) * args.vms / cpus, Median(over_bound));
+    std::printf(
+        "  one VM's floor: %.2f ms; N x floor / CPUs: %.2f ms; all VMs / that: %.2fx "
+        "(target <= 2x)\n",
+        Median(floors), Median(floors) * args.vms / cpus, Median(over_bound));
   }
   std::printf(failed ? "\nMISMATCH: some VM read wrong bytes.\n" : "\nEvery VM verified.\n");
   return failed ? 1 : 0;
@@ -335,10 +396,22 @@ int RunBench(const BenchArgs& args) {
     }
   }
   const double memcpy_bw = bench::MeasureMemcpyBandwidth(*snapshot);
-  const bench::RestoreOptions options{.fault_around_bytes = args.fault_around_kib * 1024,
-                                      .adaptive_windows = !args.fixed_windows,
-                                      .workers = args.workers,
-                                      .cold = args.cold};
+  bench::RestoreOptions options{.fault_around_bytes = args.fault_around_kib * 1024,
+                                .adaptive_windows = !args.fixed_windows,
+                                .workers = args.workers,
+                                .cold = args.cold};
+  std::unique_ptr<BenchMetrics> metrics;
+  if (!args.metrics.empty()) {
+    auto started = BenchMetrics::Start(args.metrics);
+    if (!started) {
+      std::fprintf(stderr, "bench: %s\n", started.error().ToString().c_str());
+      return 2;
+    }
+    metrics = std::move(*started);
+    metrics->Observe(options, path);
+    std::fprintf(stderr, "bench: metrics at http://%s/metrics\n",
+                 metrics->address().ToString().c_str());
+  }
   if (args.vms > 0) {
     bench::RestoreOptions many = options;
     if (args.workers_given == 0) many.workers = 0;
@@ -355,6 +428,11 @@ int RunBench(const BenchArgs& args) {
 
   std::vector<ConfigResult> results;
   bool failed = false;
+  Progress progress("bench", "runs", configs->size() * (args.rounds + 1) * contestants.size(),
+                    args.json);
+  uint64_t runs_done = 0;
+  // --report: the first configuration's first measured round, one trace per guestmem contestant.
+  std::vector<report::ReportColumn> report_columns;
   for (const Config& config : *configs) {
     auto plan = sim::PlanWorkload({.kind = config.kind,
                                    .access = config.access,
@@ -370,7 +448,21 @@ int RunBench(const BenchArgs& args) {
     for (unsigned round = 0; round <= args.rounds; ++round) {  // round 0 is the warm-up
       for (size_t i = 0; i < contestants.size(); ++i) {
         const Contestant c = contestants[(i + round) % contestants.size()];
-        auto run = bench::RunRestore(c, *snapshot, *plan, options);
+        progress.Update(runs_done++, config.Label() + ": " + std::string(bench::ContestantName(c)));
+        bench::RestoreOptions run_options = options;
+        const bool traced = !args.report.empty() && results.empty() && round == 1 && IsGuestmem(c);
+        if (traced) {
+          run_options.trace_path = temp.File(std::string(bench::ContestantName(c)) + ".gmtrace");
+        }
+        auto run = bench::RunRestore(c, *snapshot, *plan, run_options);
+        if (run && traced) {
+          auto trace = ReadRestoreTrace(run_options.trace_path);
+          if (!trace) {
+            std::fprintf(stderr, "bench: --report: %s\n", trace.error().ToString().c_str());
+            return 1;
+          }
+          report_columns.push_back({std::string(bench::ContestantTitle(c)), std::move(*trace)});
+        }
         if (!run) {
           std::fprintf(stderr, "bench: %s, %s: %s\n", config.Label().c_str(),
                        std::string(bench::ContestantName(c)).c_str(),
@@ -387,9 +479,33 @@ int RunBench(const BenchArgs& args) {
         if (round > 0) result.series[c].runs.push_back(*run);
       }
     }
+    progress.Clear();
     if (!args.json) {
       PrintConfig(result, memcpy_bw, snapshot->size());
       std::fflush(stdout);
+    }
+    if (results.empty() && !args.report.empty()) {
+      // In the order the contestants were given, not the order of the first round's turns.
+      std::stable_sort(report_columns.begin(), report_columns.end(),
+                       [&](const report::ReportColumn& a, const report::ReportColumn& b) {
+                         auto rank = [&](const std::string& title) {
+                           for (size_t k = 0; k < contestants.size(); ++k) {
+                             if (bench::ContestantTitle(contestants[k]) == title) return k;
+                           }
+                           return contestants.size();
+                         };
+                         return rank(a.title) < rank(b.title);
+                       });
+      std::ofstream page(args.report, std::ios::binary | std::ios::trunc);
+      page << report::RenderRestoreReport(
+          "gmem bench: " + config.Label() + ", " + std::to_string(snapshot->size() >> 20) + " MiB",
+          report_columns);
+      page.close();
+      if (!page) {
+        std::fprintf(stderr, "bench: --report: cannot write %s\n", args.report.c_str());
+        return 1;
+      }
+      if (!args.json) std::printf("  report of its first round: %s\n", args.report.c_str());
     }
     results.push_back(std::move(result));
   }
@@ -472,6 +588,12 @@ void RegisterBenchCommand(CLI::App& app) {
   cmd->add_flag("--cold", args->cold,
                 "Drop the memory file from the page cache before every run (it must be on a disk)");
   cmd->add_flag("--json", args->json, "Print one JSON object instead of tables");
+  cmd->add_option("--report", args->report,
+                  "Write an HTML page drawing guestmem's contestants side by side (the first "
+                  "workload's first measured round, from their restore traces)");
+  cmd->add_option("--metrics", args->metrics,
+                  "Serve the runs' Prometheus metrics over HTTP at IP:PORT while benchmarking, "
+                  "as gmem serve --metrics does");
   cmd->callback([args] { CommandExitCode() = RunBench(*args); });
 }
 

@@ -19,7 +19,9 @@
 
 #include "child_process.h"
 #include "commands.h"
+#include "guestmem/address.h"
 #include "guestmem/log.h"
+#include "progress.h"
 #include "serve/handler_server.h"
 #include "snapshot_maker.h"
 
@@ -170,7 +172,13 @@ int RunDemo(const DemoArgs& args) {
   std::printf("[1/%zu] writing the demo memory file %s ...\n", steps, mem.c_str());
   std::fflush(stdout);
   auto start = Clock::now();
-  auto made = MakeSnapshot(mem, {.size_bytes = args.size_mib << 20, .overwrite = true});
+  Progress progress("demo: writing the memory file", "MiB", args.size_mib, /*quiet=*/false);
+  auto made = MakeSnapshot(mem, {.size_bytes = args.size_mib << 20,
+                                 .overwrite = true,
+                                 .progress = [&](uint64_t done, uint64_t) {
+                                   progress.Update(done * kPageSize4K >> 20);
+                                 }});
+  progress.Clear();
   if (!made) {
     std::fprintf(stderr, "could not write the memory file: %s\n", made.error().ToString().c_str());
     return 1;

@@ -1,9 +1,14 @@
 // gmem serve <socket_path> <mem_file_path> [options]: the page-fault handler daemon.
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <optional>
@@ -13,6 +18,7 @@
 #include "commands.h"
 #include "guestmem/log.h"
 #include "log_format.h"
+#include "serve/endpoints.h"
 #include "serve/handler_server.h"
 #include "serve/keeper.h"
 
@@ -44,6 +50,10 @@ struct ServeArgs {
   std::string max_active_vms = "1024";
   std::string max_vms = "0";
   std::string chunk_cache_mib = "256";
+  std::string metrics;
+  std::string trace_dir;
+  std::string control_socket;
+  bool control = true;
   bool json_logs = false;
   bool verbose = false;
 };
@@ -140,8 +150,48 @@ Status ParseArgs(ServeArgs& args) {
   GM_ASSIGN_OR_RETURN(const uint64_t chunk_cache_mib,
                       ParseNumber("--chunk-cache-mib", args.chunk_cache_mib, 1, uint64_t{1} << 20));
   options.chunk_cache_bytes = chunk_cache_mib << 20;
+  if (!args.metrics.empty()) {
+    GM_ASSIGN_OR_RETURN(options.metrics_address, ParseMetricsAddress(args.metrics));
+  }
+  if (!args.trace_dir.empty()) {
+    struct stat st {};
+    if (stat(args.trace_dir.c_str(), &st) != 0) {
+      return Bad("--trace-dir", args.trace_dir, std::strerror(errno));
+    }
+    if (!S_ISDIR(st.st_mode)) return Bad("--trace-dir", args.trace_dir, "not a directory");
+    if (access(args.trace_dir.c_str(), W_OK | X_OK) != 0) {
+      return Bad("--trace-dir", args.trace_dir,
+                 std::string("cannot write there: ") + std::strerror(errno));
+    }
+    options.trace_dir = args.trace_dir;
+  }
+  if (args.control) {
+    options.control_path =
+        args.control_socket.empty() ? DefaultControlPath(options.socket_path) : args.control_socket;
+  }
   // A power of two is the last check: the parsers above already named a value out of range.
   return ValidateServeOptions(options);
+}
+
+// systemd's socket activation: the listening socket passed in LISTEN_FDS (one, a Unix stream
+// socket listening at socket_path), or -1 when none was passed.
+Result<int> SocketFromSystemd(const std::string& socket_path) {
+  const int n = sd_listen_fds(/*unset_environment=*/1);
+  if (n < 0) return PosixError(-n, "LISTEN_FDS");
+  if (n == 0) return -1;
+  if (n > 1) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "LISTEN_FDS: systemd passed " + std::to_string(n) +
+                     " sockets; gmem serve takes one (the socket Firecracker connects to)");
+  }
+  const int fd = SD_LISTEN_FDS_START;
+  if (sd_is_socket_unix(fd, SOCK_STREAM, /*listening=*/1, socket_path.c_str(), 0) <= 0) {
+    return Error(ErrorCode::kInvalidArgument,
+                 "LISTEN_FDS: the socket systemd passed is not a listening Unix stream socket "
+                 "at " +
+                     socket_path + " (ListenStream= in the .socket unit must be that path)");
+  }
+  return fd;
 }
 
 int Serve(ServeArgs& args) {
@@ -149,11 +199,19 @@ int Serve(ServeArgs& args) {
     Log(LogLevel::kError, "cannot serve: " + parsed.error().context());
     return 2;
   }
+  auto activated = SocketFromSystemd(args.options.socket_path);
+  if (!activated) {
+    Log(LogLevel::kError, "cannot serve: " + activated.error().ToString());
+    return 2;
+  }
+  args.options.listen_fd = *activated;
   auto server = HandlerServer::Start(args.options);
   if (!server) {
     Log(LogLevel::kError, "cannot serve: " + server.error().ToString());
     return 1;
   }
+  // Under systemd (Type=notify): ready once the socket is served; a no-op elsewhere.
+  (void)sd_notify(0, ("READY=1\nSTATUS=serving " + args.options.socket_path).c_str());
   g_server = server->get();
   struct sigaction action = {};
   action.sa_handler = OnSignal;
@@ -162,6 +220,7 @@ int Serve(ServeArgs& args) {
   sigaction(SIGTERM, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
   Status run = (*server)->Run();
+  (void)sd_notify(0, "STOPPING=1");
   g_server = nullptr;
   server->reset();
   if (!run) {
@@ -252,6 +311,15 @@ void RegisterServeCommand(CLI::App& app) {
                 "first (gmem ws clear forgets what was learned)");
   cmd->add_option("--keeper-socket", args->options.keeper_path,
                   "Where the keeper listens (default: SOCKET.keeper)");
+  cmd->add_option("--metrics", args->metrics,
+                  "Serve Prometheus metrics over HTTP at IP:PORT (e.g. 127.0.0.1:9464; port 0: "
+                  "any free port, logged)");
+  cmd->add_option("--trace-dir", args->trace_dir,
+                  "Write each VM's restore trace here (one .gmtrace file per VM; `gmem report` "
+                  "draws it)");
+  cmd->add_option("--control-socket", args->control_socket,
+                  "Where `gmem status` asks this daemon (default: SOCKET.control, owner-only)");
+  cmd->add_flag("!--no-control", args->control, "No control socket (`gmem status` cannot ask)");
   cmd->add_flag("--log-json", args->json_logs, "Log JSON lines instead of text");
   cmd->add_flag("-v,--verbose", args->verbose, "Log debug messages too");
   cmd->callback([args] { CommandExitCode() = RunServe(*args); });

@@ -6,6 +6,8 @@
 #include <string>
 
 #include "commands.h"
+#include "guestmem/address.h"
+#include "progress.h"
 #include "snapshot_maker.h"
 
 namespace guestmem::cli {
@@ -42,7 +44,12 @@ int RunVariantCreate(const SnapshotCreateArgs& args) {
 int RunSnapshotCreate(SnapshotCreateArgs& args) {
   if (!args.from.empty()) return RunVariantCreate(args);
   args.options.size_bytes = args.size_bytes != 0 ? args.size_bytes : args.size_mib << 20;
+  Progress progress("snapshot create", "MiB", args.options.size_bytes >> 20, /*quiet=*/false);
+  args.options.progress = [&](uint64_t done, uint64_t) {
+    progress.Update(done * kPageSize4K >> 20, args.path);
+  };
   auto made = MakeSnapshot(args.path, args.options);
+  progress.Clear();
   if (!made) {
     std::fprintf(stderr, "snapshot create: %s\n", made.error().ToString().c_str());
     return 1;

@@ -23,6 +23,16 @@ int Fail(const char* command, const std::string& what) {
 }
 
 double Mib(uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); }
+
+// Progress in MiB of a snapshot of `bytes` bytes, as the library's Progress callbacks tell it.
+struct MibProgress {
+  MibProgress(const std::string& what, uint64_t bytes, bool quiet)
+      : line("snapshot " + what, "MiB", bytes >> 20, quiet) {}
+  guestmem::Progress Callback() {
+    return [this](uint64_t done, uint64_t) { line.Update(done >> 20); };
+  }
+  cli::Progress line;
+};
 double Percent(uint64_t part, uint64_t whole) {
   return whole == 0 ? 0 : 100.0 * static_cast<double>(part) / static_cast<double>(whole);
 }
@@ -72,9 +82,10 @@ int RunPack(const PackArgs& args) {
   } else if (const auto* packed = dynamic_cast<const PackedSource*>(opened->get())) {
     options.working_set = packed->index().working_set;
   }
-  TerminalProgress progress("packing " + args.source, args.json);
-  options.progress = [&](uint64_t done, uint64_t total) { progress.Update(done, total); };
+  MibProgress progress("pack", (*opened)->size(), args.json);
+  options.progress = progress.Callback();
   auto summary = PackSnapshot(**opened, args.out, options);
+  progress.line.Clear();
   if (!summary) return Fail("pack", summary.error().ToString());
   const PackSummary& s = *summary;
   const double mb_per_s = s.seconds > 0 ? static_cast<double>(s.raw_bytes) / 1e6 / s.seconds : 0;
@@ -236,13 +247,14 @@ struct PathArgs {
 int RunVerify(const PathArgs& args) {
   auto source = PackedSource::Open(args.a, PackedSourceOptions{.decode_threads = 0});
   if (!source) return Fail("verify", source.error().ToString());
-  TerminalProgress progress("verifying " + args.a, args.json);
-  const std::vector<BadChunk> bad = VerifySnapshot(
-      **source, [&](uint64_t done, uint64_t total) { progress.Update(done, total, false); });
   uint64_t chunks = 0;
   for (const PackedSource* l = source->get(); l != nullptr; l = l->parent()) {
     chunks += l->index().chunks.size();
   }
+  Progress progress("snapshot verify", "chunks", chunks, args.json);
+  const std::vector<BadChunk> bad =
+      VerifySnapshot(**source, [&](uint64_t done, uint64_t) { progress.Update(done); });
+  progress.Clear();
   if (args.json) {
     nlohmann::json out = {{"snapshot", args.a}, {"chunks", chunks}, {"bad", nlohmann::json::array()}};
     for (const BadChunk& b : bad) {
@@ -260,10 +272,10 @@ int RunVerify(const PathArgs& args) {
 int RunUnpack(const PathArgs& args) {
   auto source = OpenAnySnapshot(args.a);
   if (!source) return Fail("unpack", source.error().ToString());
-  TerminalProgress progress("unpacking " + args.a, args.json);
-  if (Status done = UnpackSnapshot(**source, args.b,
-                                   [&](uint64_t d, uint64_t t) { progress.Update(d, t); });
-      !done) {
+  MibProgress progress("unpack", (*source)->size(), args.json);
+  const Status done = UnpackSnapshot(**source, args.b, progress.Callback());
+  progress.line.Clear();
+  if (!done) {
     return Fail("unpack", done.error().ToString());
   }
   if (!args.json) std::printf("%s: %.1f MiB written\n", args.b.c_str(), Mib((*source)->size()));
@@ -275,8 +287,9 @@ int RunDiff(const PathArgs& args) {
   if (!a) return Fail("diff", a.error().ToString());
   auto b = OpenAnySnapshot(args.b);
   if (!b) return Fail("diff", b.error().ToString());
-  TerminalProgress progress("comparing", args.json);
-  auto diff = DiffSnapshots(**a, **b, [&](uint64_t d, uint64_t t) { progress.Update(d, t); });
+  MibProgress progress("diff", (*a)->size(), args.json);
+  auto diff = DiffSnapshots(**a, **b, progress.Callback());
+  progress.line.Clear();
   if (!diff) return Fail("diff", diff.error().ToString());
   if (args.json) {
     nlohmann::json runs = nlohmann::json::array();

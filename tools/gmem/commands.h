@@ -22,6 +22,8 @@ void RegisterDemoCommand(CLI::App& app);
 void RegisterBenchCommand(CLI::App& app);
 void RegisterSoakCommand(CLI::App& app);
 void RegisterWorkingSetCommand(CLI::App& app);
+void RegisterStatusCommand(CLI::App& app);
+void RegisterReportCommand(CLI::App& app);
 
 }  // namespace guestmem::cli
 

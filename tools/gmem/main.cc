@@ -18,6 +18,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "gmem 0.1.0");
   cli::RegisterDemoCommand(app);
   cli::RegisterServeCommand(app);
+  cli::RegisterStatusCommand(app);
+  cli::RegisterReportCommand(app);
   cli::RegisterVmmSimCommand(app);
   cli::RegisterSnapshotCommand(app);
   cli::RegisterBenchCommand(app);

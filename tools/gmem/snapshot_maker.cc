@@ -179,6 +179,9 @@ Result<SnapshotSummary> MakeSnapshot(const std::string& path, const SnapshotMake
       ++chunk_pages;
     }
     page += run;
+    if (options.progress && (page % kWriteChunkPages < run || page == summary.pages)) {
+      options.progress(page, summary.pages);
+    }
   }
   if (chunk_pages > 0) GM_RETURN_IF_ERROR(flush());
   return summary;

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 
@@ -35,7 +36,9 @@ struct SnapshotMakerOptions {
   double random_fraction = 0.2;
   bool holes = false;      // leave zero pages as sparse holes instead of writing zeros
   bool overwrite = false;  // replace an existing file (else kAlreadyExists)
-  Os* os = nullptr;        // Os::Default() when null
+  // Told how many pages are done so far, now and then and at the end (null: nobody).
+  std::function<void(uint64_t done, uint64_t pages)> progress;
+  Os* os = nullptr;  // Os::Default() when null
 };
 
 struct SnapshotSummary {

@@ -220,19 +220,27 @@ Result<RestoreRun> RunPerPage(const RestoreSnapshot& snapshot, const sim::Worklo
 
 // Serves `memory` with a guestmem FaultHandler on a FaultEngine while the plan runs.
 // `source`: where content comes from (the snapshot's own source, or its packed form); what the
-// memory is verified against is always the snapshot's raw view.
+// memory is verified against is always the snapshot's raw view. `observe`: the trace and the
+// callbacks of RestoreOptions (none for an untimed restore).
 Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
                                  const RestoreSnapshot& snapshot,
                                  std::shared_ptr<const PageSource> source,
                                  const sim::WorkloadPlan& plan, FaultHandlerOptions handler_options,
-                                 unsigned workers) {
+                                 unsigned workers, const RestoreOptions& observe) {
   GM_ASSIGN_OR_RETURN(GuestLayout layout, OneRegionAt(memory, snapshot.size()));
   const bool fault_all = handler_options.fill == FillMode::kAtFirstFault;
+  if (!observe.trace_path.empty()) {
+    GM_ASSIGN_OR_RETURN(handler_options.trace,
+                        RestoreTraceWriter::Create(observe.trace_path,
+                                                   {handler_options.name, getpid(), snapshot.path(),
+                                                    snapshot.size() / kPageSize4K, 0}));
+  }
   GM_ASSIGN_OR_RETURN(auto handler,
                       FaultHandler::Create(std::move(uffd), std::move(layout), std::move(source),
                                            std::move(handler_options)));
   GM_ASSIGN_OR_RETURN(auto engine, FaultEngine::Start({.workers = workers}));
   GM_ASSIGN_OR_RETURN(SpaceId space, engine->AddSpace(std::move(handler)));
+  if (observe.on_serving) observe.on_serving(*engine, space);
   RestoreRun run;
   run.elapsed_ns = Touch(memory, plan);
   if (fault_all) {
@@ -244,6 +252,7 @@ Result<RestoreRun> RunWithEngine(std::byte* memory, Userfaultfd uffd,
     }
   }
   GM_ASSIGN_OR_RETURN(FaultStats stats, engine->RemoveSpace(space));
+  if (observe.on_served) observe.on_served(space, stats);
   run.faults = stats.faults();
   run.pages_installed = stats.pages_installed();
   run.fault_all_ns = stats.fault_all_us * 1000;
@@ -264,7 +273,7 @@ Result<RestoreRun> RunCopyingEngine(const RestoreSnapshot& snapshot,
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.fill = fault_all ? FillMode::kAtFirstFault : FillMode::kNone;
   return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, std::move(source),
-                       plan, std::move(handler_options), options.workers);
+                       plan, std::move(handler_options), options.workers, options);
 }
 
 // The second restore of the snapshot: a first one (untimed, a workload 5% different) is recorded
@@ -284,13 +293,13 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
     FaultHandlerOptions handler_options;
     handler_options.name = "bench first restore";
     handler_options.fault_around_bytes = options.fault_around_bytes;
-  handler_options.adaptive_windows = options.adaptive_windows;
+    handler_options.adaptive_windows = options.adaptive_windows;
     handler_options.recorder = recorder;
     GM_ASSIGN_OR_RETURN(std::shared_ptr<const PageSource> source, source_for_run());
     GM_ASSIGN_OR_RETURN(RestoreRun learning,
                         RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot,
                                       std::move(source), first, std::move(handler_options),
-                                      options.workers));
+                                      options.workers, {}));
     if (learning.mismatches != 0) {
       return Error(ErrorCode::kDataLoss, "bench: the learning restore read wrong bytes");
     }
@@ -305,7 +314,7 @@ Result<RestoreRun> RunLearned(const RestoreSnapshot& snapshot, const sim::Worklo
       std::make_shared<const WorkingSet>(WorkingSet::Merge(WorkingSet(), recorder->Take()));
   GM_ASSIGN_OR_RETURN(std::shared_ptr<const PageSource> source, source_for_run());
   return RunWithEngine(dest.memory.bytes(), std::move(dest.uffd), snapshot, std::move(source),
-                       plan, std::move(handler_options), options.workers);
+                       plan, std::move(handler_options), options.workers, options);
 }
 
 Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::WorkloadPlan& plan,
@@ -326,7 +335,7 @@ Result<RestoreRun> RunMinorTrap(const RestoreSnapshot& snapshot, const sim::Work
   handler_options.adaptive_windows = options.adaptive_windows;
   handler_options.memory_file = file;
   return RunWithEngine(mapping.bytes(), std::move(uffd), snapshot, snapshot.source(), plan,
-                       std::move(handler_options), options.workers);
+                       std::move(handler_options), options.workers, options);
 }
 
 // The floor: the touched pages installed in bulk, no handler, then the workload without faults.

@@ -35,12 +35,14 @@
 #define GUESTMEM_TOOLS_GMEM_BENCH_RESTORE_BENCH_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "guestmem/fault_engine.h"
 #include "guestmem/fault_handler.h"
 #include "guestmem/mapping.h"
 #include "guestmem/page_source.h"
@@ -134,6 +136,14 @@ struct RestoreOptions {
   bool adaptive_windows = true;                            // FaultHandlerOptions'
   unsigned workers = 1;                                    // guestmem engine threads
   bool cold = false;  // evict the memory file from the page cache before the run
+  // guestmem's contestants: the timed restore's trace is written here (restore_trace.h); empty:
+  // none. The file must not exist.
+  std::string trace_path;
+  // guestmem's contestants: told when the timed restore's space starts being served (on its
+  // engine) and when it has been removed, with its final statistics; the engine lives until
+  // after the second call. From RunRestore's thread.
+  std::function<void(const FaultEngine& engine, SpaceId space)> on_serving;
+  std::function<void(SpaceId space, const FaultStats& stats)> on_served;
 };
 
 struct RestoreRun {
@@ -144,7 +154,7 @@ struct RestoreRun {
   uint64_t pages_installed = 0;
   // kFaultAll: how long installing everything took, inside the handler.
   uint64_t fault_all_ns = 0;
-  uint64_t latency_p50_ns = 0;  // guestmem's fault service latency (0 for the others)
+  uint64_t latency_p50_ns = 0;    // guestmem's fault service latency (0 for the others)
   uint64_t pages_prefetched = 0;  // kLearned: installed ahead of the guest's faults
   uint64_t pages_verified = 0;
   uint64_t mismatches = 0;  // pages whose bytes differ from the snapshot (or what was written)

@@ -170,6 +170,15 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   if (options.learn) impl->learner.emplace(impl->cache ? &*impl->cache : nullptr);
   GM_ASSIGN_OR_RETURN(impl->source, impl->OpenSnapshot(options.mem_file_path));
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
+  impl->metrics = std::make_unique<ServeMetrics>(
+      [engine = impl->engine.get()](SpaceId space) { return engine->Stats(space); });
+  if (options.metrics_address) {
+    // Bound before anything is taken over: a port in use stops the daemon having touched nothing.
+    GM_ASSIGN_OR_RETURN(impl->metrics_http,
+                        MetricsHttpServer::Start(*options.metrics_address, impl->metrics.get()));
+    Log(LogLevel::kInfo,
+        "metrics at http://" + impl->metrics_http->address().ToString() + "/metrics");
+  }
   impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
   if (!impl->epoll) return PosixError(errno, "serve: epoll_create1");
   impl->stop_fd.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -191,8 +200,19 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
     impl->inherited = std::move(*inheritance);
   }
   struct stat socket_file {};
-  if (impl->inherited.listener && stat(options.socket_path.c_str(), &socket_file) == 0 &&
-      S_ISSOCK(socket_file.st_mode)) {
+  if (options.listen_fd >= 0) {
+    // systemd's socket: it made the file and keeps it; a restart is given the same socket.
+    impl->listener.reset(options.listen_fd);
+    impl->socket_activated = true;
+    const int flags = fcntl(options.listen_fd, F_GETFL);
+    if (flags < 0 || fcntl(options.listen_fd, F_SETFL, flags | O_NONBLOCK) != 0 ||
+        fcntl(options.listen_fd, F_SETFD, FD_CLOEXEC) != 0) {
+      return PosixError(errno, "serve: the socket from systemd (LISTEN_FDS)");
+    }
+    if (impl->keeper != nullptr)
+      GM_RETURN_IF_ERROR(impl->keeper->KeepListener(impl->listener.get()));
+  } else if (impl->inherited.listener && stat(options.socket_path.c_str(), &socket_file) == 0 &&
+             S_ISSOCK(socket_file.st_mode)) {
     // The socket a predecessor listened on, kept: VMs that connected meanwhile are in its backlog.
     impl->listener = std::move(impl->inherited.listener);
   } else {
@@ -225,6 +245,11 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
     GM_RETURN_IF_ERROR(impl->Watch(impl->apf_listener.get(), kApfListenerToken, EPOLLIN));
   }
   GM_RETURN_IF_ERROR(impl->TakeOverFromKeeper());
+  if (!options.control_path.empty()) {
+    auto control = ControlServer::Start(options.control_path, impl->metrics.get());
+    if (!control) return std::move(control).error().WithContext("the control socket");
+    impl->control_server = std::move(*control);
+  }
 
   char mode[8];
   (void)std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(options.socket_mode));
@@ -243,22 +268,34 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
           " connections waiting for their handshake (" +
           std::to_string(options.handshake_timeout.count()) + " ms each) and " +
           std::to_string(options.max_active_vms) + " VMs served at once" + AccessNote(options) +
-          (impl->apf_listener ? "; APF socket " + impl->apf_path : std::string()));
+          (impl->apf_listener ? "; APF socket " + impl->apf_path : std::string()) +
+          (impl->socket_activated ? "; socket from systemd" : std::string()) +
+          (impl->control_server ? "; control socket " + impl->control_server->path()
+                                : std::string()));
   return std::unique_ptr<HandlerServer>(new HandlerServer(std::move(impl)));
 }
 
 HandlerServer::HandlerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 HandlerServer::~HandlerServer() {
+  // The endpoints read the engine from their threads: they stop first.
+  impl_->control_server.reset();
+  impl_->metrics_http.reset();
   impl_->engine.reset();  // closes whatever is still served; its callbacks use impl_
   // With VMs left to the keeper, the sockets stay: the keeper holds them for the next daemon.
+  // systemd's socket file is systemd's.
   if (impl_->left_to_keeper == 0) {
-    unlink(impl_->options.socket_path.c_str());
+    if (!impl_->socket_activated) unlink(impl_->options.socket_path.c_str());
     if (!impl_->apf_path.empty()) unlink(impl_->apf_path.c_str());
   }
 }
 
 void HandlerServer::Stop() { SignalEventFd(impl_->stop_fd.get()); }
+
+std::optional<MetricsAddress> HandlerServer::metrics_address() const {
+  if (impl_->metrics_http == nullptr) return std::nullopt;
+  return impl_->metrics_http->address();
+}
 
 Status HandlerServer::Impl::Watch(int fd, uint64_t token, uint32_t events) {
   epoll_event ev{};
@@ -608,6 +645,7 @@ void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) 
   std::optional<PeerCredentials> peer;
   if (auto creds = GetPeerCredentials(socket.get())) peer = std::move(*creds);
   if (!Allowed(peer)) {
+    metrics->HandshakeRejected(RejectReason::kDenied);
     denied_log.Log(
         LogLevel::kWarning,
         "refused a connection from " +
@@ -618,6 +656,7 @@ void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) 
     return;  // closes it
   }
   if (pending_handshakes >= options.max_pending_handshakes) {
+    metrics->HandshakeRejected(RejectReason::kPendingLimit);
     refused_log.Log(LogLevel::kWarning,
                     "refused a connection: " + std::to_string(pending_handshakes) +
                         " connections are waiting for their handshake, the most allowed "
@@ -633,6 +672,7 @@ void HandlerServer::Impl::AddConnection(UniqueFd socket, Clock::time_point now) 
   c.deadline = now + options.handshake_timeout;
   c.reader.emplace();
   if (Status watched = Watch(socket.get(), vm, EPOLLIN | EPOLLRDHUP); !watched) {
+    metrics->HandshakeRejected(RejectReason::kError);
     Log(LogLevel::kError, c.name + " rejected: " + watched.error().ToString());
     return;
   }
@@ -731,17 +771,24 @@ void HandlerServer::Impl::HandshakeReady(Connection& c) {
   if (!progress) {
     if (progress.error().code() == ErrorCode::kPeerGone) {
       Log(LogLevel::kInfo, c.name + " closed before its handshake");
+      Erase(c.vm);
     } else {
-      Log(LogLevel::kError, c.name + " rejected: " + progress.error().ToString());
+      Reject(c, RejectReason::kMalformed, progress.error().ToString());
     }
-    Erase(c.vm);
     return;
   }
   ReceivedHandshake handshake = c.reader->Take();
+  const bool at_vm_limit = active_vms >= options.max_active_vms;
   Result<SpaceId> space = Admit(c, handshake);
   if (!space) {
-    Log(LogLevel::kError, c.name + " rejected: " + space.error().ToString());
-    Erase(c.vm);
+    const ErrorCode code = space.error().code();
+    const RejectReason reason = at_vm_limit ? RejectReason::kVmLimit
+                                : code == ErrorCode::kInvalidArgument ||
+                                        code == ErrorCode::kOutOfRange ||
+                                        code == ErrorCode::kProtocolError
+                                    ? RejectReason::kInvalid
+                                    : RejectReason::kError;
+    Reject(c, reason, space.error().ToString());
     return;
   }
   c.space = *space;
@@ -928,6 +975,7 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
     handler_options.prefetch = std::move(learned);
   }
   const bool minor_trap = handler_options.mode == InstallMode::kMinorTrap;
+  if (!options.trace_dir.empty()) handler_options.trace = OpenTrace(c, *spec.snapshot);
   GM_ASSIGN_OR_RETURN(auto handler,
                       FaultHandler::Create(std::move(uffd), std::move(layout),
                                            spec.snapshot->source(),
@@ -953,7 +1001,27 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   c.vcpu = std::move(vcpu);
   c.recorder = std::move(recorder);
   c.snapshot = spec.snapshot;
+  metrics->VmStarted(space, VmLabels{c.vm, c.pid.value_or(0), spec.snapshot->path()});
   return space;
+}
+
+std::shared_ptr<RestoreTraceWriter> HandlerServer::Impl::OpenTrace(const Connection& c,
+                                                                   const Snapshot& snapshot) {
+  const auto now = std::chrono::system_clock::now().time_since_epoch();
+  const uint64_t unix_ns =
+      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+  const std::string path = options.trace_dir + "/vm-" + std::to_string(c.vm) + "-pid-" +
+                           std::to_string(c.pid.value_or(0)) + "-" +
+                           std::to_string(unix_ns / 1'000'000) + ".gmtrace";
+  auto writer = RestoreTraceWriter::Create(
+      path, {c.name, c.pid.value_or(0), snapshot.path(), snapshot.size() / kPageSize4K, unix_ns});
+  if (!writer) {
+    // The VM is served all the same; only its trace is missing.
+    Log(LogLevel::kWarning, c.name + ": no restore trace: " + writer.error().ToString());
+    return nullptr;
+  }
+  Log(LogLevel::kInfo, c.name + ": restore trace " + path);
+  return std::move(*writer);
 }
 
 Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::OpenSnapshot(
@@ -1036,10 +1104,9 @@ void HandlerServer::Impl::ExpireHandshakes(Clock::time_point now) {
   while (!deadlines.empty() && deadlines.begin()->first <= now) {
     const uint64_t vm = deadlines.begin()->second;
     Connection& c = connections.at(vm);  // a deadline is erased with its connection's phase
-    Log(LogLevel::kError, c.name + " rejected: no complete handshake within " +
-                              std::to_string(options.handshake_timeout.count()) + " ms (" +
-                              std::to_string(c.reader->bytes_received()) + " bytes received)");
-    Erase(vm);
+    Reject(c, RejectReason::kTimeout,
+           "no complete handshake within " + std::to_string(options.handshake_timeout.count()) +
+               " ms (" + std::to_string(c.reader->bytes_received()) + " bytes received)");
   }
   while (!apf_deadlines.empty() && apf_deadlines.begin()->first <= now) {
     const uint64_t id = apf_deadlines.begin()->second;
@@ -1049,6 +1116,12 @@ void HandlerServer::Impl::ExpireHandshakes(Clock::time_point now) {
                     std::to_string(options.handshake_timeout.count()) + " ms; closed");
     EraseWaitingApf(id);
   }
+}
+
+void HandlerServer::Impl::Reject(Connection& c, RejectReason reason, const std::string& why) {
+  metrics->HandshakeRejected(reason);
+  Log(LogLevel::kError, c.name + " rejected: " + why);
+  Erase(c.vm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1166,6 +1239,7 @@ void HandlerServer::Impl::Drop(uint64_t vm, const std::string& why) {
   Connection& c = it->second;
   const std::string line = c.name + " dropped: " + why;
   if (c.phase == Phase::kHandshake) {
+    metrics->HandshakeRejected(RejectReason::kError);
     Log(LogLevel::kError, line);
     Erase(vm);
     return;
@@ -1190,6 +1264,7 @@ void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::strin
     }
   }
   const std::string name = c.name;
+  metrics->VmFinished(c.vm, stats);
   Erase(c.vm);  // c is gone from here on
   if (options.on_vm_finished) options.on_vm_finished(name, stats);
 }

@@ -57,6 +57,7 @@
 
 #include "guestmem/fault_handler.h"
 #include "guestmem/result.h"
+#include "serve/endpoints.h"
 
 namespace guestmem::cli {
 
@@ -102,6 +103,18 @@ struct ServeOptions {
   uint64_t chunk_cache_bytes = uint64_t{256} << 20;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";
+  // A listening socket to serve on instead of making one at socket_path (systemd's socket
+  // activation: LISTEN_FDS); the server takes it (made non-blocking) and leaves the socket file
+  // to whoever made it. -1: listen on socket_path.
+  int listen_fd = -1;
+  // Prometheus' exposition over HTTP at this address (endpoints.h); none when unset.
+  std::optional<MetricsAddress> metrics_address;
+  // Where each VM's restore trace is written (restore_trace.h), one file per VM; empty: none.
+  // An existing directory the daemon may write (`gmem serve` checks at start; a trace that cannot
+  // be made there is logged and its VM served without one).
+  std::string trace_dir;
+  // `gmem status`'s control socket (endpoints.h); empty: none.
+  std::string control_path;
   // Told when a served VM has gone, with its final statistics (from Run()'s thread).
   std::function<void(const std::string& vm, const FaultStats& stats)> on_vm_finished;
 };
@@ -131,6 +144,8 @@ class HandlerServer {
   Status Run();
   // Asks Run() to return. Async-signal-safe.
   void Stop();
+  // Where the metrics are served (the port chosen for port 0), if they are.
+  std::optional<MetricsAddress> metrics_address() const;
 
  private:
   struct Impl;

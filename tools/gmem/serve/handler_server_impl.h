@@ -37,8 +37,10 @@
 #include "guestmem/unix_socket.h"
 #include "guestmem/working_set.h"
 #include "guestmem/working_set_learner.h"
+#include "serve/endpoints.h"
 #include "serve/handler_server.h"
 #include "serve/keeper.h"
+#include "serve/serve_metrics.h"
 #include "serve/vcpu_faults.h"
 #include "serve/vcpu_requests.h"
 
@@ -204,8 +206,15 @@ struct HandlerServer::Impl {
   bool handing_over = false;  // shutting down: VMs stay kept for the next daemon
   size_t left_to_keeper = 0;
 
-  // Declared last, so destroyed first: its workers call OnSpaceClosed, which uses the above.
+  bool socket_activated = false;  // the listener came from ServeOptions::listen_fd
+
+  // Declared after what they use: its workers call OnSpaceClosed, which uses the above.
   std::unique_ptr<FaultEngine> engine;
+  // What the VMs did, for the endpoints, which read it (and the engine) from threads of their
+  // own; stopped before the engine goes (~HandlerServer).
+  std::unique_ptr<ServeMetrics> metrics;
+  std::unique_ptr<MetricsHttpServer> metrics_http;
+  std::unique_ptr<ControlServer> control_server;
 
   // What a VM is served with, from a handshake or from the keeper.
   struct VmSpec {
@@ -236,6 +245,8 @@ struct HandlerServer::Impl {
   // needs to hold it) and, for a VM with a userfault bitmap, its vCPU faults (c.vcpu).
   Result<SpaceId> StartSpace(Connection& c, VmSpec spec,
                              std::unique_ptr<VcpuRequestTable> requests = nullptr);
+  // A restore trace for c in --trace-dir; null (logged) when it cannot be made.
+  std::shared_ptr<RestoreTraceWriter> OpenTrace(const Connection& c, const Snapshot& snapshot);
   // Gives the keeper everything it must hold for c now (replacing what it held).
   void KeepVm(Connection& c);
   // Makes c's sockets and rings edge-triggered members of the epoll set.
@@ -271,6 +282,8 @@ struct HandlerServer::Impl {
   Result<std::shared_ptr<const Snapshot>> OpenSnapshot(const std::string& path);
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
+  // Logs why c's handshake was rejected and counts it by reason.
+  void Reject(Connection& c, RejectReason reason, const std::string& why);
   void HandleNotices();
   void Reconcile();
   void SpaceEndedByItself(Connection& c, const SpaceEnded& notice);
