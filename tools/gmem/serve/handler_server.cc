@@ -812,7 +812,10 @@ void HandlerServer::Impl::HandshakeReady(Connection& c) {
   KeepVm(c);
   Log(LogLevel::kInfo, c.name + " connected: " + std::to_string(handshake.regions.size()) +
                            " region(s), " + std::to_string(handshake.fds.size()) +
-                           " descriptor(s); serving as space " + std::to_string(c.space) + note);
+                           " descriptor(s); serving as space " + std::to_string(c.space) + note +
+                           (c.learned_pages > 0 ? "; prefetching " + std::to_string(c.learned_pages) +
+                                                      " pages learned"
+                                                : ""));
 }
 
 Result<SpaceId> HandlerServer::Impl::Admit(Connection& c, ReceivedHandshake& handshake) {
@@ -967,6 +970,7 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   // bitmap after message 1, so bits cleared before it would be set again.
   // Its background fill too, for the same reason; the fill of a VM taken over waits as well,
   // unless its message 2 was in already (Resume starts it then).
+  c.learned_pages = learned != nullptr ? learned->size() : 0;
   if (has_bitmap) {
     c.deferred_prefetch = std::move(learned);
     c.deferred_fill = handler_options.fill == FillMode::kBackground;

@@ -130,6 +130,8 @@ struct HandlerServer::Impl {
     // Secret hiding: the working set to prefetch once message 2 is in, and whether a background
     // fill follows it then.
     std::shared_ptr<const WorkingSet> deferred_prefetch;
+    // Pages of the learned working set it was given to prefetch (0: none).
+    size_t learned_pages = 0;
     bool deferred_fill = false;
   };
 
