@@ -66,10 +66,16 @@ TEST_P(RestoreBenchTest, SequentialReadsRestoreEveryPage) {
       EXPECT_EQ(run->pages_installed, kSize / kPageSize4K);
       EXPECT_GE(run->faults, kSize / kPageSize4K);
       break;
-    case Contestant::kOnDemand:
-    case Contestant::kMinorTrap:
     case Contestant::kPacked:
     case Contestant::kPackedShared:
+      // A fault that waits for its chunk to be decoded lets the other thread's stream run on
+      // meanwhile, so how far windows grow depends on the decoder's speed: still far fewer
+      // faults than pages.
+      EXPECT_EQ(run->pages_installed, kSize / kPageSize4K);
+      EXPECT_LE(run->faults, kSize / kPageSize4K / 4);
+      break;
+    case Contestant::kOnDemand:
+    case Contestant::kMinorTrap:
       // Windows that grow along each thread's scan: far fewer faults than pages.
       EXPECT_EQ(run->pages_installed, kSize / kPageSize4K);
       EXPECT_LE(run->faults, kSize / kDefaultFaultAroundBytes + 8);
