@@ -152,12 +152,10 @@ class PendingFile {
 // Where the packer is: the runs so far, the chunk being filled and where chunks go.
 class Packer {
  public:
-  Packer(const PackOptions& options, PendingFile* out, const ChunkStore* store,
-         std::string out_path)
+  Packer(const PackOptions& options, PendingFile* out, const ChunkStore* store)
       : options_(options),
         out_(out),
         store_(store),
-        out_path_(std::move(out_path)),
         compressor_(options.codec, options.level,
                     options.threads != 0 ? options.threads
                                          : std::max(1u, std::thread::hardware_concurrency())) {
@@ -264,7 +262,6 @@ class Packer {
   const PackOptions& options_;
   PendingFile* out_;
   const ChunkStore* store_;
-  std::string out_path_;
   ChunkCompressor compressor_;
   PackIndex index_;
   PackSummary summary_;
@@ -327,7 +324,7 @@ Result<PackSummary> PackSnapshot(const PageSource& source, const std::string& ou
     store = std::move(opened);
   }
   GM_ASSIGN_OR_RETURN(PendingFile out, PendingFile::Create(out_path));
-  Packer packer(options, &out, store ? &*store : nullptr, out_path);
+  Packer packer(options, &out, store ? &*store : nullptr);
 
   std::vector<std::byte> content(kSegmentBytes), below(parent ? kSegmentBytes : 0);
   const uint64_t size = source.size();

@@ -15,6 +15,7 @@
 #include <span>
 #include <string>
 
+#include "base/byte_cursor.h"
 #include "guestmem/result.h"
 #include "guestmem/zero_map.h"
 
@@ -22,16 +23,13 @@ namespace guestmem {
 
 class KeptWriter {
  public:
-  KeptWriter(const char (&magic)[9], uint32_t version) : out_(magic, 8) {
+  KeptWriter(const char (&magic)[9], uint32_t version) {
+    out_.PutBytes(magic, 8);
     Put32(version);
     Put32(0);
   }
-  void Put64(uint64_t v) {
-    for (int i = 0; i < 8; ++i) out_.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-  }
-  void Put32(uint32_t v) {
-    for (int i = 0; i < 4; ++i) out_.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-  }
+  void Put64(uint64_t v) { out_.Put64(v); }
+  void Put32(uint32_t v) { out_.Put32(v); }
   void PutIdentity(const SnapshotIdentity& id) {
     Put64(id.file.dev);
     Put64(id.file.ino);
@@ -42,12 +40,12 @@ class KeptWriter {
   }
   // The form, sealed with its checksum.
   std::string Finish() {
-    Put64(XXH3_64bits(out_.data(), out_.size()));
-    return std::move(out_);
+    Put64(XXH3_64bits(out_.bytes().data(), out_.size()));
+    return out_.Take();
   }
 
  private:
-  std::string out_;
+  ByteWriter out_;
 };
 
 class KeptReader {
@@ -76,13 +74,8 @@ class KeptReader {
     return in;
   }
 
-  bool Get64(uint64_t* v) { return Get(v, 8); }
-  bool Get32(uint32_t* v) {
-    uint64_t wide = 0;
-    if (!Get(&wide, 4)) return false;
-    *v = static_cast<uint32_t>(wide);
-    return true;
-  }
+  bool Get64(uint64_t* v) { return in_.Get64(v); }
+  bool Get32(uint32_t* v) { return in_.Get32(v); }
   bool GetIdentity(SnapshotIdentity* id) {
     uint64_t f[6];
     for (uint64_t& v : f) {
@@ -96,22 +89,12 @@ class KeptReader {
                            .content_sample = f[5]};
     return true;
   }
-  size_t left() const { return bytes_.size() - pos_; }
+  size_t left() const { return in_.left(); }
 
  private:
-  explicit KeptReader(std::span<const std::byte> bytes) : bytes_(bytes) {}
-  bool Get(uint64_t* v, size_t width) {
-    if (left() < width) return false;
-    *v = 0;
-    for (size_t i = 0; i < width; ++i) {
-      *v |= uint64_t{std::to_integer<uint8_t>(bytes_[pos_ + i])} << (8 * i);
-    }
-    pos_ += width;
-    return true;
-  }
+  explicit KeptReader(std::span<const std::byte> bytes) : in_(bytes) {}
 
-  std::span<const std::byte> bytes_;
-  size_t pos_ = 0;
+  ByteReader in_;
 };
 
 }  // namespace guestmem
