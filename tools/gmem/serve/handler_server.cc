@@ -621,7 +621,10 @@ void HandlerServer::Impl::ShedOnePendingConnection(int err) {
     // its client learns at once instead of hanging in the backlog.
     reserve.reset();
     UniqueFd shed(accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    line += shed ? "closed a waiting connection; " : "";
+    if (shed) {
+      metrics->HandshakeRejected(RejectReason::kShed);
+      line += "closed a waiting connection; ";
+    }
     shed.reset();
     reserve.reset(open("/dev/null", O_RDONLY | O_CLOEXEC));
   }

@@ -257,6 +257,8 @@ const char* RejectReasonName(RejectReason reason) {
       return "malformed";
     case RejectReason::kInvalid:
       return "invalid";
+    case RejectReason::kShed:
+      return "out_of_descriptors";
     case RejectReason::kError:
       return "error";
   }

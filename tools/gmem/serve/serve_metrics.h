@@ -42,8 +42,9 @@ enum class RejectReason {
   kMalformed,     // the handshake did not parse
   kInvalid,       // it parsed but does not fit the snapshot (regions, descriptors)
   kError,         // the daemon failed to serve it (memory, descriptors, the kernel)
+  kShed,          // closed unread from the backlog: the daemon was out of descriptors
 };
-inline constexpr size_t kRejectReasons = 7;
+inline constexpr size_t kRejectReasons = 8;
 const char* RejectReasonName(RejectReason reason);
 
 // The labels of a VM's series.
