@@ -54,6 +54,8 @@ struct ChunkHashHasher {
   }
 };
 std::string ToHex(const ChunkHash& hash);
+// The hash ToHex wrote (32 lower-case hex digits), or nullopt.
+std::optional<ChunkHash> ChunkHashFromHex(std::string_view hex);
 
 }  // namespace guestmem
 

@@ -30,6 +30,8 @@ struct StoredChunk {
 class ChunkStore {
  public:
   static constexpr uint64_t kHeaderBytes = 24;
+  // The most compressed bytes a chunk of `raw_bytes` may be kept in, by any codec.
+  static uint64_t MaxCompressed(uint32_t raw_bytes);
 
   // Uses `directory`; `create` makes it (and its parents) when missing.
   // ERRORS: kNotFound (missing and not created), the PosixError of mkdir.
@@ -48,6 +50,14 @@ class ChunkStore {
   };
   Result<Kept> Put(const ChunkHash& hash, Codec codec, uint32_t raw_bytes,
                    std::span<const std::byte> compressed) const;
+
+  // Writes a chunk under `hash`, in place of what the store held under it.
+  // ERRORS: the PosixError of writing it.
+  Status Write(const ChunkHash& hash, const StoredChunk& chunk) const;
+  // The bytes of the file a chunk is kept in, and the chunk such a file holds (`name` for
+  // messages). ERRORS: kDataLoss for bytes that are not a whole chunk.
+  static std::vector<std::byte> Encode(const StoredChunk& chunk);
+  static Result<StoredChunk> Decode(std::span<const std::byte> file, const std::string& name);
 
   // The chunk named `hash`, if it holds at most `max_compressed` bytes.
   // ERRORS: kNotFound; kDataLoss for a file that is not a whole chunk; kIoError.

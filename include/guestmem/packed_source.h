@@ -31,6 +31,7 @@
 
 #include "guestmem/chunk_cache.h"
 #include "guestmem/chunk_store.h"
+#include "guestmem/pack_storage.h"
 #include "guestmem/packed_index.h"
 #include "guestmem/page_source.h"
 
@@ -42,7 +43,8 @@ struct PackedSourceOptions {
   // Decoded chunks kept in memory, for this source and its layers (ignored when `cache` is set).
   uint64_t cache_bytes = uint64_t{256} << 20;
   std::shared_ptr<ChunkCache> cache;  // shared with other sources; null: one of its own
-  // The chunk store of every layer, in place of the one each names (relative to its file).
+  // The chunk store of every layer, in place of the one each names (relative to its file), for
+  // local packs.
   std::string store_directory;
   // Background threads that decode chunks (0: none: every read decodes on its own thread, and
   // WillNeed does nothing).
@@ -61,6 +63,10 @@ class PackedSource final : public PageSource {
   // parent or chunk store.
   static Result<std::unique_ptr<PackedSource>> Open(const std::string& path,
                                                     PackedSourceOptions options = {});
+  // The same for a pack read through `storage` (a remote one: remote_pack_storage.h); its
+  // parents are opened through the storage too, and options.store_directory is the storage's.
+  static Result<std::unique_ptr<PackedSource>> Open(std::unique_ptr<PackStorage> storage,
+                                                    PackedSourceOptions options = {});
   ~PackedSource() override;
 
   uint64_t size() const override { return index_.raw_size; }
@@ -77,8 +83,9 @@ class PackedSource final : public PageSource {
 
   const PackIndex& index() const { return index_; }
   const PackedSource* parent() const { return parent_.get(); }
-  // The packed file itself (what caches of this snapshot are keyed by).
-  const RawFileSource& file() const { return *file_; }
+  // Where this layer is read from; its file() is the packed file itself when it is a local one
+  // (what caches of this snapshot are keyed by).
+  const PackStorage& storage() const { return *storage_; }
   const std::shared_ptr<ChunkCache>& cache() const { return cache_; }
   int layers() const { return parent_ ? parent_->layers() + 1 : 1; }
   uint64_t chunk_bytes() const { return uint64_t{index_.chunk_pages} * 4096; }
@@ -91,10 +98,10 @@ class PackedSource final : public PageSource {
   Result<ChunkCache::Chunk> Chunk(size_t chunk) const;
 
  private:
-  PackedSource(std::unique_ptr<RawFileSource> file, PackIndex index,
-               std::unique_ptr<PackedSource> parent, std::optional<ChunkStore> store,
-               std::shared_ptr<ChunkCache> cache, unsigned decode_threads);
-  static Result<std::unique_ptr<PackedSource>> OpenLayer(const std::string& path,
+  PackedSource(std::unique_ptr<PackStorage> storage, PackIndex index,
+               std::unique_ptr<PackedSource> parent, std::shared_ptr<ChunkCache> cache,
+               unsigned decode_threads);
+  static Result<std::unique_ptr<PackedSource>> OpenLayer(std::unique_ptr<PackStorage> storage,
                                                          const PackedSourceOptions& options,
                                                          const std::shared_ptr<ChunkCache>& cache,
                                                          int depth);
@@ -106,10 +113,9 @@ class PackedSource final : public PageSource {
   // The chunks after `chunk`, decoded ahead for a reader that reads on.
   void ReadAheadAfter(size_t chunk) const;
 
-  std::unique_ptr<RawFileSource> file_;
+  std::unique_ptr<PackStorage> storage_;
   PackIndex index_;
   std::unique_ptr<PackedSource> parent_;
-  std::optional<ChunkStore> store_;
   std::shared_ptr<ChunkCache> cache_;
 
   // Declared last, so destroyed first: its threads use everything above.

@@ -5,35 +5,41 @@
 // callbacks to tell when it is in; and items wanted ahead (Ahead: a working set about to be
 // prefetched, the chunks after one a reader waited for), bounded, dropped when full. An item is
 // loaded once however often it is asked for while queued. `load` returns whether the item is now
-// at hand; an item whose load failed is remembered as failed, so that a caller asks for it no
-// more and reads it itself (and meets the error) instead of waiting again and again.
+// at hand; an item whose load failed is remembered with its error, so that callers meet the
+// error at once instead of waiting again and again: for good when trying again cannot help
+// (IsRetryable), else for `retry_after`, after which the next Need loads it again.
 //
 // Thread safety: safe from many threads at once; callbacks run on a loader thread, without the
 // loader's lock held.
 #ifndef GUESTMEM_SNAPSHOT_BACKGROUND_LOADER_H_
 #define GUESTMEM_SNAPSHOT_BACKGROUND_LOADER_H_
 
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
+
+#include "guestmem/result.h"
 
 namespace guestmem {
 
 class BackgroundLoader {
  public:
-  using Load = std::function<bool(size_t item)>;
+  using Load = std::function<Status(size_t item)>;
   using Ready = std::function<void()>;
+  using Clock = std::chrono::steady_clock;
 
   // `threads` == 0: nothing is loaded in the background (Need runs `ready` at once, Ahead does
   // nothing): callers then read on their own thread.
-  BackgroundLoader(unsigned threads, size_t ahead_limit, Load load)
-      : ahead_limit_(ahead_limit), load_(std::move(load)) {
+  BackgroundLoader(unsigned threads, size_t ahead_limit, Load load,
+                   Clock::duration retry_after = std::chrono::seconds(1))
+      : ahead_limit_(ahead_limit), retry_after_(retry_after), load_(std::move(load)) {
     for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
   }
   ~BackgroundLoader() {
@@ -77,10 +83,12 @@ class BackgroundLoader {
     cv_.notify_all();
   }
 
-  // Whether the last load of `item` failed.
-  bool Failed(size_t item) const {
+  // The error of the last load of `item`, while it is remembered.
+  std::optional<Error> Failed(size_t item) const {
     std::lock_guard lock(mu_);
-    return failed_.count(item) != 0;
+    auto it = failed_.find(item);
+    if (it == failed_.end() || Clock::now() >= it->second.until) return std::nullopt;
+    return it->second.error;
   }
 
  private:
@@ -93,12 +101,15 @@ class BackgroundLoader {
       const size_t item = queue.front();
       queue.pop_front();
       lock.unlock();
-      const bool ok = load_(item);
+      Status loaded = load_(item);
       lock.lock();
-      if (ok) {
+      if (loaded) {
         failed_.erase(item);
       } else {
-        failed_.insert(item);
+        const bool for_good = !IsRetryable(loaded.error().code());
+        failed_.insert_or_assign(
+            item, Failure{std::move(loaded).error(),
+                          for_good ? Clock::time_point::max() : Clock::now() + retry_after_});
       }
       std::vector<Ready> ready;
       if (auto it = waiting_.find(item); it != waiting_.end()) {
@@ -111,13 +122,19 @@ class BackgroundLoader {
     }
   }
 
+  struct Failure {
+    Error error;
+    Clock::time_point until;
+  };
+
   const size_t ahead_limit_;
+  const Clock::duration retry_after_;
   const Load load_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<size_t> urgent_, ahead_;                          // GUARDED_BY(mu_)
   std::unordered_map<size_t, std::vector<Ready>> waiting_;     // GUARDED_BY(mu_)
-  std::unordered_set<size_t> failed_;                          // GUARDED_BY(mu_)
+  std::unordered_map<size_t, Failure> failed_;                 // GUARDED_BY(mu_)
   bool stopping_ = false;                                      // GUARDED_BY(mu_)
   std::vector<std::thread> threads_;
 };

@@ -149,4 +149,20 @@ std::string ToHex(const ChunkHash& hash) {
   return out;
 }
 
+std::optional<ChunkHash> ChunkHashFromHex(std::string_view hex) {
+  ChunkHash hash{};
+  if (hex.size() != 2 * hash.size()) return std::nullopt;
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  for (size_t i = 0; i < hash.size(); ++i) {
+    const int high = digit(hex[2 * i]), low = digit(hex[2 * i + 1]);
+    if (high < 0 || low < 0) return std::nullopt;
+    hash[i] = static_cast<uint8_t>(high << 4 | low);
+  }
+  return hash;
+}
+
 }  // namespace guestmem

@@ -17,6 +17,11 @@ constexpr char kChunkMagic[9] = "GMCHUNK1";
 
 }  // namespace
 
+uint64_t ChunkStore::MaxCompressed(uint32_t raw_bytes) {
+  return std::max({CompressBound(Codec::kNone, raw_bytes), CompressBound(Codec::kZstd, raw_bytes),
+                   CompressBound(Codec::kLz4, raw_bytes)});
+}
+
 Result<ChunkStore> ChunkStore::Open(const std::string& directory, bool create) {
   std::error_code error;
   if (create) {
@@ -36,11 +41,9 @@ std::string ChunkStore::PathOf(const ChunkHash& hash) const {
 
 Result<ChunkStore::Kept> ChunkStore::Put(const ChunkHash& hash, Codec codec, uint32_t raw_bytes,
                                          std::span<const std::byte> compressed) const {
-  const std::string path = PathOf(hash);
   // A chunk already there is kept only if it is whole: a torn or corrupt one is written again.
-  const uint64_t bound =
-      std::max(CompressBound(Codec::kZstd, raw_bytes), CompressBound(Codec::kLz4, raw_bytes));
-  if (auto existing = Get(hash, bound); existing && existing->raw_bytes == raw_bytes) {
+  if (auto existing = Get(hash, MaxCompressed(raw_bytes));
+      existing && existing->raw_bytes == raw_bytes) {
     std::vector<std::byte> content(raw_bytes);
     if (DecompressChunk(existing->codec, existing->compressed, content) &&
         HashChunk(content) == hash) {
@@ -49,22 +52,51 @@ Result<ChunkStore::Kept> ChunkStore::Put(const ChunkHash& hash, Codec codec, uin
                   .compressed_bytes = static_cast<uint32_t>(existing->compressed.size())};
     }
   }
-  std::error_code error;
-  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), error);
-  if (error) return PosixError(error.value(), "chunk store: creating a directory for " + path);
-  ByteWriter w;
-  w.PutBytes(kChunkMagic, 8);
-  w.Put8(static_cast<uint8_t>(codec));
-  w.PutZeros(3);
-  w.Put32(raw_bytes);
-  w.Put32(static_cast<uint32_t>(compressed.size()));
-  w.PutZeros(4);
-  w.PutBytes(compressed.data(), compressed.size());
-  GM_RETURN_IF_ERROR(WriteFileAtomically(path, std::as_bytes(std::span(w.bytes())),
-                                         Durability::kUnsynced, "chunk store"));
+  StoredChunk chunk{.codec = codec, .raw_bytes = raw_bytes};
+  chunk.compressed.assign(compressed.begin(), compressed.end());
+  GM_RETURN_IF_ERROR(Write(hash, chunk));
   return Kept{.added = true,
               .codec = codec,
               .compressed_bytes = static_cast<uint32_t>(compressed.size())};
+}
+
+Status ChunkStore::Write(const ChunkHash& hash, const StoredChunk& chunk) const {
+  const std::string path = PathOf(hash);
+  std::error_code error;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), error);
+  if (error) return PosixError(error.value(), "chunk store: creating a directory for " + path);
+  const std::vector<std::byte> file = Encode(chunk);
+  return WriteFileAtomically(path, file, Durability::kUnsynced, "chunk store");
+}
+
+std::vector<std::byte> ChunkStore::Encode(const StoredChunk& chunk) {
+  ByteWriter w;
+  w.PutBytes(kChunkMagic, 8);
+  w.Put8(static_cast<uint8_t>(chunk.codec));
+  w.PutZeros(3);
+  w.Put32(chunk.raw_bytes);
+  w.Put32(static_cast<uint32_t>(chunk.compressed.size()));
+  w.PutZeros(4);
+  w.PutBytes(chunk.compressed.data(), chunk.compressed.size());
+  const auto bytes = std::as_bytes(std::span(w.bytes()));
+  return {bytes.begin(), bytes.end()};
+}
+
+Result<StoredChunk> ChunkStore::Decode(std::span<const std::byte> file, const std::string& name) {
+  ByteReader in(file);
+  char magic[8];
+  uint8_t codec = 0;
+  StoredChunk out;
+  uint32_t compressed = 0;
+  if (!in.GetBytes(magic, 8) || std::memcmp(magic, kChunkMagic, 8) != 0 || !in.Get8(&codec) ||
+      !in.Skip(3) || !in.Get32(&out.raw_bytes) || !in.Get32(&compressed) || !in.Skip(4) ||
+      codec > static_cast<uint8_t>(Codec::kZstd) || compressed != in.left()) {
+    return Error(ErrorCode::kDataLoss, "chunk store: " + name + " is not a whole chunk");
+  }
+  out.codec = static_cast<Codec>(codec);
+  const auto body = file.subspan(kHeaderBytes);
+  out.compressed.assign(body.begin(), body.end());
+  return out;
 }
 
 Result<StoredChunk> ChunkStore::Get(const ChunkHash& hash, uint64_t max_compressed) const {
@@ -76,19 +108,7 @@ Result<StoredChunk> ChunkStore::Get(const ChunkHash& hash, uint64_t max_compress
     }
     return std::move(bytes).error().WithContext("chunk store");
   }
-  ByteReader in(*bytes);
-  char magic[8];
-  uint8_t codec = 0;
-  StoredChunk out;
-  uint32_t compressed = 0;
-  if (!in.GetBytes(magic, 8) || std::memcmp(magic, kChunkMagic, 8) != 0 || !in.Get8(&codec) ||
-      !in.Skip(3) || !in.Get32(&out.raw_bytes) || !in.Get32(&compressed) || !in.Skip(4) ||
-      codec > static_cast<uint8_t>(Codec::kZstd) || compressed != in.left()) {
-    return Error(ErrorCode::kDataLoss, "chunk store: " + path + " is not a whole chunk");
-  }
-  out.codec = static_cast<Codec>(codec);
-  out.compressed.assign(bytes->begin() + static_cast<std::ptrdiff_t>(kHeaderBytes), bytes->end());
-  return out;
+  return Decode(*bytes, path);
 }
 
 }  // namespace guestmem

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <filesystem>
 
 #include "guestmem/log.h"
 #include "snapshot/background_loader.h"
@@ -14,12 +13,6 @@ constexpr uint64_t kPage = 4096;
 
 // Set on the background decoders' threads: what they decode is ahead already, not read ahead of.
 thread_local bool t_decoding_ahead = false;
-
-// `name` as the layer at `from` names it: relative to that file's directory unless absolute.
-std::string Beside(const std::string& from, const std::string& name) {
-  if (name.empty() || name.front() == '/') return name;
-  return (std::filesystem::path(from).parent_path() / name).lexically_normal().string();
-}
 
 std::string Pages(const std::vector<PageRun>& runs) {
   std::string out;
@@ -36,25 +29,32 @@ std::string Pages(const std::vector<PageRun>& runs) {
 
 Result<std::unique_ptr<PackedSource>> PackedSource::Open(const std::string& path,
                                                          PackedSourceOptions options) {
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<LocalPackStorage> storage,
+                      LocalPackStorage::Open(path, options.store_directory));
+  return Open(std::move(storage), std::move(options));
+}
+
+Result<std::unique_ptr<PackedSource>> PackedSource::Open(std::unique_ptr<PackStorage> storage,
+                                                         PackedSourceOptions options) {
   std::shared_ptr<ChunkCache> cache =
       options.cache ? options.cache : std::make_shared<ChunkCache>(options.cache_bytes);
-  return OpenLayer(path, options, cache, 0);
+  return OpenLayer(std::move(storage), options, cache, 0);
 }
 
 Result<std::unique_ptr<PackedSource>> PackedSource::OpenLayer(
-    const std::string& path, const PackedSourceOptions& options,
+    std::unique_ptr<PackStorage> storage, const PackedSourceOptions& options,
     const std::shared_ptr<ChunkCache>& cache, int depth) {
+  const std::string path = storage->name();
   if (depth >= kMaxLayers) {
     return Error(ErrorCode::kFailedPrecondition,
                  path + ": more than " + std::to_string(kMaxLayers) + " layers (a cycle?)");
   }
-  GM_ASSIGN_OR_RETURN(std::unique_ptr<RawFileSource> file, RawFileSource::Open(path));
-  std::vector<std::byte> header(std::min<uint64_t>(PackIndex::kHeaderBytes, file->size()));
-  GM_RETURN_IF_ERROR(file->ReadAt(FileOffset(0), header));
-  auto parsed_header = ParsePackHeader(header, file->size());
+  std::vector<std::byte> header(std::min<uint64_t>(PackIndex::kHeaderBytes, storage->size()));
+  GM_RETURN_IF_ERROR(storage->ReadAt(0, header));
+  auto parsed_header = ParsePackHeader(header, storage->size());
   if (!parsed_header) return std::move(parsed_header).error().WithContext(path);
   std::vector<std::byte> index_bytes(parsed_header->index_bytes);
-  GM_RETURN_IF_ERROR(file->ReadAt(FileOffset(parsed_header->index_offset), index_bytes));
+  GM_RETURN_IF_ERROR(storage->ReadAt(parsed_header->index_offset, index_bytes));
   auto index = ParsePackIndex(*parsed_header, index_bytes);
   if (!index) return std::move(index).error().WithContext(path);
   if (index->Identity() != parsed_header->identity) {
@@ -64,8 +64,12 @@ Result<std::unique_ptr<PackedSource>> PackedSource::OpenLayer(
 
   std::unique_ptr<PackedSource> parent;
   if (index->has_parent()) {
-    const std::string parent_path = Beside(path, index->parent_path);
-    auto opened = OpenLayer(parent_path, options, cache, depth + 1);
+    auto parent_storage = storage->OpenParent(index->parent_path);
+    if (!parent_storage) {
+      return std::move(parent_storage).error().WithContext(path + ": its parent");
+    }
+    const std::string parent_path = (*parent_storage)->name();
+    auto opened = OpenLayer(std::move(*parent_storage), options, cache, depth + 1);
     if (!opened) {
       return std::move(opened).error().WithContext(path + ": its parent " + parent_path);
     }
@@ -82,33 +86,27 @@ Result<std::unique_ptr<PackedSource>> PackedSource::OpenLayer(
                    path + ": its parent " + parent_path + " is smaller than it");
     }
   }
-  std::optional<ChunkStore> store;
-  if (!index->store_path.empty()) {
-    const std::string dir = options.store_directory.empty()
-                                ? Beside(path, index->store_path)
-                                : options.store_directory;
-    GM_ASSIGN_OR_RETURN(ChunkStore opened, ChunkStore::Open(dir, /*create=*/false));
-    store = std::move(opened);
-  }
-  return std::unique_ptr<PackedSource>(new PackedSource(std::move(file), std::move(*index),
-                                                        std::move(parent), std::move(store),
-                                                        cache, options.decode_threads));
+  if (!index->store_path.empty()) GM_RETURN_IF_ERROR(storage->OpenStore(index->store_path));
+  return std::unique_ptr<PackedSource>(new PackedSource(std::move(storage), std::move(*index),
+                                                        std::move(parent), cache,
+                                                        options.decode_threads));
 }
 
-PackedSource::PackedSource(std::unique_ptr<RawFileSource> file, PackIndex index,
-                           std::unique_ptr<PackedSource> parent, std::optional<ChunkStore> store,
+PackedSource::PackedSource(std::unique_ptr<PackStorage> storage, PackIndex index,
+                           std::unique_ptr<PackedSource> parent,
                            std::shared_ptr<ChunkCache> cache, unsigned decode_threads)
-    : file_(std::move(file)),
+    : storage_(std::move(storage)),
       index_(std::move(index)),
       parent_(std::move(parent)),
-      store_(std::move(store)),
       cache_(std::move(cache)) {
   // Chunks wanted ahead beyond what the cache could hold would only evict each other.
   const size_t ahead_limit = std::max<size_t>(1, cache_->capacity() / chunk_bytes());
   decoder_ = std::make_unique<BackgroundLoader>(
-      index_.chunks.empty() ? 0 : decode_threads, ahead_limit, [this](size_t chunk) {
+      index_.chunks.empty() ? 0 : decode_threads, ahead_limit, [this](size_t chunk) -> Status {
         t_decoding_ahead = true;
-        return Chunk(chunk).has_value();
+        auto loaded = Chunk(chunk);
+        if (!loaded) return std::move(loaded).error();
+        return OkStatus();
       });
 }
 
@@ -116,7 +114,7 @@ PackedSource::~PackedSource() = default;
 
 Error PackedSource::ChunkError(size_t chunk, const Error& why) const {
   return Error(why.code(),
-               file_->path() + ": chunk " + std::to_string(chunk) + " (" +
+               storage_->name() + ": chunk " + std::to_string(chunk) + " (" +
                    ToHex(index_.chunks[chunk].hash) + ", pages " +
                    Pages(index_.PagesOfChunk(chunk)) + "): " + why.ToString(),
                why.sys_errno());
@@ -124,36 +122,46 @@ Error PackedSource::ChunkError(size_t chunk, const Error& why) const {
 
 Result<ChunkCache::Chunk> PackedSource::LoadChunk(size_t chunk) const {
   const ChunkRef& ref = index_.chunks.at(chunk);
-  const uint64_t raw_bytes = uint64_t{ref.pages} * kPage;
-  std::vector<std::byte> compressed;
-  Codec codec = ref.codec;
-  if (ref.location == ChunkLocation::kInline) {
-    compressed.resize(ref.compressed_bytes);
-    if (Status read = file_->ReadAt(FileOffset(ref.offset), compressed); !read) {
-      return ChunkError(chunk, read.error());
+  const uint32_t raw_bytes = ref.pages * static_cast<uint32_t>(kPage);
+  // A copy kept on the way (a remote chunk cached on disk) may be torn: the chunk is read once
+  // more from where it comes from before it is taken to be corrupt.
+  Error why(ErrorCode::kInternal, "not read");
+  for (bool again : {false, true}) {
+    auto stored = storage_->ReadChunk(ref, raw_bytes, again);
+    if (!stored) {
+      if (stored.error().code() != ErrorCode::kDataLoss) return ChunkError(chunk, stored.error());
+      why = std::move(stored).error();
+      continue;
     }
-  } else {
-    auto stored = store_->Get(ref.hash, CompressBound(ref.codec, raw_bytes));
-    if (!stored) return ChunkError(chunk, stored.error());
     if (stored->raw_bytes != raw_bytes) {
-      return ChunkError(chunk, Error(ErrorCode::kDataLoss,
-                                     "the store holds " + std::to_string(stored->raw_bytes) +
-                                         " bytes under its name"));
+      why = Error(ErrorCode::kDataLoss, "the store holds " + std::to_string(stored->raw_bytes) +
+                                            " bytes under its name");
+      continue;
     }
-    codec = stored->codec;
-    compressed = std::move(stored->compressed);
+    auto decoded = std::make_shared<DecodedChunk>(raw_bytes);
+    if (Status ok = DecompressChunk(stored->codec, stored->compressed, decoded->mutable_bytes());
+        !ok) {
+      why = ok.error();
+      continue;
+    }
+    if (HashChunk(decoded->bytes()) != ref.hash) {
+      why = Error(ErrorCode::kDataLoss, "content does not match its hash");
+      continue;
+    }
+    return ChunkCache::Chunk(std::move(decoded));
   }
-  auto decoded = std::make_shared<DecodedChunk>(raw_bytes);
-  if (Status ok = DecompressChunk(codec, compressed, decoded->mutable_bytes()); !ok) {
-    return ChunkError(chunk, ok.error());
-  }
-  if (HashChunk(decoded->bytes()) != ref.hash) {
-    return ChunkError(chunk, Error(ErrorCode::kDataLoss, "content does not match its hash"));
-  }
-  return ChunkCache::Chunk(std::move(decoded));
+  return ChunkError(chunk, why);
 }
 
 Result<ChunkCache::Chunk> PackedSource::Chunk(size_t chunk) const {
+  // A reader meets a failure its loaders just had, rather than trying again on its own thread
+  // (a fetch from a store that stopped answering would hold it for a whole deadline).
+  if (!t_decoding_ahead) {
+    if (std::optional<Error> failed = decoder_->Failed(chunk);
+        failed && !cache_->Contains(index_.chunks[chunk].hash)) {
+      return *std::move(failed);
+    }
+  }
   bool loaded_here = false;
   auto got = cache_->Get(index_.chunks.at(chunk).hash, [this, chunk, &loaded_here] {
     loaded_here = true;
@@ -278,7 +286,7 @@ bool PackedSource::ContentReady(FileOffset offset, uint64_t length,
     all_ready &= parent_->ContentReady(FileOffset(first * kPage), (end - first) * kPage, ready);
   }
   for (size_t c : chunks) {
-    if (cache_->Contains(index_.chunks[c].hash) || decoder_->Failed(c)) continue;
+    if (cache_->Contains(index_.chunks[c].hash) || decoder_->Failed(c).has_value()) continue;
     decoder_->Need(c, ready);
     all_ready = false;
   }
@@ -302,7 +310,7 @@ void PackedSource::WillNeed(FileOffset offset, uint64_t length) const {
 std::string PackedSource::Describe() const {
   const uint64_t stored = index_.stored_pages();
   const uint64_t pages = std::max<uint64_t>(1, index_.page_count());
-  return "packed snapshot " + file_->path() + " (" + std::to_string(size() >> 20) + " MiB, " +
+  return "packed snapshot " + storage_->name() + " (" + std::to_string(size() >> 20) + " MiB, " +
          std::to_string(layers()) + (layers() == 1 ? " layer, " : " layers, ") +
          std::to_string(100 * stored / pages) + "% stored in " +
          std::to_string(index_.chunks.size()) + " chunks of " +

@@ -27,6 +27,7 @@
 #include "guestmem/handshake.h"
 #include "guestmem/unix_socket.h"
 #include "serve_fixture.h"
+#include "testutil/test_vm.h"
 
 namespace guestmem::e2e {
 namespace {

@@ -50,6 +50,9 @@ struct ServeArgs {
   std::string max_active_vms = "1024";
   std::string max_vms = "0";
   std::string chunk_cache_mib = "256";
+  std::string cache_max_gib = "10";
+  std::string fetch_deadline_ms = "10000";
+  std::string fetch_threads = "8";
   std::string metrics;
   std::string trace_dir;
   std::string control_socket;
@@ -150,6 +153,16 @@ Status ParseArgs(ServeArgs& args) {
   GM_ASSIGN_OR_RETURN(const uint64_t chunk_cache_mib,
                       ParseNumber("--chunk-cache-mib", args.chunk_cache_mib, 1, uint64_t{1} << 20));
   options.chunk_cache_bytes = chunk_cache_mib << 20;
+  GM_ASSIGN_OR_RETURN(const uint64_t cache_max_gib,
+                      ParseNumber("--cache-max-gib", args.cache_max_gib, 1, uint64_t{1} << 20));
+  options.chunk_disk_bytes = cache_max_gib << 30;
+  GM_ASSIGN_OR_RETURN(const uint64_t fetch_deadline_ms,
+                      ParseNumber("--fetch-deadline-ms", args.fetch_deadline_ms, 1,
+                                  std::numeric_limits<int32_t>::max()));
+  options.fetch_deadline = std::chrono::milliseconds(fetch_deadline_ms);
+  GM_ASSIGN_OR_RETURN(const uint64_t fetch_threads,
+                      ParseNumber("--fetch-threads", args.fetch_threads, 1, 256));
+  options.fetch_threads = static_cast<unsigned>(fetch_threads);
   if (!args.metrics.empty()) {
     GM_ASSIGN_OR_RETURN(options.metrics_address, ParseMetricsAddress(args.metrics));
   }
@@ -253,7 +266,9 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_option("socket_path", args->options.socket_path, "Unix socket to listen on")->required();
   cmd->add_option("mem_file_path", args->options.mem_file_path,
                   "Snapshot memory file: a regular file (regions back to back; holes are zero "
-                  "pages) or a block device")
+                  "pages) or a block device; or a packed snapshot (a file, or s3://BUCKET/KEY, "
+                  "http(s)://HOST/PATH: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and "
+                  "AWS_ENDPOINT_URL say how the store is reached)")
       ->required();
   cmd->add_option("--mode", args->mode, "on-demand (with fault-around) or fault-all")
       ->check(CLI::IsMember({"on-demand", "fault-all"}))
@@ -305,6 +320,18 @@ void RegisterServeCommand(CLI::App& app) {
   cmd->add_option("--chunk-cache-mib", args->chunk_cache_mib,
                   "A packed snapshot's decompressed chunks kept in memory, shared by its VMs, in "
                   "MiB (1 to 1048576)")
+      ->capture_default_str();
+  cmd->add_option("--cache-max-gib", args->cache_max_gib,
+                  "Chunks of snapshots named by a URL kept on disk in CACHE_DIR/chunks, shared by "
+                  "every VM and snapshot, least recently used dropped first, in GiB")
+      ->capture_default_str();
+  cmd->add_option("--fetch-deadline-ms", args->fetch_deadline_ms,
+                  "How long a chunk may take to fetch from the object store, retries included; "
+                  "past it the pages that need it are poisoned (SIGBUS in the guest)")
+      ->capture_default_str();
+  cmd->add_option("--fetch-threads", args->fetch_threads,
+                  "Threads that fetch chunks from the object store, each with one request in "
+                  "flight (1 to 256)")
       ->capture_default_str();
   cmd->add_flag("--no-learn{false}", args->options.learn,
                 "Do not learn working sets: each restore faults its pages in as if it were the "

@@ -106,6 +106,7 @@ void RegisterSnapshotCommand(CLI::App& app) {
   create->add_flag("--diff-only", args->variant.diff_only,
                    "With --from: write only the changed pages, the rest holes (a diff snapshot)");
   RegisterPackedSnapshotCommands(*snapshot);
+  RegisterRemoteSnapshotCommands(*snapshot);
   create->callback([args] {
     args->variant.seed = args->options.seed;
     args->variant.overwrite = args->options.overwrite;

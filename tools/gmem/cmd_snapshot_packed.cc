@@ -143,8 +143,8 @@ nlohmann::json DescribeLayer(const PackedSource& layer) {
     if (distinct.insert(c.hash).second) compressed += c.compressed_bytes;
     in_store += c.location == ChunkLocation::kStore ? 1 : 0;
   }
-  return {{"file", layer.file().path()},
-          {"file_bytes", layer.file().size()},
+  return {{"file", layer.storage().name()},
+          {"file_bytes", layer.storage().size()},
           {"identity", ToHex(index.Identity())},
           {"pages", index.page_count()},
           {"zero_pages", zero},

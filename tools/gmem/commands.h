@@ -18,6 +18,7 @@ void RegisterVmmSimCommand(CLI::App& app);
 void RegisterSnapshotCommand(CLI::App& app);
 // pack, inspect, verify, unpack and diff, under `snapshot` (cmd_snapshot_packed.cc).
 void RegisterPackedSnapshotCommands(CLI::App& snapshot);
+void RegisterRemoteSnapshotCommands(CLI::App& snapshot);
 void RegisterDemoCommand(CLI::App& app);
 void RegisterBenchCommand(CLI::App& app);
 void RegisterSoakCommand(CLI::App& app);

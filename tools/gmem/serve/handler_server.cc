@@ -890,10 +890,14 @@ Result<SpaceId> HandlerServer::Impl::StartSpace(Connection& c, VmSpec spec,
   // Learned from at its end; a VM taken over is not: what it needed before is not known.
   std::shared_ptr<WorkingSetRecorder> recorder;
   std::shared_ptr<const WorkingSet> learned;
-  if (learner && !spec.resume) {
-    learned = learner->LearnedFor(spec.snapshot->file(), spec.snapshot->packed_working_set());
+  if (learner && !spec.resume && spec.snapshot->file() != nullptr) {
+    learned = learner->LearnedFor(*spec.snapshot->file(), spec.snapshot->packed_working_set());
     recorder = std::make_shared<WorkingSetRecorder>();
     handler_options.recorder = recorder;
+  } else if (learner && !spec.resume && !spec.snapshot->packed_working_set().empty()) {
+    // A snapshot named by a URL: what it was packed with, as nothing is learned of it.
+    learned = std::make_shared<const WorkingSet>(
+        WorkingSet::Merge(WorkingSet(), spec.snapshot->packed_working_set()));
   }
   bool has_bitmap = false;
   if (spec.memory_file) {
@@ -1033,8 +1037,36 @@ std::shared_ptr<RestoreTraceWriter> HandlerServer::Impl::OpenTrace(const Connect
 
 Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::OpenSnapshot(
     const std::string& path) {
-  return Snapshot::Open(path, cache ? &*cache : nullptr,
-                        PackedSourceOptions{.cache_bytes = options.chunk_cache_bytes});
+  PackedSourceOptions packed{.cache_bytes = options.chunk_cache_bytes};
+  if (!ObjectUrl::Names(path)) return Snapshot::Open(path, cache ? &*cache : nullptr, packed);
+  if (!remote) {
+    GM_ASSIGN_OR_RETURN(remote, OpenRemoteAccess());
+  }
+  // Each background thread fetches a chunk at a time: as many requests in flight.
+  packed.decode_threads = options.fetch_threads;
+  return Snapshot::Open(path, nullptr, packed, &*remote);
+}
+
+Result<RemoteAccess> HandlerServer::Impl::OpenRemoteAccess() const {
+  RemoteAccess access{.fetch_deadline = options.fetch_deadline};
+  ObjectStoreOptions store_options = options.object_store;
+  store_options.max_connections = std::max(store_options.max_connections, options.fetch_threads);
+  GM_ASSIGN_OR_RETURN(access.store, ObjectStore::Create(std::move(store_options)));
+  const std::string cache_dir =
+      (options.cache_dir.empty() ? SnapshotCache::DefaultDirectory() : options.cache_dir) +
+      "/chunks";
+  if (auto disk = DiskChunkCache::Open(cache_dir, options.chunk_disk_bytes); disk) {
+    access.disk_cache = std::move(*disk);
+    const DiskChunkCache::Counters kept = access.disk_cache->counters();
+    Log(LogLevel::kInfo, "chunk cache " + cache_dir + ": " + std::to_string(kept.entries) +
+                             " chunks (" + std::to_string(kept.bytes >> 20) + " MiB) of at most " +
+                             std::to_string(options.chunk_disk_bytes >> 20) + " MiB");
+  } else {
+    Log(LogLevel::kWarning, "the chunk cache " + cache_dir + " cannot be used (" +
+                                disk.error().ToString() +
+                                "): every restore fetches its chunks from the store");
+  }
+  return access;
 }
 
 void HandlerServer::Impl::KeepVm(Connection& c) {
@@ -1076,7 +1108,8 @@ void HandlerServer::Impl::KeepVm(Connection& c) {
 }
 
 Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::CurrentSource() {
-  auto changed = source->file().WhatChanged();
+  if (source->file() == nullptr) return source;  // an object named by its URL does not change
+  auto changed = source->file()->WhatChanged();
   if (!changed) {
     return std::move(changed).error().WithContext("the memory file " + options.mem_file_path +
                                                   " cannot be checked");
@@ -1087,7 +1120,8 @@ Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::CurrentSource() {
     return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
                                                    ") and cannot be opened again");
   }
-  const bool identity_changed = (*reopened)->file().identity() != source->file().identity();
+  const bool identity_changed =
+      (*reopened)->file() == nullptr || (*reopened)->file()->identity() != source->file()->identity();
   source = std::move(*reopened);
   // A file only written shortly before it was opened is opened again for each new VM until its
   // last write is old enough: logged only when it did change.
@@ -1263,7 +1297,7 @@ void HandlerServer::Impl::Finish(Connection& c, LogLevel level, const std::strin
   if (c.recorder != nullptr && level == LogLevel::kInfo) {
     // A VM that ended well (not dropped, not failed) is what the next restores will look like.
     const std::vector<uint64_t> needed = c.recorder->Take();
-    if (auto learned = learner->Learn(c.snapshot->file(), needed, c.recorder->prefetched())) {
+    if (auto learned = learner->Learn(*c.snapshot->file(), needed, c.recorder->prefetched())) {
       Log(LogLevel::kDebug, c.name + ": its faults needed " + std::to_string(needed.size()) +
                                 " pages; the working set of " + c.snapshot->path() + " is " +
                                 std::to_string(learned->size()) + " pages after " +

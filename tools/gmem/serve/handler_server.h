@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "guestmem/fault_handler.h"
+#include "guestmem/object_store.h"
 #include "guestmem/result.h"
 #include "serve/endpoints.h"
 
@@ -101,6 +102,14 @@ struct ServeOptions {
   bool learn = true;
   // A packed snapshot's decompressed chunks kept in memory, shared by its VMs.
   uint64_t chunk_cache_bytes = uint64_t{256} << 20;
+  // A snapshot named by a URL (s3://, http://, https://: object_store.h): how the store is
+  // reached (AWS_* variables), the chunks fetched kept on disk in cache_dir/chunks (at most
+  // chunk_disk_bytes), each fetch bounded by fetch_deadline (past it its pages are poisoned), and
+  // the threads that fetch (and decode) chunks, each with a request in flight.
+  ObjectStoreOptions object_store = ObjectStoreOptions::FromEnvironment();
+  uint64_t chunk_disk_bytes = uint64_t{10} << 30;
+  std::chrono::milliseconds fetch_deadline{10000};
+  unsigned fetch_threads = 8;
   std::string keeper_path;
   std::string keeper_program = "/proc/self/exe";
   // A listening socket to serve on instead of making one at socket_path (systemd's socket

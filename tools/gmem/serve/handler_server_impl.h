@@ -31,6 +31,7 @@
 #include "guestmem/page_source.h"
 #include "guestmem/page_tracker.h"
 #include "guestmem/result.h"
+#include "guestmem/remote_pack_storage.h"
 #include "guestmem/snapshot.h"
 #include "guestmem/snapshot_cache.h"
 #include "guestmem/unique_fd.h"
@@ -200,6 +201,7 @@ struct HandlerServer::Impl {
 
   // Where zero maps and working sets are kept between runs; none when the directory cannot be used.
   std::optional<SnapshotCache> cache;
+  std::optional<RemoteAccess> remote;  // made when a snapshot named by a URL is first opened
   // Working sets learned per snapshot (none with ServeOptions::learn off).
   std::optional<WorkingSetLearner> learner;
   // Holds every VM for a successor (null with ServeOptions::keeper off).
@@ -282,6 +284,7 @@ struct HandlerServer::Impl {
   Result<std::shared_ptr<const Snapshot>> CurrentSource();
   // Opens a snapshot with its zero map (kept in the cache, or found by a scan).
   Result<std::shared_ptr<const Snapshot>> OpenSnapshot(const std::string& path);
+  Result<RemoteAccess> OpenRemoteAccess() const;
   void ServingReady(Connection& c, uint32_t events);
   void ExpireHandshakes(Clock::time_point now);
   // Logs why c's handshake was rejected and counts it by reason.
