@@ -3,11 +3,13 @@
 set(GUESTMEM_WARNINGS -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wold-style-cast
     -Wcast-align -Woverloaded-virtual -Wimplicit-fallthrough -Wno-missing-field-initializers)
 
-# gm_add_test(<name> SOURCES <files...> [LABELS <labels...>] [TIMEOUT <seconds>])
+# gm_add_test(<name> SOURCES <files...> [LABELS <labels...>] [TIMEOUT <seconds>]
+#             [PROPERTIES <ctest properties...>])
 # One GoogleTest program; each TEST becomes its own ctest entry (own process, so a test that
-# breaks a mapping or a uffd cannot disturb the next one).
+# breaks a mapping or a uffd cannot disturb the next one). PROPERTIES go to every entry (e.g.
+# FIXTURES_REQUIRED).
 function(gm_add_test name)
-  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;LABELS;LIBS" ${ARGN})
+  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;LABELS;LIBS;PROPERTIES" ${ARGN})
   if(NOT GUESTMEM_BUILD_TESTS)
     return()
   endif()
@@ -21,6 +23,7 @@ function(gm_add_test name)
   if(ARG_LABELS)
     list(APPEND props LABELS "${ARG_LABELS}")
   endif()
+  list(APPEND props ${ARG_PROPERTIES})
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${props})
 endfunction()
 

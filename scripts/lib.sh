@@ -15,6 +15,10 @@ GUESTMEM_PACKAGES=(
   prometheus chromium systemd
   # scripts/metrics_cost.sh: a scraper and the JSON of gmem bench.
   curl jq bc
+  # The object-store client (libcurl, SHA-256 of PUT bodies from OpenSSL) and the servers its
+  # tests start: nginx, and a single-node Ceph RGW (../shared/tools/ceph-rgw).
+  libcurl4-openssl-dev libssl-dev nginx-light
+  ceph-mon ceph-osd radosgw uuid-runtime
 )
 # What the fuzz preset needs on top: clang and its runtimes (libFuzzer, ASan, UBSan).
 GUESTMEM_FUZZ_PACKAGES=(clang libclang-rt-14-dev)

@@ -53,7 +53,8 @@ struct ObjectUrl {
 
   std::string ToString() const;  // s3://bucket/key or http://host/path
   // The object `relative` names from this one, as a relative path in a file system does from a
-  // file (".." goes up; an absolute path starts at the bucket's or the server's root).
+  // file (".." goes up; an absolute path starts at the bucket's or the server's root). A whole URL
+  // that Parse accepts names itself.
   ObjectUrl Resolve(std::string_view relative) const;
   bool operator==(const ObjectUrl&) const = default;
 };
@@ -83,8 +84,8 @@ class ObjectStore {
     uint64_t requests = 0;        // attempts sent, retries included
     uint64_t retries = 0;         // attempts after the first of a request
     uint64_t failures = 0;        // requests that failed after every attempt
-    uint64_t bytes_received = 0;  // body bytes
-    uint64_t bytes_sent = 0;
+    uint64_t bytes_received = 0;  // body bytes of the objects read (error answers not counted)
+    uint64_t bytes_sent = 0;      // body bytes of the objects written, every attempt's
   };
 
   // ERRORS: kInvalidArgument for an endpoint that is not an http(s) URL; kInternal when libcurl
@@ -111,6 +112,11 @@ class ObjectStore {
       std::optional<std::chrono::milliseconds> deadline = std::nullopt) const;
   // Writes the object (a PUT with its content's SHA-256 signed, for kS3). ERRORS: as ReadRange.
   Status Put(const ObjectUrl& url, std::span<const std::byte> content) const;
+  // Creates the bucket of the s3:// `bucket_url` (its key is ignored, so
+  // ObjectUrl{ObjectUrl::Scheme::kS3, "name", ""} will do); a bucket this account already owns
+  // is success. ERRORS: kInvalidArgument for a URL that is not s3://; kAlreadyExists for a bucket
+  // someone else owns; as ReadRange.
+  Status CreateBucket(const ObjectUrl& bucket_url) const;
 
   Counters counters() const;
   const ObjectStoreOptions& options() const;
