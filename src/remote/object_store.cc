@@ -67,42 +67,44 @@ bool LooksLikeIpv4(std::string_view s) {
   return dots == 3;
 }
 
+// The ...Problem functions: what is wrong with a part of a URL, "" when nothing is.
+
 // The rules of S3's general purpose buckets (the part that matters for naming them in a URL).
-Status CheckBucket(std::string_view text, std::string_view bucket) {
+std::string BucketProblem(std::string_view bucket) {
   if (bucket.size() < 3 || bucket.size() > 63) {
-    return BadUrl(text, "a bucket name has 3 to 63 characters");
+    return "a bucket name has 3 to 63 characters";
   }
   for (const char c : bucket) {
     if (!IsLowerAlnum(c) && c != '.' && c != '-') {
-      return BadUrl(text, "a bucket name has only lowercase letters, digits, '.' and '-'");
+      return "a bucket name has only lowercase letters, digits, '.' and '-'";
     }
   }
   if (!IsLowerAlnum(bucket.front()) || !IsLowerAlnum(bucket.back())) {
-    return BadUrl(text, "a bucket name starts and ends with a letter or a digit");
+    return "a bucket name starts and ends with a letter or a digit";
   }
   if (bucket.find("..") != std::string_view::npos) {
-    return BadUrl(text, "a bucket name has no two '.' in a row");
+    return "a bucket name has no two '.' in a row";
   }
-  if (LooksLikeIpv4(bucket)) return BadUrl(text, "a bucket name is not an IP address");
-  return OkStatus();
+  if (LooksLikeIpv4(bucket)) return "a bucket name is not an IP address";
+  return "";
 }
 
 // "host", "host:port" or "[v6]:port", as curl takes it.
-Status CheckAuthority(std::string_view text, std::string_view authority) {
+std::string AuthorityProblem(std::string_view authority) {
   if (authority.find('@') != std::string_view::npos) {
-    return BadUrl(text, "credentials in the URL are not supported");
+    return "credentials in the URL are not supported";
   }
   std::string_view host = authority;
   std::string_view port;
   if (authority.starts_with('[')) {
     const size_t close = authority.find(']');
-    if (close == std::string_view::npos) return BadUrl(text, "an IPv6 host lacks its ']'");
+    if (close == std::string_view::npos) return "an IPv6 host lacks its ']'";
     host = authority.substr(0, close + 1);
     std::string_view rest = authority.substr(close + 1);
-    if (!rest.empty() && !rest.starts_with(':')) return BadUrl(text, "junk after the IPv6 host");
+    if (!rest.empty() && !rest.starts_with(':')) return "junk after the IPv6 host";
     if (!rest.empty()) port = rest.substr(1);
     for (const char c : host.substr(1, host.size() - 2)) {
-      if (!IsAlnum(c) && c != ':' && c != '.') return BadUrl(text, "a bad IPv6 host");
+      if (!IsAlnum(c) && c != ':' && c != '.') return "a bad IPv6 host";
     }
   } else {
     const size_t colon = authority.find(':');
@@ -110,10 +112,10 @@ Status CheckAuthority(std::string_view text, std::string_view authority) {
       host = authority.substr(0, colon);
       port = authority.substr(colon + 1);
     }
-    if (host.empty()) return BadUrl(text, "no host");
+    if (host.empty()) return "no host";
     for (const char c : host) {
       if (!IsAlnum(c) && c != '.' && c != '-') {
-        return BadUrl(text, "a host name has only letters, digits, '.' and '-'");
+        return "a host name has only letters, digits, '.' and '-'";
       }
     }
   }
@@ -122,23 +124,23 @@ Status CheckAuthority(std::string_view text, std::string_view authority) {
     const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
     if (port.empty() || ec != std::errc() || end != port.data() + port.size() || value == 0 ||
         value > 65535) {
-      return BadUrl(text, "the port is not a number from 1 to 65535");
+      return "the port is not a number from 1 to 65535";
     }
   }
-  return OkStatus();
+  return "";
 }
 
 // A key or path: no control characters; no "." or ".." segment (Resolve gives them their
 // meaning, and curl would squash them); for http(s), no query or fragment.
-Status CheckPath(std::string_view text, ObjectUrl::Scheme scheme, std::string_view path) {
+std::string PathProblem(ObjectUrl::Scheme scheme, std::string_view path) {
   if (scheme == ObjectUrl::Scheme::kS3 && path.size() > kMaxKeyBytes) {
-    return BadUrl(text, "a key has at most 1024 bytes");
+    return "a key has at most 1024 bytes";
   }
   for (const char ch : path) {
     const auto c = static_cast<unsigned char>(ch);
-    if (c < 0x20 || c == 0x7f) return BadUrl(text, "control characters are not allowed");
+    if (c < 0x20 || c == 0x7f) return "control characters are not allowed";
     if (scheme != ObjectUrl::Scheme::kS3 && (c == '?' || c == '#')) {
-      return BadUrl(text, "queries and fragments ('?', '#') are not supported");
+      return "queries and fragments ('?', '#') are not supported";
     }
   }
   size_t start = 0;
@@ -146,11 +148,11 @@ Status CheckPath(std::string_view text, ObjectUrl::Scheme scheme, std::string_vi
     const size_t end = std::min(path.find('/', start), path.size());
     const std::string_view segment = path.substr(start, end - start);
     if (segment == "." || segment == "..") {
-      return BadUrl(text, "a path has no \".\" or \"..\" segment");
+      return "a path has no \".\" or \"..\" segment";
     }
     start = end + 1;
   }
-  return OkStatus();
+  return "";
 }
 
 std::string_view SchemePrefix(ObjectUrl::Scheme scheme) {
@@ -549,8 +551,9 @@ class RangeSink final : public Sink {
 
   Status EndsBefore(uint64_t object_size) const {
     return Error(ErrorCode::kOutOfRange, "the object has " + std::to_string(object_size) +
-                                             " bytes, ending before byte " +
-                                             std::to_string(range_.last()));
+                                             " bytes, fewer than the " +
+                                             std::to_string(range_.last() + 1) +
+                                             " the range needs");
   }
 
   const ByteRange range_;
@@ -752,14 +755,14 @@ Result<ObjectUrl> ObjectUrl::Parse(std::string_view text) {
       slash == std::string_view::npos ? std::string_view() : rest.substr(slash + 1);
   if (url.scheme == Scheme::kS3) {
     if (authority.empty()) return BadUrl(text, "no bucket");
-    GM_RETURN_IF_ERROR(CheckBucket(text, authority));
+    if (std::string why = BucketProblem(authority); !why.empty()) return BadUrl(text, why);
     if (path.empty()) return BadUrl(text, "no key");
   } else {
     if (authority.empty()) return BadUrl(text, "no host");
-    GM_RETURN_IF_ERROR(CheckAuthority(text, authority));
+    if (std::string why = AuthorityProblem(authority); !why.empty()) return BadUrl(text, why);
     if (path.empty()) return BadUrl(text, "no path");
   }
-  GM_RETURN_IF_ERROR(CheckPath(text, url.scheme, path));
+  if (std::string why = PathProblem(url.scheme, path); !why.empty()) return BadUrl(text, why);
   url.authority = std::string(authority);
   url.path = std::string(path);
   return url;
@@ -896,8 +899,8 @@ struct ObjectStore::Impl {
                       std::to_string(request.range->last()));
     }
     const bool put = std::string_view(request.method) == "PUT";
-    // Not "Expect:" to save the 100-continue round trip: curl's SigV4 would sign that empty
-    // header, which is never sent, and the store would refuse the signature.
+    // (No "Expect:" to save the 100-continue round trip: curl 7.88 signs a header it is told to
+    // leave out, and the store then finds the signature wrong.)
     if (request.url.scheme == ObjectUrl::Scheme::kS3) {
       // curl's SigV4 signs this header's value as the payload's hash but does not send it by
       // itself; S3 and RGW refuse a signed request without it.
@@ -1019,6 +1022,8 @@ struct ObjectStore::Impl {
       curl_easy_setopt(curl, CURLOPT_SEEKDATA, transfer);
       curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE,
                        static_cast<curl_off_t>(request.body.size()));
+      // A server that ignores "Expect: 100-continue" costs this long, not curl's default second.
+      curl_easy_setopt(curl, CURLOPT_EXPECT_100_TIMEOUT_MS, 200L);
     }
     if (request.url.scheme == ObjectUrl::Scheme::kS3) {
       curl_easy_setopt(curl, CURLOPT_AWS_SIGV4, sigv4.c_str());
@@ -1060,9 +1065,7 @@ Result<std::string> EndpointOf(const ObjectStoreOptions& options) {
   if (authority.find('/') != std::string_view::npos) {
     return bad("has a path (path-style addressing puts the bucket there)");
   }
-  if (Status ok = CheckAuthority(options.endpoint, authority); !ok) {
-    return bad(std::move(ok).error().context());
-  }
+  if (std::string why = AuthorityProblem(authority); !why.empty()) return bad(why);
   return std::string(text);
 }
 
