@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "guestmem/object_store.h"
+#include "testutil/rgw_env.h"
 #include "testutil/subprocess.h"
 
 namespace guestmem {
@@ -25,46 +26,9 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
+using testutil::S3Env;
 
 constexpr const char* kBucket = "guestmem-objstore-test";
-
-struct S3Env {
-  std::string endpoint, access_key, secret_key, region = "us-east-1";
-};
-
-// The store to test against, or why there is none.
-Result<S3Env> FindRgw() {
-  S3Env env;
-  if (const char* endpoint = getenv("S3_ENDPOINT"); endpoint != nullptr && *endpoint != '\0') {
-    env.endpoint = endpoint;
-    env.access_key = getenv("S3_ACCESS_KEY") != nullptr ? getenv("S3_ACCESS_KEY") : "";
-    env.secret_key = getenv("S3_SECRET_KEY") != nullptr ? getenv("S3_SECRET_KEY") : "";
-    if (const char* region = getenv("S3_REGION"); region != nullptr) env.region = region;
-    return env;
-  }
-  const std::string dir = GUESTMEM_RGW_DIR;
-  std::ifstream in(dir + "/s3.env");
-  if (!in) {
-    std::string reason = testutil::ReadFile(dir + "/skip-reason");
-    if (reason.empty()) {
-      reason = "no RGW: the ctest fixture remote.rgw_up did not run (run through ctest, or start "
-               "one with " GUESTMEM_RGW_FIXTURE " up " GUESTMEM_RGW_DIR " " GUESTMEM_RGW_TOOLS
-               ", or set S3_ENDPOINT, S3_ACCESS_KEY and S3_SECRET_KEY)";
-    }
-    return Error(ErrorCode::kNotFound, reason);
-  }
-  std::map<std::string, std::string> vars;
-  for (std::string line; std::getline(in, line);) {
-    const size_t eq = line.find('=');
-    if (eq != std::string::npos) vars[line.substr(0, eq)] = line.substr(eq + 1);
-  }
-  env.endpoint = vars["S3_ENDPOINT"];
-  env.access_key = vars["S3_ACCESS_KEY"];
-  env.secret_key = vars["S3_SECRET_KEY"];
-  if (!vars["S3_REGION"].empty()) env.region = vars["S3_REGION"];
-  if (env.endpoint.empty()) return Error(ErrorCode::kNotFound, dir + "/s3.env has no S3_ENDPOINT");
-  return env;
-}
 
 std::vector<std::byte> Pattern(size_t size, uint32_t seed) {
   std::mt19937 random(seed);
@@ -82,7 +46,9 @@ class RgwTest : public ::testing::Test {
   static constexpr size_t kSize = 1024 * 1024 + 4099;
 
   void SetUp() override {
-    Result<S3Env> env = FindRgw();
+    Result<S3Env> env = testutil::FindRgw(
+        GUESTMEM_RGW_DIR, "start one with " GUESTMEM_RGW_FIXTURE " up " GUESTMEM_RGW_DIR
+                          " " GUESTMEM_RGW_TOOLS);
     if (!env) GTEST_SKIP() << env.error().context();
     env_ = *env;
     store_ = Store();
