@@ -247,19 +247,6 @@ TEST(ObjectStoreTest, CreateBucketWantsAnS3Url) {
   EXPECT_EQ(created.error().code(), ErrorCode::kInvalidArgument);
 }
 
-// A port on 127.0.0.1 that nothing listens on (it was free a moment ago).
-uint16_t ClosedPort() {
-  UniqueFd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof(addr);
-  if (!fd || bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
-    return 0;
-  }
-  return ntohs(addr.sin_port);
-}
 
 ObjectStoreOptions FastRetries() {
   ObjectStoreOptions options;
@@ -269,7 +256,7 @@ ObjectStoreOptions FastRetries() {
 }
 
 TEST(ObjectStoreTest, RefusedConnectionsAreRetriedThenAnIoError) {
-  const uint16_t port = ClosedPort();
+  const uint16_t port = testutil::FreeLoopbackPort();  // nothing listens there
   ASSERT_NE(port, 0);
   ObjectStoreOptions options = FastRetries();
   options.max_attempts = 4;

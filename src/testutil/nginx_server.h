@@ -26,6 +26,20 @@
 
 namespace guestmem::testutil {
 
+// A port on 127.0.0.1 that was free a moment ago (0 if none could be had).
+inline uint16_t FreeLoopbackPort() {
+  UniqueFd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof(addr);
+  if (!fd || bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
+    return 0;
+  }
+  return ntohs(addr.sin_port);
+}
+
 class NginxServer {
  public:
   static constexpr const char* kBinary = "/usr/sbin/nginx";
@@ -59,7 +73,7 @@ class NginxServer {
  private:
   std::string TryStart(const std::string& root) {
     process_.reset();
-    port_ = FreePort();
+    port_ = FreeLoopbackPort();
     if (port_ == 0) return "no free port on 127.0.0.1";
     const std::string conf = prefix_.File("nginx.conf");
     {
@@ -100,18 +114,6 @@ class NginxServer {
            " within 20 s: " + ErrorLog();
   }
 
-  static uint16_t FreePort() {
-    UniqueFd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t length = sizeof(addr);
-    if (!fd || bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
-      return 0;
-    }
-    return ntohs(addr.sin_port);
-  }
 
   static bool Accepts(uint16_t port) {
     UniqueFd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
