@@ -11,11 +11,12 @@
 // gives it back with its connection open.
 //
 // Failures: a connection that cannot be made or breaks, a request that takes longer than
-// request_timeout, and a 5xx answer are tried again, after a backoff that doubles from
-// backoff_base up to backoff_max with full jitter, until max_attempts or the request's deadline;
-// then kIoError names the URL, the range and the last failure. 401/403 are kPermissionDenied and
-// 404 is kNotFound, never retried, their message naming the S3 error code (SignatureDoesNotMatch,
-// InvalidAccessKeyId, NoSuchBucket, NoSuchKey, …) when the store sent one. A ranged read returns
+// request_timeout, and a 5xx answer (or 408, 429) are tried again, after a backoff that doubles
+// from backoff_base up to backoff_max with full jitter, until max_attempts or the request's
+// deadline; then kIoError names the URL, the range and the last failure. 401/403 are
+// kPermissionDenied and 404 is kNotFound, never retried, their message naming the S3 error code
+// (SignatureDoesNotMatch, InvalidAccessKeyId, NoSuchBucket, NoSuchKey, …) when the store sent one
+// (a HEAD's answer has no body: its message names the HTTP status). A ranged read returns
 // exactly the bytes asked for or fails (kDataLoss for an answer that is shorter, longer, or not
 // the range asked for); an answer larger than asked is never buffered.
 //
@@ -43,6 +44,7 @@ struct ObjectUrl {
   Scheme scheme = Scheme::kS3;
   std::string authority;  // kS3: the bucket; kHttp(s): "host[:port]"
   std::string path;       // the key (kS3) or the path without its leading '/' (kHttp(s))
+                          // as the name it is: requests percent-encode it, Parse decodes nothing
 
   // Whether `text` names an object rather than a local file: it starts with s3://, http:// or
   // https://.

@@ -157,9 +157,12 @@ std::string PathProblem(ObjectUrl::Scheme scheme, std::string_view path) {
 
 std::string_view SchemePrefix(ObjectUrl::Scheme scheme) {
   switch (scheme) {
-    case ObjectUrl::Scheme::kS3: return kS3Prefix;
-    case ObjectUrl::Scheme::kHttp: return kHttpPrefix;
-    case ObjectUrl::Scheme::kHttps: return kHttpsPrefix;
+    case ObjectUrl::Scheme::kS3:
+      return kS3Prefix;
+    case ObjectUrl::Scheme::kHttp:
+      return kHttpPrefix;
+    case ObjectUrl::Scheme::kHttps:
+      return kHttpsPrefix;
   }
   return kS3Prefix;
 }
@@ -236,21 +239,36 @@ std::string XmlElement(std::string_view xml, std::string_view name) {
 
 std::string_view ReasonPhrase(long status) {
   switch (status) {
-    case 301: return "Moved Permanently";
-    case 307: return "Temporary Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 416: return "Range Not Satisfiable";
-    case 429: return "Too Many Requests";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "";
+    case 301:
+      return "Moved Permanently";
+    case 307:
+      return "Temporary Redirect";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 408:
+      return "Request Timeout";
+    case 409:
+      return "Conflict";
+    case 416:
+      return "Range Not Satisfiable";
+    case 429:
+      return "Too Many Requests";
+    case 500:
+      return "Internal Server Error";
+    case 502:
+      return "Bad Gateway";
+    case 503:
+      return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
+    default:
+      return "";
   }
 }
 
@@ -411,8 +429,8 @@ class HandlePool {
     while (idle_.empty() && created_ >= max_) {
       if (freed_.wait_until(lock, deadline) == std::cv_status::timeout && idle_.empty() &&
           created_ >= max_) {
-        return Error(ErrorCode::kIoError, "all " + std::to_string(max_) +
-                                              " connections stayed busy until the deadline");
+        return Error(ErrorCode::kIoError,
+                     "all " + std::to_string(max_) + " connections stayed busy until the deadline");
       }
     }
     if (!idle_.empty()) {
@@ -493,9 +511,8 @@ class RangeSink final : public Sink {
 
   Status Write(std::span<const std::byte> piece) override {
     if (piece.size() > out_.size() - written_) {
-      return Error(ErrorCode::kDataLoss,
-                   "the answer holds more than the " + std::to_string(out_.size()) +
-                       " bytes asked for");
+      return Error(ErrorCode::kDataLoss, "the answer holds more than the " +
+                                             std::to_string(out_.size()) + " bytes asked for");
     }
     std::copy(piece.begin(), piece.end(), out_.begin() + static_cast<ptrdiff_t>(written_));
     written_ += piece.size();
@@ -504,9 +521,8 @@ class RangeSink final : public Sink {
 
   Status Finish(const Answer& answer) override {
     if (answer.status == 200) {
-      GM_RETURN_IF_ERROR(CheckWhole(answer.content_length >= 0
-                                        ? static_cast<uint64_t>(answer.content_length)
-                                        : written_));
+      GM_RETURN_IF_ERROR(CheckWhole(
+          answer.content_length >= 0 ? static_cast<uint64_t>(answer.content_length) : written_));
     } else if (answer.status == 206) {
       GM_RETURN_IF_ERROR(CheckPartial(answer.content_range));
     } else {
@@ -550,10 +566,9 @@ class RangeSink final : public Sink {
   }
 
   Status EndsBefore(uint64_t object_size) const {
-    return Error(ErrorCode::kOutOfRange, "the object has " + std::to_string(object_size) +
-                                             " bytes, fewer than the " +
-                                             std::to_string(range_.last() + 1) +
-                                             " the range needs");
+    return Error(ErrorCode::kOutOfRange,
+                 "the object has " + std::to_string(object_size) + " bytes, fewer than the " +
+                     std::to_string(range_.last() + 1) + " the range needs");
   }
 
   const ByteRange range_;
@@ -588,9 +603,9 @@ class WholeSink final : public Sink {
     }
     if (answer.content_length >= 0 &&
         static_cast<uint64_t>(answer.content_length) != content_.size()) {
-      return Error(ErrorCode::kDataLoss,
-                   "the answer holds " + std::to_string(content_.size()) + " of the " +
-                       std::to_string(answer.content_length) + " bytes of its Content-Length");
+      return Error(ErrorCode::kDataLoss, "the answer holds " + std::to_string(content_.size()) +
+                                             " of the " + std::to_string(answer.content_length) +
+                                             " bytes of its Content-Length");
     }
     return OkStatus();
   }
@@ -610,11 +625,11 @@ class WholeSink final : public Sink {
 struct Request {
   const char* method = "GET";  // GET, HEAD or PUT
   ObjectUrl url;
-  std::optional<ByteRange> range;    // GET
-  std::span<const std::byte> body;   // PUT
-  Sink* sink = nullptr;              // GET: takes the body of a 2xx answer
-  milliseconds deadline{0};          // every attempt, and the wait for a connection
-  std::vector<std::string> ok_codes;  // S3 error codes that mean success
+  std::optional<ByteRange> range;       // GET
+  std::span<const std::byte> body;      // PUT
+  Sink* sink = nullptr;                 // GET: takes the body of a 2xx answer
+  milliseconds deadline{0};             // every attempt, and the wait for a connection
+  std::vector<std::string> ok_codes;    // S3 error codes that mean success
   bool not_found_is_an_answer = false;  // a 404 is not counted as a failure (Exists)
 
   // "GET s3://bucket/key bytes 0-4095", as every message about the request starts.
@@ -630,9 +645,9 @@ struct Request {
 struct Outcome {
   enum class Kind { kDone, kRetry, kFatal };
   Kind kind = Kind::kFatal;
-  Answer answer;                            // kDone
-  std::optional<Error> error;               // kFatal
-  std::string cause;                        // kRetry: why, for the message if none succeeds
+  Answer answer;               // kDone
+  std::optional<Error> error;  // kFatal
+  std::string cause;           // kRetry: why, for the message if none succeeds
 
   static Outcome Done(Answer answer) {
     Outcome o;
@@ -794,11 +809,14 @@ ObjectUrl ObjectUrl::Resolve(std::string_view relative) const {
 
 ObjectStoreOptions ObjectStoreOptions::FromEnvironment() {
   const auto env = [](const char* name) -> std::string {
-    const char* value = std::getenv(name);
+    // Unsafe only against a setenv at the same time, which a program does while it starts.
+    const char* value = std::getenv(name);  // NOLINT(concurrency-mt-unsafe)
     return value != nullptr ? value : "";
   };
   // As in the AWS CLI, the service's own variable wins over the general one.
-  const auto first_set = [](std::string a, std::string b) { return a.empty() ? b : a; };
+  const auto first_set = [](std::string a, std::string b) {
+    return a.empty() ? std::move(b) : std::move(a);
+  };
   ObjectStoreOptions options;
   options.endpoint = first_set(env("AWS_ENDPOINT_URL_S3"), env("AWS_ENDPOINT_URL"));
   if (std::string region = first_set(env("AWS_REGION"), env("AWS_DEFAULT_REGION"));
@@ -879,8 +897,7 @@ struct ObjectStore::Impl {
     const int doublings = std::min(attempt - 1, 30);
     const int64_t ceiling = base > (max >> doublings) ? max : base << doublings;
     thread_local std::minstd_rand random(std::random_device{}());
-    return milliseconds(
-        std::uniform_int_distribution<int64_t>(0, ceiling)(random));
+    return milliseconds(std::uniform_int_distribution<int64_t>(0, ceiling)(random));
   }
 
   std::string UrlOf(const ObjectUrl& url) const {
@@ -959,9 +976,8 @@ struct ObjectStore::Impl {
   // An answer that is not 2xx: what it means, and its status and S3 code for the message.
   Outcome Failed(CURL* curl, const Request& request, long status, const std::string& body) {
     const std::string code = XmlElement(body, "Code");
-    if (!code.empty() &&
-        std::find(request.ok_codes.begin(), request.ok_codes.end(), code) !=
-            request.ok_codes.end()) {
+    if (!code.empty() && std::find(request.ok_codes.begin(), request.ok_codes.end(), code) !=
+                             request.ok_codes.end()) {
       return Outcome::Done(Answer{.status = status});
     }
     std::string cause = "HTTP " + std::to_string(status);
@@ -1002,7 +1018,8 @@ struct ObjectStore::Impl {
     // One connection per handle, so that max_connections bounds the connections too.
     curl_easy_setopt(curl, CURLOPT_MAXCONNECTS, 1L);
     curl_easy_setopt(curl, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, Millis(std::min(options.connect_timeout, left)));
+    curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS,
+                     Millis(std::min(options.connect_timeout, left)));
     curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, Millis(std::min(options.request_timeout, left)));
     // A proxy from the environment must not get between us and a store on this machine.
     if (request.url.scheme == ObjectUrl::Scheme::kS3 ? endpoint_is_loopback
@@ -1156,9 +1173,10 @@ Status ObjectStore::CreateBucket(const ObjectUrl& bucket_url) const {
   // Outside us-east-1, S3 wants the region named in the body.
   std::string body;
   if (impl_->options.region != "us-east-1") {
-    body = "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
-           "<LocationConstraint>" + impl_->options.region +
-           "</LocationConstraint></CreateBucketConfiguration>";
+    body =
+        "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
+        "<LocationConstraint>" +
+        impl_->options.region + "</LocationConstraint></CreateBucketConfiguration>";
   }
   Request request = impl_->MakeRequest("PUT", bucket, impl_->options.deadline);
   request.body = std::as_bytes(std::span(body));

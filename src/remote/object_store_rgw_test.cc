@@ -37,9 +37,7 @@ std::vector<std::byte> Pattern(size_t size, uint32_t seed) {
   return bytes;
 }
 
-ObjectUrl Url(const std::string& key) {
-  return ObjectUrl{ObjectUrl::Scheme::kS3, kBucket, key};
-}
+ObjectUrl Url(const std::string& key) { return ObjectUrl{ObjectUrl::Scheme::kS3, kBucket, key}; }
 
 class RgwTest : public ::testing::Test {
  protected:
@@ -56,10 +54,9 @@ class RgwTest : public ::testing::Test {
     Status created = store_->CreateBucket(Url(""));
     ASSERT_TRUE(created.has_value()) << created.error().ToString();
     content_ = Pattern(kSize, 11);
-    object_ = Url("objects/" + std::string(::testing::UnitTest::GetInstance()
-                                                ->current_test_info()
-                                                ->name()) +
-                  ".bin");
+    object_ =
+        Url("objects/" +
+            std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + ".bin");
     Status put = store_->Put(object_, content_);
     ASSERT_TRUE(put.has_value()) << put.error().ToString();
   }
@@ -75,7 +72,7 @@ class RgwTest : public ::testing::Test {
   }
 
   std::unique_ptr<ObjectStore> Store(std::optional<ObjectStoreOptions> options = std::nullopt) {
-    auto store = ObjectStore::Create(options.value_or(Options()));
+    auto store = ObjectStore::Create(options ? *std::move(options) : Options());
     EXPECT_TRUE(store.has_value()) << store.error().ToString();
     return store ? std::move(store).value() : nullptr;
   }
@@ -111,8 +108,14 @@ TEST_F(RgwTest, ReadRangeIsByteExact) {
   const struct {
     uint64_t offset;
     size_t size;
-  } ranges[] = {{0, 1},          {0, 4096},     {1, 4095},           {4096, 262144},
-                {777777, 12345}, {kSize - 1, 1}, {kSize - 5000, 5000}, {0, kSize}};
+  } ranges[] = {{0, 1},
+                {0, 4096},
+                {1, 4095},
+                {4096, 262144},
+                {777777, 12345},
+                {kSize - 1, 1},
+                {kSize - 5000, 5000},
+                {0, kSize}};
   for (const auto& r : ranges) {
     EXPECT_EQ(ReadAndCompare(*store_, r.offset, r.size), "") << r.offset << "+" << r.size;
   }
@@ -201,8 +204,8 @@ TEST_F(RgwTest, WrongKeyIdIsPermissionDenied) {
 TEST_F(RgwTest, PutOverwritesAndKeepsEveryKindOfKey) {
   // Keys whose bytes must be percent-encoded, and signed as encoded.
   for (const std::string key : {"odd keys/with space+plus=equals&amp~tilde,comma;semi",
-                                "odd keys/percent%41?question*star'quote", "odd keys/\xc3\xa9t\xc3\xa9",
-                                "odd keys/trailing/"}) {
+                                "odd keys/percent%41?question*star'quote",
+                                "odd keys/\xc3\xa9t\xc3\xa9", "odd keys/trailing/"}) {
     const std::vector<std::byte> content = Pattern(1000 + key.size(), 3);
     Status put = store_->Put(Url(key), content);
     ASSERT_TRUE(put.has_value()) << put.error().ToString();
@@ -295,8 +298,8 @@ TEST_F(RgwTest, RangedReadLatency) {
     std::ostringstream line;
     line.precision(3);
     line << (size >> 10) << " KiB ranged GET, reused connection, 50 reads: p50 "
-         << ms[ms.size() / 2] << " ms, p90 " << ms[ms.size() * 9 / 10] << " ms, max "
-         << ms.back() << " ms";
+         << ms[ms.size() / 2] << " ms, p90 " << ms[ms.size() * 9 / 10] << " ms, max " << ms.back()
+         << " ms";
     std::cout << line.str() << "\n";
     RecordProperty("latency_" + std::to_string(size >> 10) + "k", line.str());
   }

@@ -21,10 +21,10 @@
 namespace guestmem {
 namespace {
 
-using ::testing::AllOf;
-using ::testing::HasSubstr;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 
 ObjectUrl MustParse(std::string_view text) {
@@ -290,7 +290,8 @@ std::vector<std::byte> Pattern(size_t size, uint32_t seed) {
 void WriteFile(const std::string& path, std::span<const std::byte> bytes) {
   std::filesystem::create_directories(std::filesystem::path(path).parent_path());
   std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
 }
 
 // nginx serving `content_` as /data/object.bin, started once for the test.
@@ -342,8 +343,14 @@ TEST_F(NginxTest, ReadRangeIsByteExact) {
   const struct {
     uint64_t offset;
     size_t size;
-  } ranges[] = {{0, 1},        {0, 4096},  {1, 4095},      {4096, 65536}, {12345, 100000},
-                {kSize - 1, 1}, {kSize - 4096, 4096}, {0, kSize}};
+  } ranges[] = {{0, 1},
+                {0, 4096},
+                {1, 4095},
+                {4096, 65536},
+                {12345, 100000},
+                {kSize - 1, 1},
+                {kSize - 4096, 4096},
+                {0, kSize}};
   uint64_t bytes = 0;
   for (const auto& r : ranges) {
     EXPECT_EQ(ReadAndCompare(*store, url_, r.offset, r.size), "") << r.offset << "+" << r.size;

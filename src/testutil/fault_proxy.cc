@@ -163,12 +163,16 @@ void FaultProxy::Run() {
           c.to_upstream += head;
           c.forward_body = true;
           break;
-        case Fault::kAnswer: c.to_client += decision.answer; break;
+        case Fault::kAnswer:
+          c.to_client += decision.answer;
+          break;
         case Fault::kStall:
           c.stalled = true;
           c.from_client.clear();
           break;
-        case Fault::kDrop: c.dead = true; break;
+        case Fault::kDrop:
+          c.dead = true;
+          break;
       }
     }
   };

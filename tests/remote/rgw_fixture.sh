@@ -41,7 +41,9 @@ up)
     rc=$?
     if [ $rc -ne 0 ] || [ ! -s "$dir/rgw/s3.env" ]; then
         reason="rgw-up.sh failed (exit $rc): $(grep -m1 'ERROR' "$dir/rgw-up.log" || tail -n1 "$dir/rgw-up.log")"
-        stop >/dev/null 2>&1
+        # A failed rgw-up.sh has stopped what it started and kept its logs for inspection; the
+        # next `up` or `down` removes them.
+        [ $rc -ne 0 ] || stop >/dev/null 2>&1
         skip "$reason (log: $dir/rgw-up.log)"
     fi
     cp "$dir/rgw/s3.env" "$dir/s3.env"
