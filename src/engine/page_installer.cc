@@ -65,6 +65,15 @@ Result<InstallProgress> InstallUntilDone(Userfaultfd& uffd, const GuestRegion& r
   return InstallProgress{Outcome::kDone, length};
 }
 
+// hugetlb's UFFDIO_COPY cannot fault its source in: where a source page is not mapped yet, the
+// kernel copies through a temporary huge page from the pool, which a pool sized exactly for the
+// guest does not have (ENOMEM, and the page is poisoned). Touching the source first spares it.
+void TouchSource(const std::byte* data, uint64_t length) {
+  for (uint64_t i = 0; i < length; i += kPageSize4K) {
+    (void)*static_cast<const volatile std::byte*>(data + i);
+  }
+}
+
 // Progress of a step that began `before` bytes into the whole range, as progress of the whole.
 InstallProgress Shifted(InstallProgress step, uint64_t before) {
   step.bytes += before;
@@ -76,7 +85,10 @@ InstallProgress Shifted(InstallProgress step, uint64_t before) {
 Result<Mapping> MapZeros(uint64_t bytes) {
   const uint64_t size = AlignUp(std::max(bytes, kHugePageSize2M), kHugePageSize2M).value_or(0);
   if (size == 0) return Error(ErrorCode::kInvalidArgument, "zero mapping: size overflows");
-  return Mapping::Map(size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // Populated (with the shared zero page: nothing is allocated) so that hugetlb copies from it
+  // never meet an unmapped source (TouchSource).
+  return Mapping::Map(size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE,
+                      -1, 0);
 }
 
 // --- CopyInstaller -----------------------------------------------------------------------------
@@ -88,6 +100,7 @@ Result<InstallProgress> CopyInstaller::Install(const GuestRegion& region, uint64
     case ContentKind::kData: {
       assert(content.data.size() == length);
       const std::byte* data = content.data.data();
+      if (region.page_size > kPageSize4K) TouchSource(data, length);
       return InstallUntilDone(*uffd_, region, offset, length, counters_.copied,
                               [&](uint64_t at, uint64_t len) {
                                 return uffd_->Copy(HostOf(region, at), data + (at - offset), len);
