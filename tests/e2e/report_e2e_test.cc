@@ -21,7 +21,6 @@ namespace guestmem::e2e {
 namespace {
 
 using testutil::ReadFile;
-using testutil::WaitUntil;
 
 std::vector<std::string> FilesIn(const std::string& dir, const std::string& suffix) {
   std::vector<std::string> out;
@@ -69,15 +68,13 @@ TEST_F(ReportTest, ARestoresTraceIsDrawnAndChromiumRendersItNotBlank) {
   std::vector<std::string> files;
   Result<RestoreTraceData> trace = Error(ErrorCode::kNotFound, "no trace yet");
   // The trace is complete once the VM's handler is gone (its last block written).
-  ASSERT_TRUE(WaitUntil([&] {
-    files = FilesIn(traces, ".gmtrace");
-    if (files.size() != 1) return false;
-    trace = ReadRestoreTrace(files[0]);
-    return trace.has_value() && !trace->records.empty() &&
-           trace->records.back().type == TraceRecordType::kFault;
-  })) << (trace ? "" : trace.error().ToString())
-      << "\n"
+  ASSERT_NE(server_->WaitForLine({"vm 1 (", "restore trace ", " complete"}, 60s), "")
       << server_->Output();
+  files = FilesIn(traces, ".gmtrace");
+  ASSERT_EQ(files.size(), 1u);
+  trace = ReadRestoreTrace(files[0]);
+  ASSERT_TRUE(trace) << trace.error().ToString();
+  ASSERT_FALSE(trace->records.empty());
   EXPECT_EQ(trace->header.snapshot, snapshot_->path());
   EXPECT_NE(server_->Output().find("restore trace " + files[0]), std::string::npos);
 

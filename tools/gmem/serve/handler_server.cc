@@ -1032,7 +1032,13 @@ std::shared_ptr<RestoreTraceWriter> HandlerServer::Impl::OpenTrace(const Connect
     return nullptr;
   }
   Log(LogLevel::kInfo, c.name + ": restore trace " + path);
-  return std::move(*writer);
+  // Its last records are written when its handler lets it go: said, for whoever reads it then.
+  return std::shared_ptr<RestoreTraceWriter>(writer->release(),
+                                             [name = c.name, path](RestoreTraceWriter* w) {
+                                               delete w;
+                                               Log(LogLevel::kInfo,
+                                                   name + ": restore trace " + path + " complete");
+                                             });
 }
 
 Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::OpenSnapshot(
