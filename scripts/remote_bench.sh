@@ -8,11 +8,14 @@
 # workload's pages (checked with --verify), timed from its start to its exit with the daemon
 # already serving. Prints each round and the medians of the same-round ratios cold/local and
 # warm/local.
-#   scripts/remote_bench.sh [rounds] [size-mib] [workload]     (default 7 128 sparse)
+#   scripts/remote_bench.sh [rounds] [size-mib] [workload] [chunk-kib] [fetch-threads]
+#                                                  (default 7 128 sparse 256 8)
 source "$(dirname "$0")/lib.sh"
 rounds="${1:-7}"
 size_mib="${2:-128}"
 workload="${3:-sparse}"
+chunk_kib="${4:-256}"
+fetch_threads="${5:-8}"
 gm_install_missing_packages
 gm_build release
 gmem="$GUESTMEM_ROOT/build/release/tools/gmem/gmem"
@@ -35,7 +38,8 @@ now_ns() { date +%s%N; }
 # serve WHAT CACHE_DIR: starts a daemon on $work/s.sock and waits until it serves.
 serve() {
   rm -f s.sock
-  "$gmem" serve "$work/s.sock" "$1" --cache-dir "$2" --no-keeper >serve.log 2>&1 &
+  "$gmem" serve "$work/s.sock" "$1" --cache-dir "$2" --no-keeper --fetch-threads "$fetch_threads" \
+    >serve.log 2>&1 &
   daemon=$!
   for _ in $(seq 1 600); do grep -q "serving " serve.log && return 0; sleep 0.05; done
   echo "gmem serve did not start:" >&2; cat serve.log >&2; exit 1
@@ -55,10 +59,11 @@ evict() { dd if="$1" iflag=nocache count=0 status=none; }
 "$gmem" snapshot create t.mem --size-mib "$size_mib" --seed 1 >/dev/null
 # Learn the workload's working set, and pack it along.
 serve "$work/t.mem" "$work/learn"; restore >/dev/null; stop
-"$gmem" snapshot pack t.mem t.gmp --cache-dir "$work/learn" >/dev/null
+"$gmem" snapshot pack t.mem t.gmp --cache-dir "$work/learn" --chunk-kib "$chunk_kib" >/dev/null
 "$gmem" snapshot push t.gmp s3://bench/snapshots/t.gmp >/dev/null
 ws="$("$gmem" snapshot inspect t.gmp --json | sed -n 's/.*"working_set_pages": \([0-9]*\).*/\1/p' | head -n 1)"
-echo "snapshot: $size_mib MiB, workload $workload, working set ${ws:-?} pages; $rounds rounds"
+echo "snapshot: $size_mib MiB in $chunk_kib KiB chunks, workload $workload, working set ${ws:-?}" \
+     "pages; $fetch_threads fetch threads; $rounds rounds"
 
 cold_ratios=() warm_ratios=()
 for r in $(seq 1 "$rounds"); do
