@@ -97,7 +97,8 @@ class ObjectStore {
   ObjectStore(const ObjectStore&) = delete;
   ObjectStore& operator=(const ObjectStore&) = delete;
 
-  // The object's size (a HEAD). ERRORS: kNotFound, kPermissionDenied, kIoError.
+  // The object's size (a HEAD). ERRORS: kNotFound, kPermissionDenied (their S3 code learnt by
+  // a GET of the first byte, as the answer to a HEAD has no body), kIoError.
   Result<uint64_t> Size(const ObjectUrl& url) const;
   // Whether the object exists (a HEAD). ERRORS: kPermissionDenied, kIoError.
   Result<bool> Exists(const ObjectUrl& url) const;

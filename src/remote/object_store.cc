@@ -1104,7 +1104,19 @@ ObjectStore::~ObjectStore() = default;
 
 Result<uint64_t> ObjectStore::Size(const ObjectUrl& url) const {
   const Request request = impl_->MakeRequest("HEAD", url, impl_->options.deadline);
-  GM_ASSIGN_OR_RETURN(const Answer answer, impl_->Perform(request));
+  Result<Answer> answered = impl_->Perform(request);
+  if (!answered) {
+    const ErrorCode code = answered.error().code();
+    // The answer to a HEAD has no body: a refusal is asked again as a GET of one byte, whose
+    // body names the cause (SignatureDoesNotMatch, InvalidAccessKeyId, NoSuchBucket, …).
+    if (code == ErrorCode::kPermissionDenied || code == ErrorCode::kNotFound) {
+      std::byte first[1];
+      Status why = ReadRange(url, 0, first);
+      if (!why && why.error().code() == code) return std::move(why).error();
+    }
+    return std::move(answered).error();
+  }
+  const Answer& answer = *answered;
   if (answer.content_length < 0) {
     impl_->failures.fetch_add(1, std::memory_order_relaxed);
     return Error(ErrorCode::kIoError, request.Describe() + ": the answer has no Content-Length");

@@ -172,6 +172,7 @@ TEST_F(RemoteE2eTest, WrongCredentialsAndMissingSnapshotsFailAtStartNamingTheCau
   const std::string denied = Gmem({"serve", socket_, url_, "--cache-dir", dir_ + "/cache"}, 1);
   EXPECT_NE(denied.find("permission denied"), std::string::npos) << denied;
   EXPECT_NE(denied.find("403"), std::string::npos) << denied;
+  EXPECT_NE(denied.find("SignatureDoesNotMatch"), std::string::npos) << denied;
   EXPECT_NE(denied.find(url_), std::string::npos) << denied;
 
   UseStore(rgw_.endpoint, rgw_.secret_key);
@@ -179,6 +180,7 @@ TEST_F(RemoteE2eTest, WrongCredentialsAndMissingSnapshotsFailAtStartNamingTheCau
       Gmem({"serve", socket_, url_ + ".missing", "--cache-dir", dir_ + "/cache"}, 1);
   EXPECT_NE(missing.find("not found"), std::string::npos) << missing;
   EXPECT_NE(missing.find("404"), std::string::npos) << missing;
+  EXPECT_NE(missing.find("NoSuchKey"), std::string::npos) << missing;
 }
 
 // Pulled back, the snapshot is the one pushed; a second push uploads nothing.
