@@ -4,7 +4,6 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
-#include <charconv>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -13,219 +12,22 @@
 #include <thread>
 #include <utility>
 
+#include "remote/body_sink.h"
+#include "remote/url_text.h"
+
 namespace guestmem {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-constexpr std::string_view kS3Prefix = "s3://";
-constexpr std::string_view kHttpPrefix = "http://";
-constexpr std::string_view kHttpsPrefix = "https://";
-// S3 refuses longer keys; other servers have their own limits, which they report.
-constexpr size_t kMaxKeyBytes = 1024;
 // How much of an error answer's body is kept to find its S3 <Code> and <Message>.
 constexpr size_t kMaxErrorBody = 16 * 1024;
 
 // ------------------------------------------------------------------------------------------------
-// Parsing and printing URLs
-
-// `text` for a message: control characters (and bytes above 0x7e) as \xNN.
-std::string Printable(std::string_view text) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (const char ch : text) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c >= 0x20 && c < 0x7f) {
-      out += ch;
-    } else {
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 0xf];
-    }
-  }
-  return out;
-}
-
-Error BadUrl(std::string_view text, std::string_view why) {
-  return Error(ErrorCode::kInvalidArgument,
-               "object URL \"" + Printable(text) + "\": " + std::string(why));
-}
-
-bool IsLowerAlnum(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
-bool IsAlnum(char c) { return IsLowerAlnum(c) || (c >= 'A' && c <= 'Z'); }
-
-bool LooksLikeIpv4(std::string_view s) {
-  int dots = 0;
-  for (const char c : s) {
-    if (c == '.') {
-      ++dots;
-    } else if (c < '0' || c > '9') {
-      return false;
-    }
-  }
-  return dots == 3;
-}
-
-// The ...Problem functions: what is wrong with a part of a URL, "" when nothing is.
-
-// The rules of S3's general purpose buckets (the part that matters for naming them in a URL).
-std::string BucketProblem(std::string_view bucket) {
-  if (bucket.size() < 3 || bucket.size() > 63) {
-    return "a bucket name has 3 to 63 characters";
-  }
-  for (const char c : bucket) {
-    if (!IsLowerAlnum(c) && c != '.' && c != '-') {
-      return "a bucket name has only lowercase letters, digits, '.' and '-'";
-    }
-  }
-  if (!IsLowerAlnum(bucket.front()) || !IsLowerAlnum(bucket.back())) {
-    return "a bucket name starts and ends with a letter or a digit";
-  }
-  if (bucket.find("..") != std::string_view::npos) {
-    return "a bucket name has no two '.' in a row";
-  }
-  if (LooksLikeIpv4(bucket)) return "a bucket name is not an IP address";
-  return "";
-}
-
-// "host", "host:port" or "[v6]:port", as curl takes it.
-std::string AuthorityProblem(std::string_view authority) {
-  if (authority.find('@') != std::string_view::npos) {
-    return "credentials in the URL are not supported";
-  }
-  std::string_view host = authority;
-  std::string_view port;
-  if (authority.starts_with('[')) {
-    const size_t close = authority.find(']');
-    if (close == std::string_view::npos) return "an IPv6 host lacks its ']'";
-    host = authority.substr(0, close + 1);
-    std::string_view rest = authority.substr(close + 1);
-    if (!rest.empty() && !rest.starts_with(':')) return "junk after the IPv6 host";
-    if (!rest.empty()) port = rest.substr(1);
-    for (const char c : host.substr(1, host.size() - 2)) {
-      if (!IsAlnum(c) && c != ':' && c != '.') return "a bad IPv6 host";
-    }
-  } else {
-    const size_t colon = authority.find(':');
-    if (colon != std::string_view::npos) {
-      host = authority.substr(0, colon);
-      port = authority.substr(colon + 1);
-    }
-    if (host.empty()) return "no host";
-    for (const char c : host) {
-      if (!IsAlnum(c) && c != '.' && c != '-') {
-        return "a host name has only letters, digits, '.' and '-'";
-      }
-    }
-  }
-  if (authority.find(':', host.size()) != std::string_view::npos) {
-    unsigned value = 0;
-    const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
-    if (port.empty() || ec != std::errc() || end != port.data() + port.size() || value == 0 ||
-        value > 65535) {
-      return "the port is not a number from 1 to 65535";
-    }
-  }
-  return "";
-}
-
-// A key or path: no control characters; no "." or ".." segment (Resolve gives them their
-// meaning, and curl would squash them); for http(s), no query or fragment.
-std::string PathProblem(ObjectUrl::Scheme scheme, std::string_view path) {
-  if (scheme == ObjectUrl::Scheme::kS3 && path.size() > kMaxKeyBytes) {
-    return "a key has at most 1024 bytes";
-  }
-  for (const char ch : path) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c < 0x20 || c == 0x7f) return "control characters are not allowed";
-    if (scheme != ObjectUrl::Scheme::kS3 && (c == '?' || c == '#')) {
-      return "queries and fragments ('?', '#') are not supported";
-    }
-  }
-  size_t start = 0;
-  while (start <= path.size()) {
-    const size_t end = std::min(path.find('/', start), path.size());
-    const std::string_view segment = path.substr(start, end - start);
-    if (segment == "." || segment == "..") {
-      return "a path has no \".\" or \"..\" segment";
-    }
-    start = end + 1;
-  }
-  return "";
-}
-
-std::string_view SchemePrefix(ObjectUrl::Scheme scheme) {
-  switch (scheme) {
-    case ObjectUrl::Scheme::kS3:
-      return kS3Prefix;
-    case ObjectUrl::Scheme::kHttp:
-      return kHttpPrefix;
-    case ObjectUrl::Scheme::kHttps:
-      return kHttpsPrefix;
-  }
-  return kS3Prefix;
-}
-
-// `path` with "." and empty segments dropped and ".." taking the one before it away (never above
-// the root); a path that named a directory keeps its trailing '/'.
-std::string NormalizePath(std::string_view path) {
-  std::vector<std::string_view> kept;
-  bool directory = false;
-  size_t start = 0;
-  while (start <= path.size()) {
-    const size_t end = std::min(path.find('/', start), path.size());
-    const std::string_view segment = path.substr(start, end - start);
-    directory = segment.empty() || segment == "." || segment == "..";
-    if (segment == "..") {
-      if (!kept.empty()) kept.pop_back();
-    } else if (!segment.empty() && segment != ".") {
-      kept.push_back(segment);
-    }
-    start = end + 1;
-  }
-  std::string out;
-  for (const std::string_view segment : kept) {
-    if (!out.empty()) out += '/';
-    out += segment;
-  }
-  if (directory && !out.empty()) out += '/';
-  return out;
-}
-
-// The path as it goes on the request line: every byte but the unreserved ones and '/'
-// percent-encoded, which is also the canonical URI SigV4 signs for S3.
-std::string EncodePath(std::string_view path) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  out.reserve(path.size());
-  for (const char ch : path) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (IsAlnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '/') {
-      out += ch;
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 0xf];
-    }
-  }
-  return out;
-}
-
-// The host of "host[:port]" or "[v6][:port]".
-std::string_view HostOf(std::string_view authority) {
-  if (authority.starts_with('[')) return authority.substr(0, authority.find(']') + 1);
-  return authority.substr(0, authority.find(':'));
-}
-
-bool IsLoopback(std::string_view host) {
-  return host == "localhost" || host.ends_with(".localhost") || host.starts_with("127.") ||
-         host == "[::1]";
-}
-
-// ------------------------------------------------------------------------------------------------
 // What an answer says
 
+// The text of the first <NAME> element of an S3 error document ("" when there is none).
 std::string XmlElement(std::string_view xml, std::string_view name) {
   const std::string open = "<" + std::string(name) + ">";
   const std::string close = "</" + std::string(name) + ">";
@@ -270,47 +72,6 @@ std::string_view ReasonPhrase(long status) {
     default:
       return "";
   }
-}
-
-struct ContentRange {
-  uint64_t first = 0, last = 0;
-  std::optional<uint64_t> total;  // absent for "/*"
-};
-
-bool ParseNumber(std::string_view text, uint64_t* value) {
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), *value);
-  return !text.empty() && ec == std::errc() && end == text.data() + text.size();
-}
-
-// "bytes FIRST-LAST/TOTAL" or "bytes FIRST-LAST/*".
-std::optional<ContentRange> ParseContentRange(std::string_view value) {
-  if (!value.starts_with("bytes ")) return std::nullopt;
-  value.remove_prefix(6);
-  const size_t dash = value.find('-');
-  const size_t slash = value.find('/');
-  if (dash == std::string_view::npos || slash == std::string_view::npos || slash < dash) {
-    return std::nullopt;
-  }
-  ContentRange range;
-  if (!ParseNumber(value.substr(0, dash), &range.first) ||
-      !ParseNumber(value.substr(dash + 1, slash - dash - 1), &range.last) ||
-      range.last < range.first) {
-    return std::nullopt;
-  }
-  const std::string_view total = value.substr(slash + 1);
-  if (total != "*") {
-    uint64_t n = 0;
-    if (!ParseNumber(total, &n)) return std::nullopt;
-    range.total = n;
-  }
-  return range;
-}
-
-// The total of "bytes */TOTAL" (a 416's Content-Range), if that is what `value` is.
-std::optional<uint64_t> UnsatisfiedRangeTotal(std::string_view value) {
-  uint64_t total = 0;
-  if (value.starts_with("bytes */") && ParseNumber(value.substr(8), &total)) return total;
-  return std::nullopt;
 }
 
 std::string HeaderValue(CURL* curl, const char* name) {
@@ -464,170 +225,12 @@ class HandlePool {
 // ------------------------------------------------------------------------------------------------
 // Requests
 
-struct ByteRange {
-  uint64_t offset = 0;
-  uint64_t length = 0;  // > 0
-  uint64_t last() const { return offset + length - 1; }
-  std::string ToString() const {
-    return "bytes " + std::to_string(offset) + "-" + std::to_string(last());
-  }
-};
-
-// What a successful (2xx) answer said.
-struct Answer {
-  long status = 0;
-  curl_off_t content_length = -1;  // -1: not sent
-  std::string content_range;       // "": not sent
-  uint64_t body_bytes = 0;
-};
-
-// Where the body of a 2xx answer goes. It bounds what it takes: an Error from Begin or Write
-// aborts the transfer; Finish checks the whole answer. None of them is retried.
-class Sink {
- public:
-  virtual ~Sink() = default;
-  virtual void Restart() = 0;  // a new attempt begins
-  // Before the first byte of the body: the status and the Content-Length (-1 when not sent).
-  virtual Status Begin(long status, curl_off_t content_length) = 0;
-  virtual Status Write(std::span<const std::byte> piece) = 0;
-  virtual Status Finish(const Answer& answer) = 0;
-};
-
-// Exactly `range` of the object, into the caller's buffer.
-class RangeSink final : public Sink {
- public:
-  RangeSink(ByteRange range, std::span<std::byte> out) : range_(range), out_(out) {}
-
-  void Restart() override { written_ = 0; }
-
-  Status Begin(long status, curl_off_t content_length) override {
-    // A server that ignores Range answers 200 with the whole object: fine only when that is what
-    // was asked for. Checked now, so that a large object is not received at all.
-    if (status == 200 && content_length >= 0) {
-      return CheckWhole(static_cast<uint64_t>(content_length));
-    }
-    return OkStatus();
-  }
-
-  Status Write(std::span<const std::byte> piece) override {
-    if (piece.size() > out_.size() - written_) {
-      return Error(ErrorCode::kDataLoss, "the answer holds more than the " +
-                                             std::to_string(out_.size()) + " bytes asked for");
-    }
-    std::copy(piece.begin(), piece.end(), out_.begin() + static_cast<ptrdiff_t>(written_));
-    written_ += piece.size();
-    return OkStatus();
-  }
-
-  Status Finish(const Answer& answer) override {
-    if (answer.status == 200) {
-      GM_RETURN_IF_ERROR(CheckWhole(
-          answer.content_length >= 0 ? static_cast<uint64_t>(answer.content_length) : written_));
-    } else if (answer.status == 206) {
-      GM_RETURN_IF_ERROR(CheckPartial(answer.content_range));
-    } else {
-      return Error(ErrorCode::kDataLoss,
-                   "HTTP " + std::to_string(answer.status) + " to a ranged GET");
-    }
-    if (written_ != out_.size()) {
-      return Error(ErrorCode::kDataLoss, "the answer holds " + std::to_string(written_) +
-                                             " of the " + std::to_string(out_.size()) +
-                                             " bytes asked for");
-    }
-    return OkStatus();
-  }
-
- private:
-  Status CheckWhole(uint64_t object_size) const {
-    if (range_.offset + range_.length > object_size) return EndsBefore(object_size);
-    if (range_.offset != 0 || range_.length != object_size) {
-      return Error(ErrorCode::kDataLoss, "the server ignored the range: HTTP 200 with all " +
-                                             std::to_string(object_size) + " bytes");
-    }
-    return OkStatus();
-  }
-
-  Status CheckPartial(const std::string& header) const {
-    const std::optional<ContentRange> got = ParseContentRange(header);
-    if (!got) {
-      return Error(ErrorCode::kDataLoss,
-                   "HTTP 206 with Content-Range \"" + Printable(header) + "\"");
-    }
-    // A range that runs past the end is answered with what there is (RGW, nginx, S3).
-    if (got->first == range_.offset && got->last < range_.last() && got->total &&
-        got->last + 1 == *got->total) {
-      return EndsBefore(*got->total);
-    }
-    if (got->first != range_.offset || got->last != range_.last()) {
-      return Error(ErrorCode::kDataLoss,
-                   "HTTP 206 for another range: Content-Range \"" + Printable(header) + "\"");
-    }
-    return OkStatus();
-  }
-
-  Status EndsBefore(uint64_t object_size) const {
-    return Error(ErrorCode::kOutOfRange,
-                 "the object has " + std::to_string(object_size) + " bytes, fewer than the " +
-                     std::to_string(range_.last() + 1) + " the range needs");
-  }
-
-  const ByteRange range_;
-  const std::span<std::byte> out_;
-  size_t written_ = 0;
-};
-
-// The whole object, when it holds at most `max_bytes`.
-class WholeSink final : public Sink {
- public:
-  explicit WholeSink(uint64_t max_bytes) : max_bytes_(max_bytes) {}
-
-  void Restart() override { content_.clear(); }
-
-  Status Begin(long /*status*/, curl_off_t content_length) override {
-    if (content_length < 0) return OkStatus();
-    const auto size = static_cast<uint64_t>(content_length);
-    if (size > max_bytes_) return TooLarge("has " + std::to_string(size) + " bytes");
-    content_.reserve(size);
-    return OkStatus();
-  }
-
-  Status Write(std::span<const std::byte> piece) override {
-    if (piece.size() > max_bytes_ - content_.size()) return TooLarge("is larger");
-    content_.insert(content_.end(), piece.begin(), piece.end());
-    return OkStatus();
-  }
-
-  Status Finish(const Answer& answer) override {
-    if (answer.status == 206) {
-      return Error(ErrorCode::kDataLoss, "HTTP 206 to a GET without a range");
-    }
-    if (answer.content_length >= 0 &&
-        static_cast<uint64_t>(answer.content_length) != content_.size()) {
-      return Error(ErrorCode::kDataLoss, "the answer holds " + std::to_string(content_.size()) +
-                                             " of the " + std::to_string(answer.content_length) +
-                                             " bytes of its Content-Length");
-    }
-    return OkStatus();
-  }
-
-  std::vector<std::byte> Take() { return std::move(content_); }
-
- private:
-  Error TooLarge(const std::string& what) const {
-    return Error(ErrorCode::kOutOfRange, "the object " + what + ", more than the " +
-                                             std::to_string(max_bytes_) + " bytes allowed");
-  }
-
-  const uint64_t max_bytes_;
-  std::vector<std::byte> content_;
-};
-
 struct Request {
   const char* method = "GET";  // GET, HEAD or PUT
   ObjectUrl url;
   std::optional<ByteRange> range;       // GET
   std::span<const std::byte> body;      // PUT
-  Sink* sink = nullptr;                 // GET: takes the body of a 2xx answer
+  BodySink* sink = nullptr;             // GET: takes the body of a 2xx answer
   milliseconds deadline{0};             // every attempt, and the wait for a connection
   std::vector<std::string> ok_codes;    // S3 error codes that mean success
   bool not_found_is_an_answer = false;  // a 404 is not counted as a failure (Exists)
@@ -645,11 +248,11 @@ struct Request {
 struct Outcome {
   enum class Kind { kDone, kRetry, kFatal };
   Kind kind = Kind::kFatal;
-  Answer answer;               // kDone
+  AnswerHead answer;           // kDone
   std::optional<Error> error;  // kFatal
   std::string cause;           // kRetry: why, for the message if none succeeds
 
-  static Outcome Done(Answer answer) {
+  static Outcome Done(AnswerHead answer) {
     Outcome o;
     o.kind = Kind::kDone;
     o.answer = std::move(answer);
@@ -671,7 +274,7 @@ struct Outcome {
 // The state of one attempt that libcurl's callbacks see.
 struct Transfer {
   CURL* curl = nullptr;
-  Sink* sink = nullptr;
+  BodySink* sink = nullptr;
   std::span<const std::byte> upload;
   size_t uploaded = 0;
   bool began = false;
@@ -739,72 +342,6 @@ int OnSeek(void* transfer, curl_off_t offset, int origin) {
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
-// ObjectUrl
-
-bool ObjectUrl::Names(std::string_view text) {
-  return text.starts_with(kS3Prefix) || text.starts_with(kHttpPrefix) ||
-         text.starts_with(kHttpsPrefix);
-}
-
-Result<ObjectUrl> ObjectUrl::Parse(std::string_view text) {
-  ObjectUrl url;
-  std::string_view rest;
-  if (text.starts_with(kS3Prefix)) {
-    url.scheme = Scheme::kS3;
-    rest = text.substr(kS3Prefix.size());
-  } else if (text.starts_with(kHttpPrefix)) {
-    url.scheme = Scheme::kHttp;
-    rest = text.substr(kHttpPrefix.size());
-  } else if (text.starts_with(kHttpsPrefix)) {
-    url.scheme = Scheme::kHttps;
-    rest = text.substr(kHttpsPrefix.size());
-  } else if (const size_t colon = text.find("://"); colon != std::string_view::npos) {
-    return BadUrl(text, "the scheme \"" + Printable(text.substr(0, colon)) +
-                            "\" is not one of s3, http, https");
-  } else {
-    return BadUrl(text, "not a URL (s3://BUCKET/KEY, http(s)://HOST/PATH)");
-  }
-  const size_t slash = rest.find('/');
-  const std::string_view authority = rest.substr(0, slash);
-  const std::string_view path =
-      slash == std::string_view::npos ? std::string_view() : rest.substr(slash + 1);
-  if (url.scheme == Scheme::kS3) {
-    if (authority.empty()) return BadUrl(text, "no bucket");
-    if (std::string why = BucketProblem(authority); !why.empty()) return BadUrl(text, why);
-    if (path.empty()) return BadUrl(text, "no key");
-  } else {
-    if (authority.empty()) return BadUrl(text, "no host");
-    if (std::string why = AuthorityProblem(authority); !why.empty()) return BadUrl(text, why);
-    if (path.empty()) return BadUrl(text, "no path");
-  }
-  if (std::string why = PathProblem(url.scheme, path); !why.empty()) return BadUrl(text, why);
-  url.authority = std::string(authority);
-  url.path = std::string(path);
-  return url;
-}
-
-std::string ObjectUrl::ToString() const {
-  return std::string(SchemePrefix(scheme)) + authority + "/" + path;
-}
-
-ObjectUrl ObjectUrl::Resolve(std::string_view relative) const {
-  if (Names(relative)) {
-    if (Result<ObjectUrl> whole = Parse(relative)) return *std::move(whole);
-  }
-  std::string combined;
-  if (relative.starts_with('/')) {
-    combined = relative.substr(1);
-  } else {
-    const size_t last_slash = path.rfind('/');
-    if (last_slash != std::string::npos) combined = path.substr(0, last_slash + 1);
-    combined += relative;
-  }
-  ObjectUrl out = *this;
-  out.path = NormalizePath(combined);
-  return out;
-}
-
-// ------------------------------------------------------------------------------------------------
 // ObjectStoreOptions
 
 ObjectStoreOptions ObjectStoreOptions::FromEnvironment() {
@@ -850,7 +387,7 @@ struct ObjectStore::Impl {
 
   // Every attempt of `request`, until one succeeds, one fails for good, or the attempts or the
   // deadline run out.
-  Result<Answer> Perform(const Request& request) {
+  Result<AnswerHead> Perform(const Request& request) {
     const Clock::time_point start = Clock::now();
     const Clock::time_point deadline = start + request.deadline;
     const auto fail = [&](Error error) {
@@ -916,8 +453,6 @@ struct ObjectStore::Impl {
                       std::to_string(request.range->last()));
     }
     const bool put = std::string_view(request.method) == "PUT";
-    // (No "Expect:" to save the 100-continue round trip: curl 7.88 signs a header it is told to
-    // leave out, and the store then finds the signature wrong.)
     if (request.url.scheme == ObjectUrl::Scheme::kS3) {
       // curl's SigV4 signs this header's value as the payload's hash but does not send it by
       // itself; S3 and RGW refuse a signed request without it.
@@ -958,12 +493,14 @@ struct ObjectStore::Impl {
       if (IsTransient(code)) return Outcome::Retry(std::move(cause));
       return Outcome::Fatal(Error(ErrorCode::kIoError, std::move(cause)));
     }
-    Answer answer;
+    AnswerHead answer;
     curl_easy_getinfo(handle.curl, CURLINFO_RESPONSE_CODE, &answer.status);
     if (answer.status < 200 || answer.status >= 300) {
       return Failed(handle.curl, request, answer.status, transfer.error_body);
     }
-    curl_easy_getinfo(handle.curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &answer.content_length);
+    curl_off_t length = -1;
+    curl_easy_getinfo(handle.curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length);
+    answer.content_length = length;
     answer.content_range = HeaderValue(handle.curl, "Content-Range");
     if (request.sink != nullptr) {
       if (Status checked = request.sink->Finish(answer); !checked) {
@@ -978,7 +515,7 @@ struct ObjectStore::Impl {
     const std::string code = XmlElement(body, "Code");
     if (!code.empty() && std::find(request.ok_codes.begin(), request.ok_codes.end(), code) !=
                              request.ok_codes.end()) {
-      return Outcome::Done(Answer{.status = status});
+      return Outcome::Done(AnswerHead{.status = status});
     }
     std::string cause = "HTTP " + std::to_string(status);
     if (const std::string_view reason = ReasonPhrase(status); !reason.empty()) {
@@ -1039,7 +576,9 @@ struct ObjectStore::Impl {
       curl_easy_setopt(curl, CURLOPT_SEEKDATA, transfer);
       curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE,
                        static_cast<curl_off_t>(request.body.size()));
-      // A server that ignores "Expect: 100-continue" costs this long, not curl's default second.
+      // curl asks "Expect: 100-continue" before a large body; a server that ignores it costs this
+      // long, not a second. (It cannot be turned off with an empty "Expect:" header: curl 7.88
+      // signs the header it is told to leave out, and the store finds the signature wrong.)
       curl_easy_setopt(curl, CURLOPT_EXPECT_100_TIMEOUT_MS, 200L);
     }
     if (request.url.scheme == ObjectUrl::Scheme::kS3) {
@@ -1104,7 +643,7 @@ ObjectStore::~ObjectStore() = default;
 
 Result<uint64_t> ObjectStore::Size(const ObjectUrl& url) const {
   const Request request = impl_->MakeRequest("HEAD", url, impl_->options.deadline);
-  Result<Answer> answered = impl_->Perform(request);
+  Result<AnswerHead> answered = impl_->Perform(request);
   if (!answered) {
     const ErrorCode code = answered.error().code();
     // The answer to a HEAD has no body: a refusal is asked again as a GET of one byte, whose
@@ -1116,7 +655,7 @@ Result<uint64_t> ObjectStore::Size(const ObjectUrl& url) const {
     }
     return std::move(answered).error();
   }
-  const Answer& answer = *answered;
+  const AnswerHead& answer = *answered;
   if (answer.content_length < 0) {
     impl_->failures.fetch_add(1, std::memory_order_relaxed);
     return Error(ErrorCode::kIoError, request.Describe() + ": the answer has no Content-Length");
@@ -1127,7 +666,7 @@ Result<uint64_t> ObjectStore::Size(const ObjectUrl& url) const {
 Result<bool> ObjectStore::Exists(const ObjectUrl& url) const {
   Request request = impl_->MakeRequest("HEAD", url, impl_->options.deadline);
   request.not_found_is_an_answer = true;
-  Result<Answer> answer = impl_->Perform(request);
+  Result<AnswerHead> answer = impl_->Perform(request);
   if (answer) return true;
   if (answer.error().code() == ErrorCode::kNotFound) return false;
   return std::move(answer).error();

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "base/temp_dir.h"
+#include "remote/body_sink.h"
 #include "testutil/fault_proxy.h"
 #include "testutil/nginx_server.h"
 
@@ -153,6 +154,26 @@ TEST(ObjectUrlTest, ResolvesAsAFileSystemDoes) {
   // A whole URL names itself.
   EXPECT_EQ(base.Resolve("https://other/x/y"), MustParse("https://other/x/y"));
   EXPECT_EQ(base.Resolve("s3://other-bucket/k"), MustParse("s3://other-bucket/k"));
+}
+
+// ------------------------------------------------------------------------------------------------
+// What answers say
+
+TEST(ContentRangeTest, ParsesWhatServersSend) {
+  std::optional<ContentRange> range = ContentRange::Parse("bytes 100-199/1000");
+  ASSERT_TRUE(range.has_value());
+  EXPECT_EQ(range->first, 100u);
+  EXPECT_EQ(range->last, 199u);
+  EXPECT_EQ(range->total, 1000u);
+  range = ContentRange::Parse("bytes 0-0/*");
+  ASSERT_TRUE(range.has_value());
+  EXPECT_FALSE(range->total.has_value());
+  for (const char* bad : {"", "bytes", "bytes 5-4/10", "bytes 1-2", "bytes -2/10", "bytes 1-/10",
+                          "items 1-2/10", "bytes 1-2/x", "bytes */10", "bytes 1-2/10 "}) {
+    EXPECT_FALSE(ContentRange::Parse(bad).has_value()) << bad;
+  }
+  EXPECT_EQ(UnsatisfiedRangeTotal("bytes */4096"), 4096u);
+  EXPECT_FALSE(UnsatisfiedRangeTotal("bytes 0-1/4096").has_value());
 }
 
 // ------------------------------------------------------------------------------------------------
