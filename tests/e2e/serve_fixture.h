@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 
@@ -84,6 +85,14 @@ class ServeTest : public ::testing::Test {
   std::unique_ptr<Subprocess> server_;
   int servers_started_ = 0;
 };
+
+// Whether a process that exited with `exit_code` (testutil::Subprocess: -signal when killed),
+// printing `output`, died of SIGBUS: killed by it, or under a sanitizer, which catches the signal,
+// reported by it (ASan may name a SIGBUS near a thread's stack a stack overflow).
+inline bool DiedOfSigbus(int exit_code, const std::string& output) {
+  return exit_code == -SIGBUS || output.find("Sanitizer: BUS") != std::string::npos ||
+         output.find("AddressSanitizer:DEADLYSIGNAL") != std::string::npos;
+}
 
 // --- bad clients ---------------------------------------------------------------------------
 

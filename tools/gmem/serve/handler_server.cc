@@ -170,8 +170,17 @@ Result<std::unique_ptr<HandlerServer>> HandlerServer::Start(const ServeOptions& 
   if (options.learn) impl->learner.emplace(impl->cache ? &*impl->cache : nullptr);
   GM_ASSIGN_OR_RETURN(impl->source, impl->OpenSnapshot(options.mem_file_path));
   GM_ASSIGN_OR_RETURN(impl->engine, FaultEngine::Start({.workers = options.workers}));
+  ServeMetrics::StoreFn store_of;
+  if (impl->remote) {
+    store_of = [store = impl->remote->store, disk = impl->remote->disk_cache] {
+      StoreView view{.requests = store->counters()};
+      if (disk) view.disk_cache = disk->counters();
+      return std::optional<StoreView>(view);
+    };
+  }
   impl->metrics = std::make_unique<ServeMetrics>(
-      [engine = impl->engine.get()](SpaceId space) { return engine->Stats(space); });
+      [engine = impl->engine.get()](SpaceId space) { return engine->Stats(space); },
+      std::move(store_of));
   if (options.metrics_address) {
     // Bound before anything is taken over: a port in use stops the daemon having touched nothing.
     GM_ASSIGN_OR_RETURN(impl->metrics_http,

@@ -265,7 +265,8 @@ const char* RejectReasonName(RejectReason reason) {
   return "error";
 }
 
-ServeMetrics::ServeMetrics(StatsFn stats_of) : stats_of_(std::move(stats_of)) {}
+ServeMetrics::ServeMetrics(StatsFn stats_of, StoreFn store_of)
+    : stats_of_(std::move(stats_of)), store_of_(std::move(store_of)) {}
 
 void ServeMetrics::VmStarted(SpaceId space, VmLabels labels) {
   std::lock_guard lock(mu_);
@@ -295,6 +296,7 @@ ServeMetrics::Snapshot ServeMetrics::Collect() const {
   out.total = ended_;
   out.vms_finished = vms_finished_;
   out.rejected = rejected_;
+  if (store_of_) out.store = store_of_();
   out.vms.reserve(live_.size());
   for (auto& [vm, live] : live_) {
     // A space that has just gone (its VM about to be finished) keeps what was read of it last.
@@ -305,6 +307,55 @@ ServeMetrics::Snapshot ServeMetrics::Collect() const {
   }
   return out;
 }
+
+namespace {
+
+// One counter or gauge of a single sample.
+void WriteOne(Exposition& e, const std::string& name, const std::string& help, const char* type,
+              uint64_t value) {
+  e.Family(name, help, type);
+  e.Sample(name, "", std::to_string(value));
+}
+
+void WriteStoreFamilies(Exposition& e, const StoreView& store) {
+  const ObjectStore::Counters& r = store.requests;
+  WriteOne(e, "gmem_object_store_requests_total", "Requests sent to the object store, retries included",
+           "counter", r.requests);
+  WriteOne(e, "gmem_object_store_retries_total", "Requests to the object store that were retries",
+           "counter", r.retries);
+  WriteOne(e, "gmem_object_store_failures_total",
+           "Requests to the object store that failed after every attempt", "counter", r.failures);
+  WriteOne(e, "gmem_object_store_received_bytes_total", "Object content received", "counter",
+           r.bytes_received);
+  if (!store.disk_cache) return;
+  const DiskChunkCache::Counters& d = *store.disk_cache;
+  WriteOne(e, "gmem_chunk_disk_cache_hits_total", "Chunks found in the disk cache", "counter",
+           d.hits);
+  WriteOne(e, "gmem_chunk_disk_cache_misses_total", "Chunks looked for in the disk cache and fetched",
+           "counter", d.misses);
+  WriteOne(e, "gmem_chunk_disk_cache_evictions_total",
+           "Chunks dropped from the disk cache to keep within its bound", "counter", d.evicted);
+  WriteOne(e, "gmem_chunk_disk_cache_corrupt_total",
+           "Disk cache entries found torn or corrupt and dropped", "counter", d.forgotten);
+  WriteOne(e, "gmem_chunk_disk_cache_entries", "Chunks in the disk cache", "gauge", d.entries);
+  WriteOne(e, "gmem_chunk_disk_cache_bytes", "Bytes of the disk cache's entries", "gauge",
+           d.bytes);
+}
+
+nlohmann::json StoreJson(const StoreView& store) {
+  nlohmann::json out = {{"requests", store.requests.requests},
+                        {"retries", store.requests.retries},
+                        {"failures", store.requests.failures},
+                        {"bytes_received", store.requests.bytes_received}};
+  if (store.disk_cache) {
+    const DiskChunkCache::Counters& d = *store.disk_cache;
+    out["disk_cache"] = {{"hits", d.hits},       {"misses", d.misses},   {"evicted", d.evicted},
+                         {"corrupt", d.forgotten}, {"entries", d.entries}, {"bytes", d.bytes}};
+  }
+  return out;
+}
+
+}  // namespace
 
 std::string FormatPrometheus(const ServeMetrics::Snapshot& s) {
   Exposition e;
@@ -322,6 +373,7 @@ std::string FormatPrometheus(const ServeMetrics::Snapshot& s) {
              std::to_string(s.rejected[i]));
   }
   WriteStatsFamilies(e, "gmem_", " (every VM this daemon served)", {{"", &s.total}});
+  if (s.store) WriteStoreFamilies(e, *s.store);
   std::vector<std::pair<std::string, const FaultStats*>> vms;
   for (const ServeMetrics::VmView& v : s.vms) vms.emplace_back(VmLabelText(v.labels), &v.stats);
   e.Family("gmem_vm_connected_seconds", "How long the VM has been served", "gauge");
@@ -373,12 +425,14 @@ nlohmann::json StatusJson(const ServeMetrics::Snapshot& s) {
                    {"connected_seconds", v.connected_seconds},
                    {"stats", StatsJson(v.stats)}});
   }
-  return {{"pid", getpid()},
-          {"vms_connected", s.vms.size()},
-          {"vms_finished", s.vms_finished},
-          {"handshakes_rejected", std::move(rejected)},
-          {"total", StatsJson(s.total)},
-          {"vms", std::move(vms)}};
+  nlohmann::json out = {{"pid", getpid()},
+                        {"vms_connected", s.vms.size()},
+                        {"vms_finished", s.vms_finished},
+                        {"handshakes_rejected", std::move(rejected)},
+                        {"total", StatsJson(s.total)},
+                        {"vms", std::move(vms)}};
+  if (s.store) out["object_store"] = StoreJson(*s.store);
+  return out;
 }
 
 }  // namespace guestmem::cli

@@ -28,8 +28,10 @@
 #include <string>
 #include <vector>
 
+#include "guestmem/disk_chunk_cache.h"
 #include "guestmem/fault_engine.h"
 #include "guestmem/fault_stats.h"
+#include "guestmem/object_store.h"
 
 namespace guestmem::cli {
 
@@ -54,11 +56,20 @@ struct VmLabels {
   std::string snapshot;
 };
 
+// What the object store behind a snapshot named by a URL has done, and the disk cache of its
+// chunks (remote_pack_storage.h).
+struct StoreView {
+  ObjectStore::Counters requests;
+  std::optional<DiskChunkCache::Counters> disk_cache;
+};
+
 class ServeMetrics {
  public:
   // `stats_of`: a live space's statistics, or std::nullopt once it is gone.
   using StatsFn = std::function<std::optional<FaultStats>(SpaceId)>;
-  explicit ServeMetrics(StatsFn stats_of);
+  // `store_of`: the object store's figures, or std::nullopt when no snapshot comes from one.
+  using StoreFn = std::function<std::optional<StoreView>()>;
+  explicit ServeMetrics(StatsFn stats_of, StoreFn store_of = {});
 
   void VmStarted(SpaceId space, VmLabels labels);
   // `final`: its last statistics (all zero when they were lost: the last read are kept).
@@ -76,6 +87,7 @@ class ServeMetrics {
     FaultStats total;         // ended + live
     uint64_t vms_finished = 0;
     std::array<uint64_t, kRejectReasons> rejected{};
+    std::optional<StoreView> store;
   };
   Snapshot Collect() const;
 
@@ -87,6 +99,7 @@ class ServeMetrics {
     FaultStats last;  // what Collect() read last
   };
   StatsFn stats_of_;
+  StoreFn store_of_;
   mutable std::mutex mu_;
   mutable std::map<uint64_t, Live> live_;            // GUARDED_BY(mu_)
   FaultStats ended_;                                 // GUARDED_BY(mu_)
