@@ -13,7 +13,8 @@ source "$(dirname "$0")/lib.sh"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(handshake_parse handshake_receive uffd_events trace_parse vcpu_fault_frames packed_index)
+[ ${#targets[@]} -eq 0 ] && targets=(handshake_parse handshake_receive uffd_events trace_parse vcpu_fault_frames packed_index
+                                     remote_answer)
 
 gm_install_missing_packages
 gm_install_missing_packages "${GUESTMEM_FUZZ_PACKAGES[@]}"

@@ -3,6 +3,19 @@
 #include "guestmem/log.h"
 
 namespace guestmem {
+namespace {
+
+// What a pack names (its parent, its store) beside it. Only a path: a URL there would send the
+// daemon, with its credentials, wherever the pack's author chose.
+Result<ObjectUrl> Beside(const ObjectUrl& pack, const std::string& name, const char* what) {
+  if (ObjectUrl::Names(name)) {
+    return Error(ErrorCode::kDataLoss, pack.ToString() + " names its " + what + " by a URL (" +
+                                           name + "); a pack may name only paths beside it");
+  }
+  return pack.Resolve(name);
+}
+
+}  // namespace
 
 ObjectUrl ChunkObject(const ObjectUrl& store, const ChunkHash& hash) {
   const std::string hex = ToHex(hash);
@@ -27,7 +40,7 @@ Status RemotePackStorage::ReadAt(uint64_t offset, std::span<std::byte> out) cons
 
 Status RemotePackStorage::OpenStore(const std::string& store_path) {
   // An object store has no directories to check: a missing chunk shows as kNotFound when read.
-  store_ = url_.Resolve(store_path);
+  GM_ASSIGN_OR_RETURN(store_, Beside(url_, store_path, "chunk store"));
   return OkStatus();
 }
 
@@ -67,8 +80,8 @@ Result<StoredChunk> RemotePackStorage::ReadChunk(const ChunkRef& ref, uint32_t r
 
 Result<std::unique_ptr<PackStorage>> RemotePackStorage::OpenParent(
     const std::string& parent_path) const {
-  GM_ASSIGN_OR_RETURN(std::unique_ptr<RemotePackStorage> parent,
-                      Open(url_.Resolve(parent_path), access_));
+  GM_ASSIGN_OR_RETURN(const ObjectUrl parent_url, Beside(url_, parent_path, "parent"));
+  GM_ASSIGN_OR_RETURN(std::unique_ptr<RemotePackStorage> parent, Open(parent_url, access_));
   return std::unique_ptr<PackStorage>(std::move(parent));
 }
 

@@ -171,12 +171,18 @@ Result<TransferSummary> PullSnapshot(const ObjectUrl& from, const std::string& s
       return Error(ErrorCode::kDataLoss,
                    url.ToString() + ": packed snapshot: its index is not the one its header names");
     }
+    // A layer names its parent and its store by paths relative to it, never by URL or by an
+    // absolute path: what it names is fetched with our credentials and written where it says.
+    for (const std::string* name : {&index->parent_path, &index->store_path}) {
+      if (ObjectUrl::Names(*name) || (!name->empty() && name->front() == '/')) {
+        return Error(ErrorCode::kDataLoss, url.ToString() + " names " + *name +
+                                               "; a pulled layer may name only relative paths");
+      }
+    }
     // Its chunks before it, so that a pulled layer is never found without them.
     if (!index->store_path.empty()) {
       const std::string local_store =
-          index->store_path.front() == '/'
-              ? index->store_path
-              : (fs::path(path).parent_path() / index->store_path).lexically_normal().string();
+          (fs::path(path).parent_path() / index->store_path).lexically_normal().string();
       GM_ASSIGN_OR_RETURN(ChunkStore chunks, ChunkStore::Open(local_store, /*create=*/true));
       const ObjectUrl remote_store = url.Resolve(index->store_path);
       std::vector<const ChunkRef*> wanted;
@@ -219,9 +225,7 @@ Result<TransferSummary> PullSnapshot(const ObjectUrl& from, const std::string& s
     summary.layers.push_back(path);
     if (!index->has_parent()) break;
     url = url.Resolve(index->parent_path);
-    path = index->parent_path.front() == '/'
-               ? index->parent_path
-               : (fs::path(path).parent_path() / index->parent_path).lexically_normal().string();
+    path = (fs::path(path).parent_path() / index->parent_path).lexically_normal().string();
   }
   return summary;
 }

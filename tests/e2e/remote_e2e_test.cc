@@ -6,6 +6,8 @@
 #include <stdlib.h>
 
 #include <filesystem>
+#include <fstream>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <memory>
 #include <set>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "guestmem/object_store.h"
+#include "guestmem/packed_index.h"
 #include "guestmem/packed_source.h"
 #include "serve_fixture.h"
 #include "testutil/fault_proxy.h"
@@ -223,6 +226,42 @@ TEST_F(RemoteE2eTest, ServesAPackedSnapshotFromAWebServer) {
     auto vm = Vm(std::string("http-") + workload, workload);
     EXPECT_EQ(vm->ExitCode(120s), 0) << vm->Output() << "\nserve log:\n" << server_->Output();
   }
+}
+
+// A pack may name its parent and its store only by paths beside it: one on a web server that
+// names its parent by an s3:// URL would have the daemon read, with its credentials, whatever
+// the pack's author chose into a guest.
+TEST_F(RemoteE2eTest, APackThatNamesItsParentByUrlIsRefused) {
+  if (!testutil::NginxServer::Available()) GTEST_SKIP() << "no nginx";
+  const std::string layer = dir_ + "/layer.gmp";
+  Gmem({"snapshot", "pack", snapshot_->path(), layer, "--parent", packed_, "--no-working-set"});
+  // The layer again, its parent named by the URL the base was pushed to.
+  const std::string bytes = testutil::ReadFile(layer);
+  const auto file = std::as_bytes(std::span(bytes.data(), bytes.size()));
+  auto header = ParsePackHeader(file, file.size());
+  ASSERT_TRUE(header) << header.error().ToString();
+  auto index = ParsePackIndex(*header, file.subspan(header->index_offset));
+  ASSERT_TRUE(index) << index.error().ToString();
+  ASSERT_TRUE(index->has_parent());
+  index->parent_path = url_;
+  const std::string index_bytes = index->SerializeIndex();
+  const std::string evil = bytes.substr(0, header->index_offset) + index_bytes;
+  const std::string rewritten =
+      index->SerializeHeader(header->index_offset, std::as_bytes(std::span(index_bytes))) +
+      evil.substr(PackIndex::kHeaderBytes);
+  {
+    std::ofstream out(dir_ + "/evil.gmp", std::ios::binary);
+    out << rewritten;
+  }
+  testutil::NginxServer nginx;
+  const std::string why = nginx.Start(dir_);
+  ASSERT_EQ(why, "") << why;
+  const std::string refused =
+      Gmem({"serve", socket_, "http://127.0.0.1:" + std::to_string(nginx.port()) + "/evil.gmp",
+            "--cache-dir", dir_ + "/cache"},
+           1);
+  EXPECT_NE(refused.find("names its parent by a URL (" + url_ + ")"), std::string::npos)
+      << refused;
 }
 
 }  // namespace
