@@ -32,7 +32,8 @@ std::optional<ContentRange> ContentRange::Parse(std::string_view value) {
   const std::string_view total = value.substr(slash + 1);
   if (total != "*") {
     uint64_t n = 0;
-    if (!ParseNumber(total, &n)) return std::nullopt;
+    // A range that does not end inside its object is no valid answer (RFC 9110, 14.4).
+    if (!ParseNumber(total, &n) || range.last >= n) return std::nullopt;
     range.total = n;
   }
   return range;

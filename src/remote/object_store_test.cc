@@ -169,7 +169,8 @@ TEST(ContentRangeTest, ParsesWhatServersSend) {
   ASSERT_TRUE(range.has_value());
   EXPECT_FALSE(range->total.has_value());
   for (const char* bad : {"", "bytes", "bytes 5-4/10", "bytes 1-2", "bytes -2/10", "bytes 1-/10",
-                          "items 1-2/10", "bytes 1-2/x", "bytes */10", "bytes 1-2/10 "}) {
+                          "items 1-2/10", "bytes 1-2/x", "bytes */10", "bytes 1-2/10 ",
+                          "bytes 0-10/10", "bytes 0-95409/8192"}) {
     EXPECT_FALSE(ContentRange::Parse(bad).has_value()) << bad;
   }
   EXPECT_EQ(UnsatisfiedRangeTotal("bytes */4096"), 4096u);

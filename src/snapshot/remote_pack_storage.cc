@@ -12,7 +12,13 @@ Result<ObjectUrl> Beside(const ObjectUrl& pack, const std::string& name, const c
     return Error(ErrorCode::kDataLoss, pack.ToString() + " names its " + what + " by a URL (" +
                                            name + "); a pack may name only paths beside it");
   }
-  return pack.Resolve(name);
+  ObjectUrl beside = pack.Resolve(name);
+  // What no URL may hold (control characters, a path that leaves the bucket) does not parse back.
+  if (auto again = ObjectUrl::Parse(beside.ToString()); !again || !(*again == beside)) {
+    return Error(ErrorCode::kDataLoss,
+                 pack.ToString() + " names its " + what + " by a path no URL can hold");
+  }
+  return beside;
 }
 
 }  // namespace
