@@ -57,6 +57,9 @@ class ChunkStore {
   // The bytes of the file a chunk is kept in, and the chunk such a file holds (`name` for
   // messages). ERRORS: kDataLoss for bytes that are not a whole chunk.
   static std::vector<std::byte> Encode(const StoredChunk& chunk);
+  // Whether `chunk` decompresses to `raw_bytes` bytes whose hash is `hash`: the chunk its name
+  // says.
+  static bool IsWhole(const StoredChunk& chunk, const ChunkHash& hash, uint32_t raw_bytes);
   static Result<StoredChunk> Decode(std::span<const std::byte> file, const std::string& name);
 
   // The chunk named `hash`, if it holds at most `max_compressed` bytes.

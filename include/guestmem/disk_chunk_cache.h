@@ -67,10 +67,10 @@ class DiskChunkCache {
   };
   DiskChunkCache(ChunkStore store, uint64_t max_bytes)
       : store_(std::move(store)), max_bytes_(max_bytes) {}
-  void Scan();                                  // at Open
+  void Scan();                                                               // at Open
   void AddLocked(const ChunkHash& hash, uint64_t bytes, int64_t touched_s);  // REQUIRES(mu_)
-  void EraseLocked(const ChunkHash& hash);      // REQUIRES(mu_)
-  void EvictLocked();                           // REQUIRES(mu_)
+  void EraseLocked(const ChunkHash& hash);                                   // REQUIRES(mu_)
+  void EvictLocked();                                                        // REQUIRES(mu_)
 
   ChunkStore store_;
   const uint64_t max_bytes_;

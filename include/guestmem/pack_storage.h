@@ -64,8 +64,7 @@ class LocalPackStorage final : public PackStorage {
   uint64_t size() const override { return file_->size(); }
   Status ReadAt(uint64_t offset, std::span<std::byte> out) const override;
   Status OpenStore(const std::string& store_path) override;
-  Result<StoredChunk> ReadChunk(const ChunkRef& ref, uint32_t raw_bytes,
-                                bool again) const override;
+  Result<StoredChunk> ReadChunk(const ChunkRef& ref, uint32_t raw_bytes, bool again) const override;
   Result<std::unique_ptr<PackStorage>> OpenParent(const std::string& parent_path) const override;
   const RawFileSource* file() const override { return file_.get(); }
 

@@ -54,6 +54,8 @@ struct ChunkRef {
   uint32_t pages = 0;         // stored pages it holds: 1 to chunk_pages
   Codec codec = Codec::kNone;
   ChunkLocation location = ChunkLocation::kInline;
+  // The bytes of its uncompressed content (at most kMaxChunkPages pages: it fits).
+  uint32_t raw_bytes() const { return pages * 4096; }
   bool operator==(const ChunkRef&) const = default;
 };
 
@@ -117,8 +119,12 @@ bool LooksPacked(std::span<const std::byte> bytes);
 Result<PackHeader> ParsePackHeader(std::span<const std::byte> header, uint64_t file_size);
 // ERRORS: kDataLoss for an index that does not match its header's checksum or is inconsistent in
 // itself. Whether it is the index the header names (header.identity == Identity()) is for the
-// caller to check: PackedSource::Open does.
+// caller to check: ParseSealedPackIndex does.
 Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::byte> index);
+// ParsePackIndex, and the index must be the one the header names: what a reader of a packed
+// snapshot takes. `name` (its path or URL) heads the messages. ERRORS: kDataLoss.
+Result<PackIndex> ParseSealedPackIndex(const PackHeader& header, std::span<const std::byte> index,
+                                       const std::string& name);
 
 }  // namespace guestmem
 

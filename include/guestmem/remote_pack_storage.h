@@ -38,15 +38,13 @@ class RemotePackStorage final : public PackStorage {
  public:
   // The pack at `url` (its size by a HEAD). ERRORS: those of ObjectStore::Size — kNotFound and
   // kPermissionDenied naming the cause.
-  static Result<std::unique_ptr<RemotePackStorage>> Open(const ObjectUrl& url,
-                                                         RemoteAccess access);
+  static Result<std::unique_ptr<RemotePackStorage>> Open(const ObjectUrl& url, RemoteAccess access);
 
   const std::string& name() const override { return name_; }
   uint64_t size() const override { return size_; }
   Status ReadAt(uint64_t offset, std::span<std::byte> out) const override;
   Status OpenStore(const std::string& store_path) override;
-  Result<StoredChunk> ReadChunk(const ChunkRef& ref, uint32_t raw_bytes,
-                                bool again) const override;
+  Result<StoredChunk> ReadChunk(const ChunkRef& ref, uint32_t raw_bytes, bool again) const override;
   Result<std::unique_ptr<PackStorage>> OpenParent(const std::string& parent_path) const override;
 
   // Chunks fetched from the store (not found on disk).

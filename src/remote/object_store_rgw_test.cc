@@ -9,7 +9,6 @@
 #include <stdlib.h>
 
 #include <algorithm>
-#include <barrier>
 #include <fstream>
 #include <map>
 #include <random>
@@ -17,6 +16,7 @@
 #include <thread>
 
 #include "guestmem/object_store.h"
+#include "testutil/object_reads.h"
 #include "testutil/rgw_env.h"
 #include "testutil/subprocess.h"
 
@@ -26,16 +26,10 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
+using testutil::Pattern;
 using testutil::S3Env;
 
 constexpr const char* kBucket = "guestmem-objstore-test";
-
-std::vector<std::byte> Pattern(size_t size, uint32_t seed) {
-  std::mt19937 random(seed);
-  std::vector<std::byte> bytes(size);
-  for (std::byte& b : bytes) b = static_cast<std::byte>(random());
-  return bytes;
-}
 
 ObjectUrl Url(const std::string& key) { return ObjectUrl{ObjectUrl::Scheme::kS3, kBucket, key}; }
 
@@ -44,9 +38,9 @@ class RgwTest : public ::testing::Test {
   static constexpr size_t kSize = 1024 * 1024 + 4099;
 
   void SetUp() override {
-    Result<S3Env> env = testutil::FindRgw(
-        GUESTMEM_RGW_DIR, "start one with " GUESTMEM_RGW_FIXTURE " up " GUESTMEM_RGW_DIR
-                          " " GUESTMEM_RGW_TOOLS);
+    Result<S3Env> env =
+        testutil::FindRgw(GUESTMEM_RGW_DIR, "start one with " GUESTMEM_RGW_FIXTURE
+                                            " up " GUESTMEM_RGW_DIR " " GUESTMEM_RGW_TOOLS);
     if (!env) GTEST_SKIP() << env.error().context();
     env_ = *env;
     store_ = Store();
@@ -79,13 +73,7 @@ class RgwTest : public ::testing::Test {
 
   // Reads [offset, offset + size) of object_ and checks it; "" when it matched.
   std::string ReadAndCompare(const ObjectStore& store, uint64_t offset, size_t size) const {
-    std::vector<std::byte> out(size);
-    Status read = store.ReadRange(object_, offset, out);
-    if (!read) return read.error().ToString();
-    if (!std::equal(out.begin(), out.end(), content_.begin() + static_cast<ptrdiff_t>(offset))) {
-      return "bytes differ at " + std::to_string(offset) + "+" + std::to_string(size);
-    }
-    return "";
+    return testutil::ReadAndCompare(store, object_, content_, offset, size);
   }
 
   S3Env env_;
@@ -186,7 +174,8 @@ TEST_F(RgwTest, WrongSecretIsPermissionDenied) {
   Result<uint64_t> size = store->Size(object_);
   ASSERT_FALSE(size.has_value());
   EXPECT_EQ(size.error().code(), ErrorCode::kPermissionDenied);
-  EXPECT_THAT(size.error().context(), AllOf(HasSubstr("HTTP 403"), HasSubstr("SignatureDoesNotMatch")));
+  EXPECT_THAT(size.error().context(),
+              AllOf(HasSubstr("HTTP 403"), HasSubstr("SignatureDoesNotMatch")));
   EXPECT_EQ(store->counters().retries, 0u);
   EXPECT_EQ(store->counters().failures, 4u);
 }
@@ -245,20 +234,8 @@ TEST_F(RgwTest, ManyThreadsReadAtOnce) {
   options.max_connections = 4;
   auto store = Store(options);
   constexpr int kThreads = 8, kReads = 20;
-  std::barrier start(kThreads);
-  std::vector<std::string> failures(kThreads);
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      std::mt19937 random(static_cast<uint32_t>(t));
-      start.arrive_and_wait();
-      for (int i = 0; i < kReads && failures[t].empty(); ++i) {
-        const size_t size = 1 + random() % 100000;
-        failures[t] = ReadAndCompare(*store, random() % (kSize - size), size);
-      }
-    });
-  }
-  for (std::thread& thread : threads) thread.join();
+  const std::vector<std::string> failures =
+      testutil::ReadFromThreads(*store, object_, content_, kThreads, kReads, 100000);
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], "") << "thread " << t;
   EXPECT_EQ(store->counters().requests, static_cast<uint64_t>(kThreads * kReads));
   EXPECT_EQ(store->counters().failures, 0u);

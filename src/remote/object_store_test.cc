@@ -8,7 +8,6 @@
 #include <stdlib.h>
 #include <sys/socket.h>
 
-#include <barrier>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -18,6 +17,7 @@
 #include "remote/body_sink.h"
 #include "testutil/fault_proxy.h"
 #include "testutil/nginx_server.h"
+#include "testutil/object_reads.h"
 
 namespace guestmem {
 namespace {
@@ -168,9 +168,9 @@ TEST(ContentRangeTest, ParsesWhatServersSend) {
   range = ContentRange::Parse("bytes 0-0/*");
   ASSERT_TRUE(range.has_value());
   EXPECT_FALSE(range->total.has_value());
-  for (const char* bad : {"", "bytes", "bytes 5-4/10", "bytes 1-2", "bytes -2/10", "bytes 1-/10",
-                          "items 1-2/10", "bytes 1-2/x", "bytes */10", "bytes 1-2/10 ",
-                          "bytes 0-10/10", "bytes 0-95409/8192"}) {
+  for (const char* bad :
+       {"", "bytes", "bytes 5-4/10", "bytes 1-2", "bytes -2/10", "bytes 1-/10", "items 1-2/10",
+        "bytes 1-2/x", "bytes */10", "bytes 1-2/10 ", "bytes 0-10/10", "bytes 0-95409/8192"}) {
     EXPECT_FALSE(ContentRange::Parse(bad).has_value()) << bad;
   }
   EXPECT_EQ(UnsatisfiedRangeTotal("bytes */4096"), 4096u);
@@ -269,7 +269,6 @@ TEST(ObjectStoreTest, CreateBucketWantsAnS3Url) {
   EXPECT_EQ(created.error().code(), ErrorCode::kInvalidArgument);
 }
 
-
 ObjectStoreOptions FastRetries() {
   ObjectStoreOptions options;
   options.backoff_base = milliseconds(5);
@@ -302,13 +301,6 @@ TEST(ObjectStoreTest, RefusedConnectionsAreRetriedThenAnIoError) {
 // ------------------------------------------------------------------------------------------------
 // Against nginx
 
-std::vector<std::byte> Pattern(size_t size, uint32_t seed) {
-  std::mt19937 random(seed);
-  std::vector<std::byte> bytes(size);
-  for (std::byte& b : bytes) b = static_cast<std::byte>(random());
-  return bytes;
-}
-
 void WriteFile(const std::string& path, std::span<const std::byte> bytes) {
   std::filesystem::create_directories(std::filesystem::path(path).parent_path());
   std::ofstream out(path, std::ios::binary);
@@ -325,7 +317,7 @@ class NginxTest : public ::testing::Test {
     if (!testutil::NginxServer::Available()) {
       GTEST_SKIP() << testutil::NginxServer::kBinary << " is missing (Debian's nginx-light)";
     }
-    content_ = Pattern(kSize, 7);
+    content_ = testutil::Pattern(kSize, 7);
     WriteFile(root_.File("data/object.bin"), content_);
     const std::string why = nginx_.Start(root_.path());
     ASSERT_EQ(why, "");
@@ -345,13 +337,7 @@ class NginxTest : public ::testing::Test {
   // Reads [offset, offset + size) and checks it against the content; "" when it matched.
   std::string ReadAndCompare(const ObjectStore& store, const ObjectUrl& url, uint64_t offset,
                              size_t size) {
-    std::vector<std::byte> out(size);
-    Status read = store.ReadRange(url, offset, out);
-    if (!read) return read.error().ToString();
-    if (!std::equal(out.begin(), out.end(), content_.begin() + static_cast<ptrdiff_t>(offset))) {
-      return "bytes differ at " + std::to_string(offset) + "+" + std::to_string(size);
-    }
-    return "";
+    return testutil::ReadAndCompare(store, url, content_, offset, size);
   }
 
   TempDir root_;
@@ -404,8 +390,8 @@ TEST_F(NginxTest, MissingFileIsNotFound) {
   ASSERT_FALSE(size.has_value());
   EXPECT_EQ(size.error().code(), ErrorCode::kNotFound);
   // Its HEAD refused, Size asks again for the first byte: a GET, whose answer may name why.
-  EXPECT_THAT(size.error().context(),
-              AllOf(HasSubstr("GET " + missing.ToString() + " bytes 0-0"), HasSubstr("HTTP 404 Not Found")));
+  EXPECT_THAT(size.error().context(), AllOf(HasSubstr("GET " + missing.ToString() + " bytes 0-0"),
+                                            HasSubstr("HTTP 404 Not Found")));
   Result<bool> exists = store->Exists(missing);
   ASSERT_TRUE(exists.has_value()) << exists.error().ToString();
   EXPECT_FALSE(*exists);
@@ -555,21 +541,8 @@ TEST_F(ProxyTest, ConcurrentReadsOpenAtMostMaxConnections) {
   options.max_connections = 3;
   auto store = Store(options);
   constexpr int kThreads = 8, kReads = 10;
-  std::barrier start(kThreads);
-  std::vector<std::string> failures(kThreads);
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      std::mt19937 random(static_cast<uint32_t>(t));
-      start.arrive_and_wait();
-      for (int i = 0; i < kReads && failures[t].empty(); ++i) {
-        const size_t size = 1 + random() % 40000;
-        const uint64_t offset = random() % (kSize - size);
-        failures[t] = ReadAndCompare(*store, proxied_, offset, size);
-      }
-    });
-  }
-  for (std::thread& thread : threads) thread.join();
+  const std::vector<std::string> failures =
+      testutil::ReadFromThreads(*store, proxied_, content_, kThreads, kReads, 40000);
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], "") << "thread " << t;
   EXPECT_EQ(proxy_->requests(), static_cast<uint64_t>(kThreads * kReads));
   EXPECT_GE(proxy_->connections(), 1u);

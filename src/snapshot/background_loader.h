@@ -4,10 +4,10 @@
 // Two queues: items someone is waiting for (Need: a fault's content), served first, each with the
 // callbacks to tell when it is in; and items wanted ahead (Ahead: a working set about to be
 // prefetched, the chunks after one a reader waited for), bounded, dropped when full. An item is
-// loaded once however often it is asked for while queued. `load` returns whether the item is now
-// at hand; an item whose load failed is remembered with its error, so that callers meet the
-// error at once instead of waiting again and again: for good when trying again cannot help
-// (IsRetryable), else for `retry_after`, after which the next Need loads it again.
+// loaded once however often it is asked for while queued. `load` says whether the item is now at
+// hand; an item whose load failed is remembered with its error, so that callers meet the error at
+// once instead of waiting again and again: for good when trying again cannot help (IsRetryable),
+// else for kRetryFailedAfter, after which the next Need loads it again.
 //
 // Thread safety: safe from many threads at once; callbacks run on a loader thread, without the
 // loader's lock held.
@@ -34,12 +34,12 @@ class BackgroundLoader {
   using Load = std::function<Status(size_t item)>;
   using Ready = std::function<void()>;
   using Clock = std::chrono::steady_clock;
+  static constexpr Clock::duration kRetryFailedAfter = std::chrono::seconds(1);
 
   // `threads` == 0: nothing is loaded in the background (Need runs `ready` at once, Ahead does
   // nothing): callers then read on their own thread.
-  BackgroundLoader(unsigned threads, size_t ahead_limit, Load load,
-                   Clock::duration retry_after = std::chrono::seconds(1))
-      : ahead_limit_(ahead_limit), retry_after_(retry_after), load_(std::move(load)) {
+  BackgroundLoader(unsigned threads, size_t ahead_limit, Load load)
+      : ahead_limit_(ahead_limit), load_(std::move(load)) {
     for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
   }
   ~BackgroundLoader() {
@@ -109,7 +109,7 @@ class BackgroundLoader {
         const bool for_good = !IsRetryable(loaded.error().code());
         failed_.insert_or_assign(
             item, Failure{std::move(loaded).error(),
-                          for_good ? Clock::time_point::max() : Clock::now() + retry_after_});
+                          for_good ? Clock::time_point::max() : Clock::now() + kRetryFailedAfter});
       }
       std::vector<Ready> ready;
       if (auto it = waiting_.find(item); it != waiting_.end()) {
@@ -128,7 +128,6 @@ class BackgroundLoader {
   };
 
   const size_t ahead_limit_;
-  const Clock::duration retry_after_;
   const Load load_;
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -43,21 +43,16 @@ Result<ChunkStore::Kept> ChunkStore::Put(const ChunkHash& hash, Codec codec, uin
                                          std::span<const std::byte> compressed) const {
   // A chunk already there is kept only if it is whole: a torn or corrupt one is written again.
   if (auto existing = Get(hash, MaxCompressed(raw_bytes));
-      existing && existing->raw_bytes == raw_bytes) {
-    std::vector<std::byte> content(raw_bytes);
-    if (DecompressChunk(existing->codec, existing->compressed, content) &&
-        HashChunk(content) == hash) {
-      return Kept{.added = false,
-                  .codec = existing->codec,
-                  .compressed_bytes = static_cast<uint32_t>(existing->compressed.size())};
-    }
+      existing && IsWhole(*existing, hash, raw_bytes)) {
+    return Kept{.added = false,
+                .codec = existing->codec,
+                .compressed_bytes = static_cast<uint32_t>(existing->compressed.size())};
   }
   StoredChunk chunk{.codec = codec, .raw_bytes = raw_bytes};
   chunk.compressed.assign(compressed.begin(), compressed.end());
   GM_RETURN_IF_ERROR(Write(hash, chunk));
-  return Kept{.added = true,
-              .codec = codec,
-              .compressed_bytes = static_cast<uint32_t>(compressed.size())};
+  return Kept{
+      .added = true, .codec = codec, .compressed_bytes = static_cast<uint32_t>(compressed.size())};
 }
 
 Status ChunkStore::Write(const ChunkHash& hash, const StoredChunk& chunk) const {
@@ -80,6 +75,12 @@ std::vector<std::byte> ChunkStore::Encode(const StoredChunk& chunk) {
   w.PutBytes(chunk.compressed.data(), chunk.compressed.size());
   const auto bytes = std::as_bytes(std::span(w.bytes()));
   return {bytes.begin(), bytes.end()};
+}
+
+bool ChunkStore::IsWhole(const StoredChunk& chunk, const ChunkHash& hash, uint32_t raw_bytes) {
+  if (chunk.raw_bytes != raw_bytes) return false;
+  std::vector<std::byte> content(raw_bytes);
+  return DecompressChunk(chunk.codec, chunk.compressed, content) && HashChunk(content) == hash;
 }
 
 Result<StoredChunk> ChunkStore::Decode(std::span<const std::byte> file, const std::string& name) {

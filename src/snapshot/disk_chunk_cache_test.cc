@@ -1,14 +1,13 @@
 #include "guestmem/disk_chunk_cache.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "base/temp_dir.h"
 #include "base/whole_file.h"
@@ -28,10 +27,9 @@ Made MakeChunk(uint8_t seed, uint32_t pages = 4) {
   }
   std::vector<std::byte> compressed;
   const Codec codec = CompressChunk(Codec::kZstd, 3, content, &compressed);
-  return {HashChunk(content),
-          StoredChunk{.codec = codec,
-                      .raw_bytes = static_cast<uint32_t>(content.size()),
-                      .compressed = std::move(compressed)}};
+  return {HashChunk(content), StoredChunk{.codec = codec,
+                                          .raw_bytes = static_cast<uint32_t>(content.size()),
+                                          .compressed = std::move(compressed)}};
 }
 
 uint64_t EntryBytes(const Made& m) { return ChunkStore::kHeaderBytes + m.stored.compressed.size(); }

@@ -308,7 +308,7 @@ Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::
     chunked += c.pages;
     c.codec = static_cast<Codec>(codec);
     c.location = static_cast<ChunkLocation>(location);
-    const uint64_t raw_bytes = uint64_t{c.pages} * kPage;
+    const uint64_t raw_bytes = c.raw_bytes();
     if (c.compressed_bytes == 0 || c.compressed_bytes > CompressBound(c.codec, raw_bytes)) {
       return Corrupt("chunk " + std::to_string(i) + ": " + std::to_string(c.compressed_bytes) +
                      " bytes cannot hold " + std::to_string(c.pages) + " pages");
@@ -346,6 +346,17 @@ Result<PackIndex> ParsePackIndex(const PackHeader& header, std::span<const std::
     if (page >= pages) return Corrupt("working set names page " + std::to_string(page));
   }
   return out;
+}
+
+Result<PackIndex> ParseSealedPackIndex(const PackHeader& header, std::span<const std::byte> index,
+                                       const std::string& name) {
+  auto parsed = ParsePackIndex(header, index);
+  if (!parsed) return std::move(parsed).error().WithContext(name);
+  if (parsed->Identity() != header.identity) {
+    return Error(ErrorCode::kDataLoss,
+                 name + ": packed snapshot: its index is not the one its header names");
+  }
+  return parsed;
 }
 
 }  // namespace guestmem

@@ -55,12 +55,8 @@ Result<std::unique_ptr<PackedSource>> PackedSource::OpenLayer(
   if (!parsed_header) return std::move(parsed_header).error().WithContext(path);
   std::vector<std::byte> index_bytes(parsed_header->index_bytes);
   GM_RETURN_IF_ERROR(storage->ReadAt(parsed_header->index_offset, index_bytes));
-  auto index = ParsePackIndex(*parsed_header, index_bytes);
-  if (!index) return std::move(index).error().WithContext(path);
-  if (index->Identity() != parsed_header->identity) {
-    return Error(ErrorCode::kDataLoss,
-                 path + ": packed snapshot: its index is not the one its header names");
-  }
+  auto index = ParseSealedPackIndex(*parsed_header, index_bytes, path);
+  if (!index) return std::move(index).error();
 
   std::unique_ptr<PackedSource> parent;
   if (index->has_parent()) {
@@ -87,27 +83,26 @@ Result<std::unique_ptr<PackedSource>> PackedSource::OpenLayer(
     }
   }
   if (!index->store_path.empty()) GM_RETURN_IF_ERROR(storage->OpenStore(index->store_path));
-  return std::unique_ptr<PackedSource>(new PackedSource(std::move(storage), std::move(*index),
-                                                        std::move(parent), cache,
-                                                        options.decode_threads));
+  return std::unique_ptr<PackedSource>(new PackedSource(
+      std::move(storage), std::move(*index), std::move(parent), cache, options.decode_threads));
 }
 
 PackedSource::PackedSource(std::unique_ptr<PackStorage> storage, PackIndex index,
-                           std::unique_ptr<PackedSource> parent,
-                           std::shared_ptr<ChunkCache> cache, unsigned decode_threads)
+                           std::unique_ptr<PackedSource> parent, std::shared_ptr<ChunkCache> cache,
+                           unsigned decode_threads)
     : storage_(std::move(storage)),
       index_(std::move(index)),
       parent_(std::move(parent)),
       cache_(std::move(cache)) {
   // Chunks wanted ahead beyond what the cache could hold would only evict each other.
   const size_t ahead_limit = std::max<size_t>(1, cache_->capacity() / chunk_bytes());
-  decoder_ = std::make_unique<BackgroundLoader>(
-      index_.chunks.empty() ? 0 : decode_threads, ahead_limit, [this](size_t chunk) -> Status {
-        t_decoding_ahead = true;
-        auto loaded = Chunk(chunk);
-        if (!loaded) return std::move(loaded).error();
-        return OkStatus();
-      });
+  decoder_ = std::make_unique<BackgroundLoader>(index_.chunks.empty() ? 0 : decode_threads,
+                                                ahead_limit, [this](size_t chunk) -> Status {
+                                                  t_decoding_ahead = true;
+                                                  auto loaded = Chunk(chunk);
+                                                  if (!loaded) return std::move(loaded).error();
+                                                  return OkStatus();
+                                                });
 }
 
 PackedSource::~PackedSource() = default;
@@ -122,7 +117,7 @@ Error PackedSource::ChunkError(size_t chunk, const Error& why) const {
 
 Result<ChunkCache::Chunk> PackedSource::LoadChunk(size_t chunk) const {
   const ChunkRef& ref = index_.chunks.at(chunk);
-  const uint32_t raw_bytes = ref.pages * static_cast<uint32_t>(kPage);
+  const uint32_t raw_bytes = ref.raw_bytes();
   // A copy kept on the way (a remote chunk cached on disk) may be torn: the chunk is read once
   // more from where it comes from before it is taken to be corrupt.
   Error why(ErrorCode::kInternal, "not read");
@@ -134,8 +129,8 @@ Result<ChunkCache::Chunk> PackedSource::LoadChunk(size_t chunk) const {
       continue;
     }
     if (stored->raw_bytes != raw_bytes) {
-      why = Error(ErrorCode::kDataLoss, "the store holds " + std::to_string(stored->raw_bytes) +
-                                            " bytes under its name");
+      why = Error(ErrorCode::kDataLoss,
+                  "the store holds " + std::to_string(stored->raw_bytes) + " bytes under its name");
       continue;
     }
     auto decoded = std::make_shared<DecodedChunk>(raw_bytes);

@@ -55,10 +55,9 @@ Result<StoredChunk> RemotePackStorage::Fetch(const ChunkRef& ref, uint32_t raw_b
   if (!store_) return Error(ErrorCode::kFailedPrecondition, name_ + ": names no chunk store");
   const ObjectUrl object = ChunkObject(*store_, ref.hash);
   GM_ASSIGN_OR_RETURN(std::vector<std::byte> file,
-                      access_.store->ReadWhole(object,
-                                               ChunkStore::kHeaderBytes +
-                                                   ChunkStore::MaxCompressed(raw_bytes),
-                                               access_.fetch_deadline));
+                      access_.store->ReadWhole(
+                          object, ChunkStore::kHeaderBytes + ChunkStore::MaxCompressed(raw_bytes),
+                          access_.fetch_deadline));
   return ChunkStore::Decode(file, object.ToString());
 }
 

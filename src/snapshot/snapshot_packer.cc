@@ -395,7 +395,8 @@ std::vector<BadChunk> VerifySnapshot(const PackedSource& source, const Progress&
   for (const PackedSource* layer = &source; layer != nullptr; layer = layer->parent()) {
     for (size_t i = 0; i < layer->index().chunks.size(); ++i) {
       if (auto loaded = layer->LoadChunk(i); !loaded) {
-        bad.push_back(BadChunk{.layer = layer->storage().name(), .chunk = i, .why = loaded.error()});
+        bad.push_back(
+            BadChunk{.layer = layer->storage().name(), .chunk = i, .why = loaded.error()});
       }
       if (progress) progress(++done, total);
     }

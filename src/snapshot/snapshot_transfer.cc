@@ -11,6 +11,7 @@
 
 #include "base/whole_file.h"
 #include "guestmem/chunk_store.h"
+#include "guestmem/packed_index.h"
 #include "guestmem/packed_source.h"
 #include "guestmem/remote_pack_storage.h"
 
@@ -27,9 +28,11 @@ std::string RelativeKey(const std::string& to, const std::string& from) {
   return fs::path("/" + to).lexically_relative(fs::path("/" + from).parent_path()).string();
 }
 
-// Runs `work(i)` for i in [0, count) on `threads` threads; the first error stops the rest.
-Status ForEachParallel(size_t count, unsigned threads, const std::function<Status(size_t)>& work) {
-  std::atomic<size_t> next{0};
+// Runs `work(i)` for i in [0, count) on `threads` threads, telling `progress` (when set) after
+// each; the first error stops the rest.
+Status ForEachParallel(size_t count, unsigned threads, const std::function<Status(size_t)>& work,
+                       const std::function<void(uint64_t done, uint64_t total)>& progress) {
+  std::atomic<size_t> next{0}, done{0};
   std::mutex mu;
   std::optional<Error> first_error;
   auto run = [&] {
@@ -38,11 +41,13 @@ Status ForEachParallel(size_t count, unsigned threads, const std::function<Statu
         std::lock_guard lock(mu);
         if (first_error) return;
       }
-      if (Status done = work(i); !done) {
+      if (Status worked = work(i); !worked) {
         std::lock_guard lock(mu);
-        if (!first_error) first_error = std::move(done).error();
+        if (!first_error) first_error = std::move(worked).error();
         return;
       }
+      const size_t finished = ++done;
+      if (progress) progress(finished, count);
     }
   };
   std::vector<std::thread> pool;
@@ -51,13 +56,6 @@ Status ForEachParallel(size_t count, unsigned threads, const std::function<Statu
   for (std::thread& t : pool) t.join();
   if (first_error) return *std::move(first_error);
   return OkStatus();
-}
-
-// Whether `stored` holds the chunk `hash` names, `raw_bytes` long.
-bool IsWholeChunk(const StoredChunk& stored, const ChunkHash& hash, uint32_t raw_bytes) {
-  if (stored.raw_bytes != raw_bytes) return false;
-  std::vector<std::byte> content(raw_bytes);
-  return DecompressChunk(stored.codec, stored.compressed, content) && HashChunk(content) == hash;
 }
 
 std::vector<std::byte> Concatenate(const std::string& a, const std::string& b) {
@@ -104,29 +102,28 @@ Result<TransferSummary> PushSnapshot(const std::string& snapshot, const ObjectUr
     }
   }
   TransferSummary summary{.chunks = jobs.size()};
-  std::atomic<uint64_t> moved{0}, bytes{0}, done{0};
+  std::atomic<uint64_t> moved{0}, bytes{0};
   auto push_chunk = [&](size_t i) -> Status {
     const Job& job = jobs[i];
     const ChunkRef& ref = job.layer->index().chunks[job.chunk];
     const ObjectUrl object = ChunkObject(chunk_store, ref.hash);
     GM_ASSIGN_OR_RETURN(const bool there, store.Exists(object));
-    if (!there) {
-      // Checked before it goes: a store is never given a chunk that is not what its name says.
-      GM_ASSIGN_OR_RETURN(ChunkCache::Chunk checked, job.layer->LoadChunk(job.chunk));
-      (void)checked;
-      const uint32_t raw_bytes = ref.pages * 4096;
-      GM_ASSIGN_OR_RETURN(StoredChunk stored,
-                          job.layer->storage().ReadChunk(ref, raw_bytes, /*again=*/false));
-      const std::vector<std::byte> file = ChunkStore::Encode(stored);
-      GM_RETURN_IF_ERROR(store.Put(object, file));
-      moved.fetch_add(1);
-      bytes.fetch_add(file.size());
+    if (there) return OkStatus();
+    GM_ASSIGN_OR_RETURN(StoredChunk stored,
+                        job.layer->storage().ReadChunk(ref, ref.raw_bytes(), /*again=*/false));
+    // Checked before it goes: a store is never given a chunk that is not what its name says.
+    if (!ChunkStore::IsWhole(stored, ref.hash, ref.raw_bytes())) {
+      return Error(ErrorCode::kDataLoss, job.layer->storage().name() + ": chunk " +
+                                             std::to_string(job.chunk) + " (" + ToHex(ref.hash) +
+                                             ") does not match its hash");
     }
-    const uint64_t finished = done.fetch_add(1) + 1;
-    if (options.progress) options.progress(finished, jobs.size());
+    const std::vector<std::byte> file = ChunkStore::Encode(stored);
+    GM_RETURN_IF_ERROR(store.Put(object, file));
+    moved.fetch_add(1);
+    bytes.fetch_add(file.size());
     return OkStatus();
   };
-  GM_RETURN_IF_ERROR(ForEachParallel(jobs.size(), options.threads, push_chunk));
+  GM_RETURN_IF_ERROR(ForEachParallel(jobs.size(), options.threads, push_chunk, options.progress));
   // Parents first: a layer's object is written once all it names is there.
   for (auto l = layers.rbegin(); l != layers.rend(); ++l) {
     PackIndex index = l->source->index();
@@ -157,20 +154,17 @@ Result<TransferSummary> PullSnapshot(const ObjectUrl& from, const std::string& s
   std::string path = snapshot;
   for (int depth = 0;; ++depth) {
     if (depth >= PackedSource::kMaxLayers) {
-      return Error(ErrorCode::kFailedPrecondition,
-                   from.ToString() + ": more than " + std::to_string(PackedSource::kMaxLayers) +
-                       " layers (a cycle?)");
+      return Error(ErrorCode::kFailedPrecondition, from.ToString() + ": more than " +
+                                                       std::to_string(PackedSource::kMaxLayers) +
+                                                       " layers (a cycle?)");
     }
     GM_ASSIGN_OR_RETURN(std::vector<std::byte> pack, store.ReadWhole(url, kMaxLayerBytes));
     auto header = ParsePackHeader(pack, pack.size());
     if (!header) return std::move(header).error().WithContext(url.ToString());
-    auto index = ParsePackIndex(
-        *header, std::span(pack).subspan(header->index_offset, header->index_bytes));
-    if (!index) return std::move(index).error().WithContext(url.ToString());
-    if (index->Identity() != header->identity) {
-      return Error(ErrorCode::kDataLoss,
-                   url.ToString() + ": packed snapshot: its index is not the one its header names");
-    }
+    auto index = ParseSealedPackIndex(
+        *header, std::span(pack).subspan(header->index_offset, header->index_bytes),
+        url.ToString());
+    if (!index) return std::move(index).error();
     // A layer names its parent and its store by paths relative to it, never by URL or by an
     // absolute path: what it names is fetched with our credentials and written where it says.
     for (const std::string* name : {&index->parent_path, &index->store_path}) {
@@ -192,29 +186,28 @@ Result<TransferSummary> PullSnapshot(const ObjectUrl& from, const std::string& s
         }
       }
       summary.chunks += wanted.size();
-      std::atomic<uint64_t> moved{0}, bytes{0}, done{0};
+      std::atomic<uint64_t> moved{0}, bytes{0};
       auto pull_chunk = [&](size_t i) -> Status {
         const ChunkRef& ref = *wanted[i];
-        const uint32_t raw_bytes = ref.pages * 4096;
-        const uint64_t max = ChunkStore::MaxCompressed(raw_bytes);
-        if (auto have = chunks.Get(ref.hash, max); !have || !IsWholeChunk(*have, ref.hash, raw_bytes)) {
-          const ObjectUrl object = ChunkObject(remote_store, ref.hash);
-          GM_ASSIGN_OR_RETURN(std::vector<std::byte> file,
-                              store.ReadWhole(object, ChunkStore::kHeaderBytes + max));
-          GM_ASSIGN_OR_RETURN(StoredChunk got, ChunkStore::Decode(file, object.ToString()));
-          if (!IsWholeChunk(got, ref.hash, raw_bytes)) {
-            return Error(ErrorCode::kDataLoss,
-                         object.ToString() + " is not the chunk its name says");
-          }
-          GM_RETURN_IF_ERROR(chunks.Write(ref.hash, got));
-          moved.fetch_add(1);
-          bytes.fetch_add(file.size());
+        const uint64_t max = ChunkStore::MaxCompressed(ref.raw_bytes());
+        if (auto have = chunks.Get(ref.hash, max);
+            have && ChunkStore::IsWhole(*have, ref.hash, ref.raw_bytes())) {
+          return OkStatus();
         }
-        const uint64_t finished = done.fetch_add(1) + 1;
-        if (options.progress) options.progress(finished, wanted.size());
+        const ObjectUrl object = ChunkObject(remote_store, ref.hash);
+        GM_ASSIGN_OR_RETURN(std::vector<std::byte> file,
+                            store.ReadWhole(object, ChunkStore::kHeaderBytes + max));
+        GM_ASSIGN_OR_RETURN(StoredChunk got, ChunkStore::Decode(file, object.ToString()));
+        if (!ChunkStore::IsWhole(got, ref.hash, ref.raw_bytes())) {
+          return Error(ErrorCode::kDataLoss, object.ToString() + " is not the chunk its name says");
+        }
+        GM_RETURN_IF_ERROR(chunks.Write(ref.hash, got));
+        moved.fetch_add(1);
+        bytes.fetch_add(file.size());
         return OkStatus();
       };
-      GM_RETURN_IF_ERROR(ForEachParallel(wanted.size(), options.threads, pull_chunk));
+      GM_RETURN_IF_ERROR(
+          ForEachParallel(wanted.size(), options.threads, pull_chunk, options.progress));
       summary.chunks_moved += moved;
       summary.bytes_moved += bytes;
     } else {

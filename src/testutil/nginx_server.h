@@ -114,7 +114,6 @@ class NginxServer {
            " within 20 s: " + ErrorLog();
   }
 
-
   static bool Accepts(uint16_t port) {
     UniqueFd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
     sockaddr_in addr{};

@@ -146,12 +146,11 @@ TEST_F(PackedE2eTest, ACorruptChunkPoisonsItsPagesAndTheDaemonServesOn) {
   StartServer();
   // A VM that reads every page: the corrupt chunk's pages are poisoned, so it dies of SIGBUS
   // there (vmm-sim's --verify would report a wrong byte; it finds none before the signal).
-  Subprocess doomed({GMEM_BINARY, "vmm-sim", "--socket", socket_, "--mem-file",
-                     snapshot_->path(), "--workload", "sequential", "--verify"},
+  Subprocess doomed({GMEM_BINARY, "vmm-sim", "--socket", socket_, "--mem-file", snapshot_->path(),
+                     "--workload", "sequential", "--verify"},
                     dir_ + "/doomed.log");
   const int doomed_exit = doomed.ExitCode(120s);
-  EXPECT_TRUE(DiedOfSigbus(doomed_exit, doomed.Output()))
-      << doomed_exit << "\n" << doomed.Output();
+  EXPECT_TRUE(DiedOfSigbus(doomed_exit, doomed.Output())) << doomed_exit << "\n" << doomed.Output();
   EXPECT_FALSE(
       server_->WaitForAnyLine({{"poisoned (the VM gets SIGBUS", "chunk " + std::to_string(chunk) + " ("}}, 60s)
           .empty())

@@ -7,10 +7,10 @@
 
 #include <filesystem>
 #include <fstream>
-#include <span>
-#include <nlohmann/json.hpp>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -49,8 +49,7 @@ class RemoteE2eTest : public ServeTest {
     Status created = (*store)->CreateBucket(ObjectUrl{ObjectUrl::Scheme::kS3, bucket_, ""});
     ASSERT_TRUE(created) << created.error().ToString();
     packed_ = dir_ + "/snap.gmp";
-    Gmem({"snapshot", "pack", snapshot_->path(), packed_, "--chunk-kib", "64",
-          "--no-working-set"});
+    Gmem({"snapshot", "pack", snapshot_->path(), packed_, "--chunk-kib", "64", "--no-working-set"});
     url_ = "s3://" + bucket_ + "/snapshots/snap.gmp";
     Gmem({"snapshot", "push", packed_, url_});
     served_path_ = url_;
@@ -115,8 +114,8 @@ TEST_F(RemoteE2eTest, ManyVmsRestoreByteExactAndEachChunkIsFetchedOnce) {
   server_.reset();
   const uint64_t warm_start = proxy_->requests();
   StartServer();
-  EXPECT_NE(server_->Output().find("chunk cache " + dir_ + "/cache/chunks: " +
-                                   std::to_string(chunks) + " chunks"),
+  EXPECT_NE(server_->Output().find("chunk cache " + dir_ +
+                                   "/cache/chunks: " + std::to_string(chunks) + " chunks"),
             std::string::npos)
       << server_->Output();
   auto again = Vm("again", "sequential");
@@ -125,7 +124,8 @@ TEST_F(RemoteE2eTest, ManyVmsRestoreByteExactAndEachChunkIsFetchedOnce) {
   // What gmem status (and the metrics) say of it: every chunk from the disk cache.
   Subprocess query({GMEM_BINARY, "status", socket_, "--json"}, dir_ + "/status.json");
   ASSERT_EQ(query.ExitCode(60s), 0) << query.Output();
-  const auto status = nlohmann::json::parse(testutil::ReadFile(dir_ + "/status.json"), nullptr, false);
+  const auto status =
+      nlohmann::json::parse(testutil::ReadFile(dir_ + "/status.json"), nullptr, false);
   ASSERT_FALSE(status.is_discarded()) << query.Output();
   EXPECT_EQ(status["object_store"]["requests"], kOpenRequests) << status.dump(2);
   EXPECT_EQ(status["object_store"]["disk_cache"]["hits"], chunks) << status.dump(2);
@@ -166,8 +166,8 @@ TEST_P(StoreFailureTest, PoisonsPagesAndTheDaemonLivesOn) {
   }
   auto doomed = Vm("doomed", "sequential");
   const int doomed_exit = doomed->ExitCode(120s);
-  EXPECT_TRUE(DiedOfSigbus(doomed_exit, doomed->Output()))
-      << doomed_exit << "\n" << doomed->Output();
+  EXPECT_TRUE(DiedOfSigbus(doomed_exit, doomed->Output())) << doomed_exit << "\n"
+                                                           << doomed->Output();
   EXPECT_NE(server_->WaitForLine({"poisoned (the VM gets SIGBUS", url_}, 60s), "")
       << server_->Output();
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";
@@ -260,8 +260,7 @@ TEST_F(RemoteE2eTest, APackThatNamesItsParentByUrlIsRefused) {
       Gmem({"serve", socket_, "http://127.0.0.1:" + std::to_string(nginx.port()) + "/evil.gmp",
             "--cache-dir", dir_ + "/cache"},
            1);
-  EXPECT_NE(refused.find("names its parent by a URL (" + url_ + ")"), std::string::npos)
-      << refused;
+  EXPECT_NE(refused.find("names its parent by a URL (" + url_ + ")"), std::string::npos) << refused;
 }
 
 }  // namespace

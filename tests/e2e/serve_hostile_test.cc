@@ -17,12 +17,11 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "guestmem/handshake.h"
 #include "guestmem/unix_socket.h"
@@ -203,16 +202,20 @@ TEST_F(ServeHostileTest, OutOfDescriptorsTheDaemonShedsConnectionsWithoutSpinnin
   const size_t connected = clients.size();
   clients.clear();
   size_t accounted = 0;
-  EXPECT_TRUE(testutil::WaitUntil([&] {
-    Subprocess query({GMEM_BINARY, "status", socket_, "--json"}, dir_ + "/status.json");
-    if (query.ExitCode(30s) != 0) return false;
-    const auto status = nlohmann::json::parse(testutil::ReadFile(dir_ + "/status.json"), nullptr, false);
-    std::remove((dir_ + "/status.json").c_str());
-    if (status.is_discarded()) return false;
-    accounted = CountLines(server_->Output(), "closed before its handshake") +
-                status["handshakes_rejected"]["out_of_descriptors"].get<size_t>();
-    return accounted == connected;
-  }, 60s)) << accounted << " of " << connected << " connections accounted for\n"
+  EXPECT_TRUE(testutil::WaitUntil(
+      [&] {
+        Subprocess query({GMEM_BINARY, "status", socket_, "--json"}, dir_ + "/status.json");
+        if (query.ExitCode(30s) != 0) return false;
+        const auto status =
+            nlohmann::json::parse(testutil::ReadFile(dir_ + "/status.json"), nullptr, false);
+        std::remove((dir_ + "/status.json").c_str());
+        if (status.is_discarded()) return false;
+        accounted = CountLines(server_->Output(), "closed before its handshake") +
+                    status["handshakes_rejected"]["out_of_descriptors"].get<size_t>();
+        return accounted == connected;
+      },
+      60s))
+      << accounted << " of " << connected << " connections accounted for\n"
       << server_->Output().substr(0, 3000);
   ExpectVmVerifies({"--workload", "random", "--threads", "2", "--verify"});
   EXPECT_EQ(server_->Wait(0ms), std::nullopt) << "the daemon must still be running";

@@ -68,6 +68,11 @@ int RunSnapshotCreate(SnapshotCreateArgs& args) {
 
 }  // namespace
 
+int SnapshotFailed(const char* command, const std::string& what) {
+  std::fprintf(stderr, "gmem snapshot %s: %s\n", command, what.c_str());
+  return 1;
+}
+
 void RegisterSnapshotCommand(CLI::App& app) {
   CLI::App* snapshot = app.add_subcommand("snapshot", "Snapshot memory file tools");
   snapshot->require_subcommand(1);

@@ -17,11 +17,6 @@
 namespace guestmem::cli {
 namespace {
 
-int Fail(const char* command, const std::string& what) {
-  std::fprintf(stderr, "gmem snapshot %s: %s\n", command, what.c_str());
-  return 1;
-}
-
 double Mib(uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); }
 
 // Progress in MiB of a snapshot of `bytes` bytes, as the library's Progress callbacks tell it.
@@ -63,12 +58,12 @@ std::vector<uint64_t> LearnedPages(const RawFileSource& source, const std::strin
 
 int RunPack(const PackArgs& args) {
   const std::optional<Codec> codec = ParseCodec(args.codec);
-  if (!codec) return Fail("pack", "--codec " + args.codec + ": not zstd, lz4 or none");
+  if (!codec) return SnapshotFailed("pack", "--codec " + args.codec + ": not zstd, lz4 or none");
   const HoleMeaning holes = args.holes == "zero"     ? HoleMeaning::kZero
                             : args.holes == "parent" ? HoleMeaning::kParent
                                                      : HoleMeaning::kAuto;
   auto opened = OpenAnySnapshot(args.source, PackedSourceOptions{.decode_threads = 0});
-  if (!opened) return Fail("pack", opened.error().ToString());
+  if (!opened) return SnapshotFailed("pack", opened.error().ToString());
   PackOptions options{.codec = *codec,
                       .level = args.level,
                       .chunk_pages = args.chunk_kib / 4,
@@ -86,7 +81,7 @@ int RunPack(const PackArgs& args) {
   options.progress = progress.Callback();
   auto summary = PackSnapshot(**opened, args.out, options);
   progress.line.Clear();
-  if (!summary) return Fail("pack", summary.error().ToString());
+  if (!summary) return SnapshotFailed("pack", summary.error().ToString());
   const PackSummary& s = *summary;
   const double mb_per_s = s.seconds > 0 ? static_cast<double>(s.raw_bytes) / 1e6 / s.seconds : 0;
   if (args.json) {
@@ -163,7 +158,7 @@ nlohmann::json DescribeLayer(const PackedSource& layer) {
 
 int RunInspect(const InspectArgs& args) {
   auto source = PackedSource::Open(args.snapshot, PackedSourceOptions{.decode_threads = 0});
-  if (!source) return Fail("inspect", source.error().ToString());
+  if (!source) return SnapshotFailed("inspect", source.error().ToString());
   nlohmann::json layers = nlohmann::json::array();
   uint64_t compressed = 0, shared = 0, chunk_refs = 0;
   std::set<ChunkHash> distinct;
@@ -183,7 +178,7 @@ int RunInspect(const InspectArgs& args) {
   uint64_t zero_bytes = 0;
   for (uint64_t at = 0; at < (*source)->size();) {
     auto extent = (*source)->ExtentAt(FileOffset(at));
-    if (!extent) return Fail("inspect", extent.error().ToString());
+    if (!extent) return SnapshotFailed("inspect", extent.error().ToString());
     if (extent->kind == ExtentKind::kZero) zero_bytes += extent->length;
     at += extent->length;
   }
@@ -246,7 +241,7 @@ struct PathArgs {
 
 int RunVerify(const PathArgs& args) {
   auto source = PackedSource::Open(args.a, PackedSourceOptions{.decode_threads = 0});
-  if (!source) return Fail("verify", source.error().ToString());
+  if (!source) return SnapshotFailed("verify", source.error().ToString());
   uint64_t chunks = 0;
   for (const PackedSource* l = source->get(); l != nullptr; l = l->parent()) {
     chunks += l->index().chunks.size();
@@ -271,12 +266,12 @@ int RunVerify(const PathArgs& args) {
 
 int RunUnpack(const PathArgs& args) {
   auto source = OpenAnySnapshot(args.a);
-  if (!source) return Fail("unpack", source.error().ToString());
+  if (!source) return SnapshotFailed("unpack", source.error().ToString());
   MibProgress progress("unpack", (*source)->size(), args.json);
   const Status done = UnpackSnapshot(**source, args.b, progress.Callback());
   progress.line.Clear();
   if (!done) {
-    return Fail("unpack", done.error().ToString());
+    return SnapshotFailed("unpack", done.error().ToString());
   }
   if (!args.json) std::printf("%s: %.1f MiB written\n", args.b.c_str(), Mib((*source)->size()));
   return 0;
@@ -284,13 +279,13 @@ int RunUnpack(const PathArgs& args) {
 
 int RunDiff(const PathArgs& args) {
   auto a = OpenAnySnapshot(args.a);
-  if (!a) return Fail("diff", a.error().ToString());
+  if (!a) return SnapshotFailed("diff", a.error().ToString());
   auto b = OpenAnySnapshot(args.b);
-  if (!b) return Fail("diff", b.error().ToString());
+  if (!b) return SnapshotFailed("diff", b.error().ToString());
   MibProgress progress("diff", (*a)->size(), args.json);
   auto diff = DiffSnapshots(**a, **b, progress.Callback());
   progress.line.Clear();
-  if (!diff) return Fail("diff", diff.error().ToString());
+  if (!diff) return SnapshotFailed("diff", diff.error().ToString());
   if (args.json) {
     nlohmann::json runs = nlohmann::json::array();
     for (const PageRun& r : diff->runs) runs.push_back({r.first_page, r.pages});

@@ -21,17 +21,13 @@ struct TransferArgs {
   bool json = false;
 };
 
-int Fail(const char* command, const std::string& what) {
-  std::fprintf(stderr, "gmem snapshot %s: %s\n", command, what.c_str());
-  return 1;
-}
-
-// Runs a push (`push`) or a pull, its URL `url`, and reports what it moved.
-int RunTransfer(const char* command, const TransferArgs& args, const std::string& url_text) {
+// Runs a push (`push`) or a pull, its URL `url_text`, and reports what it moved.
+int RunTransfer(bool push, const TransferArgs& args, const std::string& url_text) {
+  const char* command = push ? "push" : "pull";
   auto url = ObjectUrl::Parse(url_text);
-  if (!url) return Fail(command, url.error().ToString());
+  if (!url) return SnapshotFailed(command, url.error().ToString());
   auto store = ObjectStore::Create(ObjectStoreOptions::FromEnvironment());
-  if (!store) return Fail(command, store.error().ToString());
+  if (!store) return SnapshotFailed(command, store.error().ToString());
   // Chunks are counted as they go, from several threads.
   std::mutex mu;
   std::unique_ptr<Progress> progress;
@@ -44,11 +40,10 @@ int RunTransfer(const char* command, const TransferArgs& args, const std::string
     }
     progress->Update(done);
   };
-  const bool push = std::string(command) == "push";
   auto summary = push ? PushSnapshot(args.from, *url, **store, options)
                       : PullSnapshot(*url, args.to, **store, options);
   if (progress) progress->Clear();
-  if (!summary) return Fail(command, summary.error().ToString());
+  if (!summary) return SnapshotFailed(command, summary.error().ToString());
   if (args.json) {
     std::printf("%s\n", nlohmann::json{{"layers", summary->layers},
                                        {"chunks", summary->chunks},
@@ -82,8 +77,9 @@ void AddCommonOptions(CLI::App* cmd, TransferArgs* args) {
 void RegisterRemoteSnapshotCommands(CLI::App& snapshot) {
   auto push_args = std::make_shared<TransferArgs>();
   CLI::App* push = snapshot.add_subcommand(
-      "push", "Upload a packed snapshot and its layers to an object store, only the chunks it "
-              "does not have yet");
+      "push",
+      "Upload a packed snapshot and its layers to an object store, only the chunks it "
+      "does not have yet");
   push->add_option("snapshot", push_args->from, "The packed snapshot")->required();
   push->add_option("url", push_args->to, "Where it goes: s3://BUCKET/KEY")->required();
   push->add_option("--store", push_args->store,
@@ -91,19 +87,19 @@ void RegisterRemoteSnapshotCommands(CLI::App& snapshot) {
                    "pushed with the same store)")
       ->capture_default_str();
   AddCommonOptions(push, push_args.get());
-  push->callback([push_args] {
-    CommandExitCode() = RunTransfer("push", *push_args, push_args->to);
-  });
+  push->callback(
+      [push_args] { CommandExitCode() = RunTransfer(/*push=*/true, *push_args, push_args->to); });
 
   auto pull_args = std::make_shared<TransferArgs>();
   CLI::App* pull = snapshot.add_subcommand(
-      "pull", "Download a packed snapshot and its layers from an object store or a web server, "
-              "only the chunks the local store does not have yet");
+      "pull",
+      "Download a packed snapshot and its layers from an object store or a web server, "
+      "only the chunks the local store does not have yet");
   pull->add_option("url", pull_args->from, "s3://BUCKET/KEY or http(s)://HOST/PATH")->required();
   pull->add_option("snapshot", pull_args->to, "The packed snapshot to write")->required();
   AddCommonOptions(pull, pull_args.get());
   pull->callback([pull_args] {
-    CommandExitCode() = RunTransfer("pull", *pull_args, pull_args->from);
+    CommandExitCode() = RunTransfer(/*push=*/false, *pull_args, pull_args->from);
   });
 }
 

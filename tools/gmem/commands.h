@@ -3,6 +3,8 @@
 #ifndef GUESTMEM_TOOLS_GMEM_COMMANDS_H_
 #define GUESTMEM_TOOLS_GMEM_COMMANDS_H_
 
+#include <string>
+
 namespace CLI {
 class App;
 }
@@ -18,7 +20,10 @@ void RegisterVmmSimCommand(CLI::App& app);
 void RegisterSnapshotCommand(CLI::App& app);
 // pack, inspect, verify, unpack and diff, under `snapshot` (cmd_snapshot_packed.cc).
 void RegisterPackedSnapshotCommands(CLI::App& snapshot);
+// push and pull, under `snapshot` (cmd_snapshot_remote.cc).
 void RegisterRemoteSnapshotCommands(CLI::App& snapshot);
+// Prints "gmem snapshot COMMAND: WHAT" to stderr; returns the exit status 1.
+int SnapshotFailed(const char* command, const std::string& what);
 void RegisterDemoCommand(CLI::App& app);
 void RegisterBenchCommand(CLI::App& app);
 void RegisterSoakCommand(CLI::App& app);

@@ -1042,12 +1042,11 @@ std::shared_ptr<RestoreTraceWriter> HandlerServer::Impl::OpenTrace(const Connect
   }
   Log(LogLevel::kInfo, c.name + ": restore trace " + path);
   // Its last records are written when its handler lets it go: said, for whoever reads it then.
-  return std::shared_ptr<RestoreTraceWriter>(writer->release(),
-                                             [name = c.name, path](RestoreTraceWriter* w) {
-                                               delete w;
-                                               Log(LogLevel::kInfo,
-                                                   name + ": restore trace " + path + " complete");
-                                             });
+  return std::shared_ptr<RestoreTraceWriter>(
+      writer->release(), [name = c.name, path](RestoreTraceWriter* w) {
+        delete w;
+        Log(LogLevel::kInfo, name + ": restore trace " + path + " complete");
+      });
 }
 
 Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::OpenSnapshot(
@@ -1135,8 +1134,8 @@ Result<std::shared_ptr<const Snapshot>> HandlerServer::Impl::CurrentSource() {
     return std::move(reopened).error().WithContext("the memory file changed (" + *changed +
                                                    ") and cannot be opened again");
   }
-  const bool identity_changed =
-      (*reopened)->file() == nullptr || (*reopened)->file()->identity() != source->file()->identity();
+  const bool identity_changed = (*reopened)->file() == nullptr ||
+                                (*reopened)->file()->identity() != source->file()->identity();
   source = std::move(*reopened);
   // A file only written shortly before it was opened is opened again for each new VM until its
   // last write is old enough: logged only when it did change.

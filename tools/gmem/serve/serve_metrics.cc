@@ -241,6 +241,50 @@ bool AllZero(const FaultStats& s) {
          s.pages_poisoned == 0 && s.faults_stray == 0 && s.queue_latency.count == 0;
 }
 
+// One counter or gauge of a single sample.
+void WriteOne(Exposition& e, const std::string& name, const std::string& help, const char* type,
+              uint64_t value) {
+  e.Family(name, help, type);
+  e.Sample(name, "", std::to_string(value));
+}
+
+void WriteStoreFamilies(Exposition& e, const StoreView& store) {
+  const ObjectStore::Counters& r = store.requests;
+  WriteOne(e, "gmem_object_store_requests_total",
+           "Requests sent to the object store, retries included", "counter", r.requests);
+  WriteOne(e, "gmem_object_store_retries_total", "Requests to the object store that were retries",
+           "counter", r.retries);
+  WriteOne(e, "gmem_object_store_failures_total",
+           "Requests to the object store that failed after every attempt", "counter", r.failures);
+  WriteOne(e, "gmem_object_store_received_bytes_total", "Object content received", "counter",
+           r.bytes_received);
+  if (!store.disk_cache) return;
+  const DiskChunkCache::Counters& d = *store.disk_cache;
+  WriteOne(e, "gmem_chunk_disk_cache_hits_total", "Chunks found in the disk cache", "counter",
+           d.hits);
+  WriteOne(e, "gmem_chunk_disk_cache_misses_total",
+           "Chunks looked for in the disk cache and fetched", "counter", d.misses);
+  WriteOne(e, "gmem_chunk_disk_cache_evictions_total",
+           "Chunks dropped from the disk cache to keep within its bound", "counter", d.evicted);
+  WriteOne(e, "gmem_chunk_disk_cache_corrupt_total",
+           "Disk cache entries found torn or corrupt and dropped", "counter", d.forgotten);
+  WriteOne(e, "gmem_chunk_disk_cache_entries", "Chunks in the disk cache", "gauge", d.entries);
+  WriteOne(e, "gmem_chunk_disk_cache_bytes", "Bytes of the disk cache's entries", "gauge", d.bytes);
+}
+
+nlohmann::json StoreJson(const StoreView& store) {
+  nlohmann::json out = {{"requests", store.requests.requests},
+                        {"retries", store.requests.retries},
+                        {"failures", store.requests.failures},
+                        {"bytes_received", store.requests.bytes_received}};
+  if (store.disk_cache) {
+    const DiskChunkCache::Counters& d = *store.disk_cache;
+    out["disk_cache"] = {{"hits", d.hits},         {"misses", d.misses},   {"evicted", d.evicted},
+                         {"corrupt", d.forgotten}, {"entries", d.entries}, {"bytes", d.bytes}};
+  }
+  return out;
+}
+
 }  // namespace
 
 const char* RejectReasonName(RejectReason reason) {
@@ -307,55 +351,6 @@ ServeMetrics::Snapshot ServeMetrics::Collect() const {
   }
   return out;
 }
-
-namespace {
-
-// One counter or gauge of a single sample.
-void WriteOne(Exposition& e, const std::string& name, const std::string& help, const char* type,
-              uint64_t value) {
-  e.Family(name, help, type);
-  e.Sample(name, "", std::to_string(value));
-}
-
-void WriteStoreFamilies(Exposition& e, const StoreView& store) {
-  const ObjectStore::Counters& r = store.requests;
-  WriteOne(e, "gmem_object_store_requests_total", "Requests sent to the object store, retries included",
-           "counter", r.requests);
-  WriteOne(e, "gmem_object_store_retries_total", "Requests to the object store that were retries",
-           "counter", r.retries);
-  WriteOne(e, "gmem_object_store_failures_total",
-           "Requests to the object store that failed after every attempt", "counter", r.failures);
-  WriteOne(e, "gmem_object_store_received_bytes_total", "Object content received", "counter",
-           r.bytes_received);
-  if (!store.disk_cache) return;
-  const DiskChunkCache::Counters& d = *store.disk_cache;
-  WriteOne(e, "gmem_chunk_disk_cache_hits_total", "Chunks found in the disk cache", "counter",
-           d.hits);
-  WriteOne(e, "gmem_chunk_disk_cache_misses_total", "Chunks looked for in the disk cache and fetched",
-           "counter", d.misses);
-  WriteOne(e, "gmem_chunk_disk_cache_evictions_total",
-           "Chunks dropped from the disk cache to keep within its bound", "counter", d.evicted);
-  WriteOne(e, "gmem_chunk_disk_cache_corrupt_total",
-           "Disk cache entries found torn or corrupt and dropped", "counter", d.forgotten);
-  WriteOne(e, "gmem_chunk_disk_cache_entries", "Chunks in the disk cache", "gauge", d.entries);
-  WriteOne(e, "gmem_chunk_disk_cache_bytes", "Bytes of the disk cache's entries", "gauge",
-           d.bytes);
-}
-
-nlohmann::json StoreJson(const StoreView& store) {
-  nlohmann::json out = {{"requests", store.requests.requests},
-                        {"retries", store.requests.retries},
-                        {"failures", store.requests.failures},
-                        {"bytes_received", store.requests.bytes_received}};
-  if (store.disk_cache) {
-    const DiskChunkCache::Counters& d = *store.disk_cache;
-    out["disk_cache"] = {{"hits", d.hits},       {"misses", d.misses},   {"evicted", d.evicted},
-                         {"corrupt", d.forgotten}, {"entries", d.entries}, {"bytes", d.bytes}};
-  }
-  return out;
-}
-
-}  // namespace
 
 std::string FormatPrometheus(const ServeMetrics::Snapshot& s) {
   Exposition e;
